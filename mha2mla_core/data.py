@@ -1,0 +1,104 @@
+"""Text loading shared by calibration and fine-tuning.
+
+One entry point, `load_texts`, reads any text source through `datasets` in streaming mode (nothing is
+cached on disk, and `limit_chars` stops reading early, also for a large hub dataset):
+
+- a hub dataset name (`"HuggingFaceFW/fineweb-edu"`), read with `split`;
+- a local `.txt` file (one document per file), `.jsonl` / `.jsonl.gz` / `.json`, or `.parquet`;
+- a local directory: every such file under it, in sorted path order.
+
+s3:// URIs are resolved to local files by the tasks layer before they reach core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+# file suffix -> `datasets` builder that reads it
+_BUILDERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+}
+
+
+def load_texts(
+    source: str | Path, text_field: str = "text", split: str = "train", limit_chars: int | None = None
+) -> list[str]:
+    """Read the documents of `source` as a list of strings, in the source's order.
+
+    `limit_chars` caps the total length: documents are taken whole until the cap, the last one cut at it.
+    Empty documents are skipped. Raises ValueError when the source has no `text_field` (naming the fields
+    it has) or holds no text, FileNotFoundError for a local path that does not exist.
+    """
+    if limit_chars is not None and limit_chars <= 0:
+        raise ValueError(f"limit_chars={limit_chars} must be > 0 (or None for no limit)")
+    texts, total = [], 0
+    for text in _iter_documents(source, text_field, split):
+        if not text:
+            continue
+        if limit_chars is not None and total + len(text) >= limit_chars:
+            texts.append(text[: limit_chars - total])
+            break
+        texts.append(text)
+        total += len(text)
+    if not texts:
+        raise ValueError(f"{source}: no text found in field {text_field!r} (split={split!r})")
+    logger.info("loaded %d documents, %d characters from %s", len(texts), sum(map(len, texts)), source)
+    return texts
+
+
+def _iter_documents(source: str | Path, text_field: str, split: str) -> Iterator[str]:
+    path = Path(source)
+    if path.exists():
+        for builder, files in _group_local_files(path):
+            kwargs = {"sample_by": "document"} if builder == "text" else {}
+            stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+            yield from _texts_of(stream, text_field, f"{source} ({builder} files)")
+        return
+    if str(source).startswith(("/", "./", "../", "~")) or _suffix(path) in _BUILDERS:
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    stream = datasets.load_dataset(str(source), split=split, streaming=True)
+    yield from _texts_of(stream, text_field, str(source))
+
+
+def _texts_of(rows: Iterable[dict], text_field: str, where: str) -> Iterator[str]:
+    for row in rows:
+        if text_field not in row:
+            raise ValueError(
+                f"{where}: no text field {text_field!r}; its fields are {sorted(row)}; pass text_field=<one of them>"
+            )
+        yield row[text_field]
+
+
+def _group_local_files(path: Path) -> list[tuple[str, list[str]]]:
+    """(builder, files) groups in sorted path order; a run of files of one kind shares one builder."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    groups: list[tuple[str, list[str]]] = []
+    for f in files:
+        builder = _BUILDERS.get(_suffix(f))
+        if builder is None:
+            if path.is_file():
+                raise ValueError(f"{f}: unsupported file type; supported: {sorted(_BUILDERS)}")
+            continue
+        if groups and groups[-1][0] == builder:
+            groups[-1][1].append(str(f))
+        else:
+            groups.append((builder, [str(f)]))
+    if not groups:
+        raise ValueError(f"{path}: no text files in it; supported: {sorted(_BUILDERS)}")
+    return groups
+
+
+def _suffix(path: Path) -> str:
+    suffixes = path.suffixes[-2:]
+    return "".join(suffixes) if "".join(suffixes) in _BUILDERS else path.suffix
