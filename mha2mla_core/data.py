@@ -60,10 +60,12 @@ def load_texts(
 def _iter_documents(source: str | Path, text_field: str, split: str) -> Iterator[str]:
     path = Path(source)
     if path.exists():
-        for builder, files in _group_local_files(path):
+        for file in _local_files(path):
+            builder = _BUILDERS[_suffix(file)]
             kwargs = {"sample_by": "document"} if builder == "text" else {}
-            stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-            yield from _texts_of(stream, text_field, f"{source} ({builder} files)")
+            # one stream per file: files of one directory may have different columns
+            stream = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=True, **kwargs)
+            yield from _texts_of(stream, text_field, str(file))
         return
     if str(source).startswith(("/", "./", "../", "~")) or _suffix(path) in _BUILDERS:
         raise FileNotFoundError(f"{source}: no such file or directory")
@@ -80,23 +82,16 @@ def _texts_of(rows: Iterable[dict], text_field: str, where: str) -> Iterator[str
         yield row[text_field]
 
 
-def _group_local_files(path: Path) -> list[tuple[str, list[str]]]:
-    """(builder, files) groups in sorted path order; a run of files of one kind shares one builder."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    groups: list[tuple[str, list[str]]] = []
-    for f in files:
-        builder = _BUILDERS.get(_suffix(f))
-        if builder is None:
-            if path.is_file():
-                raise ValueError(f"{f}: unsupported file type; supported: {sorted(_BUILDERS)}")
-            continue
-        if groups and groups[-1][0] == builder:
-            groups[-1][1].append(str(f))
-        else:
-            groups.append((builder, [str(f)]))
-    if not groups:
+def _local_files(path: Path) -> list[Path]:
+    """The readable files at `path` (itself, or every supported file under it in sorted path order)."""
+    if path.is_file():
+        if _suffix(path) not in _BUILDERS:
+            raise ValueError(f"{path}: unsupported file type; supported: {sorted(_BUILDERS)}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in _BUILDERS)
+    if not files:
         raise ValueError(f"{path}: no text files in it; supported: {sorted(_BUILDERS)}")
-    return groups
+    return files
 
 
 def _suffix(path: Path) -> str:

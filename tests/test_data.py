@@ -32,10 +32,10 @@ def test_parquet(tmp_path):
     assert load_texts(tmp_path / "d.parquet") == ["p1", "p2"]
 
 
-def test_directory_mixes_formats_in_sorted_order(tmp_path):
-    _write_jsonl(tmp_path / "1.jsonl", [{"text": "j1"}, {"text": ""}, {"text": "j2"}])
+def test_directory_mixes_formats_and_columns_in_sorted_order(tmp_path):
+    _write_jsonl(tmp_path / "1.jsonl", [{"text": "j1", "book": "b"}, {"text": "", "book": "b"}, {"text": "j2", "book": "c"}])
     (tmp_path / "2.txt").write_text("t1", encoding="utf-8")
-    (tmp_path / "3.jsonl").write_text(json.dumps({"text": "j3"}) + "\n", encoding="utf-8")
+    _write_jsonl(tmp_path / "3.jsonl", [{"text": "j3", "chapter": 7}])
     (tmp_path / "README.md").write_text("not data", encoding="utf-8")
     assert load_texts(tmp_path) == ["j1", "j2", "t1", "j3"]
 
