@@ -1,0 +1,25 @@
+"""mha2mla core: convert Llama-family MHA/GQA models to multi-head latent attention (pure torch/transformers)."""
+
+from mha2mla_core.calibration import CalibrationSample, default_calibration_texts, sample_calibration
+from mha2mla_core.config import MLAConfig
+from mha2mla_core.convert import ConversionReport, convert_to_mla, convert_to_mla_with_report, score_rope
+from mha2mla_core.loading import load_model
+from mha2mla_core.modeling_mla import LatentCache, MLAAttention, MLAForCausalLM, MLALlamaConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationSample",
+    "ConversionReport",
+    "LatentCache",
+    "MLAAttention",
+    "MLAConfig",
+    "MLAForCausalLM",
+    "MLALlamaConfig",
+    "convert_to_mla",
+    "convert_to_mla_with_report",
+    "default_calibration_texts",
+    "load_model",
+    "sample_calibration",
+    "score_rope",
+]

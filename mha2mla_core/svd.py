@@ -1,0 +1,95 @@
+"""Low-rank initialisation of the latent: factor the non-RoPE key rows and the value rows of each
+latent group into down (kv_a_proj) and up (kv_b_proj) projections.
+
+Legend: Hkv KV heads, Hc latent groups, G = Hkv / Hc heads per group, Dn non-RoPE key dims, D head dim,
+Rc latent dims per group, E hidden size. Up-projection rows are laid out per KV head as [k_nope | v].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """S and S^-1 with C = S S^T, the second moment of the attention inputs (E, E), float64."""
+
+    s: torch.Tensor
+    s_inv: torch.Tensor
+
+    @classmethod
+    def from_second_moment(cls, second_moment: torch.Tensor, rel_eps: float = 1e-6) -> "Whitening":
+        evals, evecs = torch.linalg.eigh(second_moment.double())
+        evals = evals.clamp_min(evals.max() * rel_eps)  # damping: never divide by a null direction
+        root = evals.sqrt()
+        return cls(s=evecs * root, s_inv=(evecs / root).T)
+
+
+def low_rank(w: torch.Tensor, rank: int, whitening: Whitening | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors W ~= B @ A, in weight space or (whitened) on activations.
+
+    w: (out, E). Returns B (out, rank), A (rank, E), float64; singular values split evenly between them.
+    With whitening this minimises ||(W - B A) X^T||_F over the calibration inputs X.
+    """
+    w = w.double()
+    m = w if whitening is None else w @ whitening.s
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    root = sv[:rank].sqrt()
+    b = u[:, :rank] * root  # (out, rank)
+    a = root[:, None] * vh[:rank]  # (rank, E)
+    return b, (a if whitening is None else a @ whitening.s_inv)
+
+
+def interleave_heads(k_nope: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(G, Dn, E), (G, D, E) -> (G * (Dn + D), E) rows laid out per head as [k_nope | v]."""
+    return torch.cat([k_nope, v], dim=1).flatten(0, 1)
+
+
+def factor_group(k_nope: torch.Tensor, v: torch.Tensor, rank: int, method: str, whitening: Whitening | None):
+    """Factor one latent group. k_nope (G, Dn, E), v (G, D, E) -> up (G * (Dn + D), Rc), down (Rc, E)."""
+    if method in ("joint", "aware"):
+        return low_rank(interleave_heads(k_nope, v), rank, whitening if method == "aware" else None)
+    if method != "split":
+        raise ValueError(f"svd={method!r} is unknown; use 'split', 'joint' or 'aware'")
+    g, dn, _ = k_nope.shape
+    d, half = v.shape[1], rank // 2
+    b_k, a_k = low_rank(k_nope.flatten(0, 1), half)  # (G*Dn, Rc/2), (Rc/2, E)
+    b_v, a_v = low_rank(v.flatten(0, 1), half)  # (G*D, Rc/2), (Rc/2, E)
+    up = torch.zeros(g, dn + d, rank, dtype=b_k.dtype)
+    up[:, :dn, :half] = b_k.view(g, dn, half)  # K reads the first half of the latent
+    up[:, dn:, half:] = b_v.view(g, d, half)  # V reads the second half
+    return up.flatten(0, 1), torch.cat([a_k, a_v])
+
+
+def factor_kv(k_nope: torch.Tensor, v: torch.Tensor, groups: int, rank: int, method: str, whitening=None):
+    """Factor all KV heads into `groups` latent groups of `rank` dims each.
+
+    k_nope (Hkv, Dn, E), v (Hkv, D, E) -> down (Hc * Rc, E), up (Hc, G * (Dn + D), Rc), float64.
+    """
+    per_group = k_nope.shape[0] // groups
+    ups, downs = [], []
+    for g in range(groups):
+        heads = slice(g * per_group, (g + 1) * per_group)
+        up, down = factor_group(k_nope[heads], v[heads], rank, method, whitening)
+        ups.append(up)
+        downs.append(down)
+    return torch.cat(downs), torch.stack(ups)
+
+
+def identity_latent(k_nope: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """No low rank (partial RoPE only): the latent of each head is its [k_nope | v] itself.
+
+    Returns down (Hkv * (Dn + D), E) and up (Hkv, Dn + D, Dn + D) = identity.
+    """
+    hkv, dn, _ = k_nope.shape
+    width = dn + v.shape[1]
+    down = interleave_heads(k_nope, v).double()
+    return down, torch.eye(width, dtype=torch.float64).expand(hkv, width, width).clone()
+
+
+def activation_error(w: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """Mean squared output error on calibration inputs: tr((W - W') C (W - W')^T)."""
+    diff = (w - approx).double()
+    return float(torch.einsum("oi,ij,oj->", diff, second_moment.double(), diff))
