@@ -1,0 +1,129 @@
+"""Deployment settings: where artifacts, runs and Prefect state live, and how to reach S3.
+
+Every knob has one source: an `MHA2MLA_*` environment variable, or the same name in a `.env`
+file in the working directory, or the default below. The defaults are the embedded set-up
+(no server): local artifacts, MLflow on sqlite, Prefect's ephemeral API, all under
+`./.mha2mla/`. `mlflow ui --backend-store-uri sqlite:///.mha2mla/mlflow.db` shows the runs.
+
+Production points the same names at the services of `infra/docker-compose.yml`:
+
+    MHA2MLA_ARTIFACT_ROOT=s3://mha2mla/artifacts
+    MHA2MLA_S3_ENDPOINT_URL=http://localhost:9000
+    MHA2MLA_AWS_ACCESS_KEY_ID=...  MHA2MLA_AWS_SECRET_ACCESS_KEY=...
+    MHA2MLA_TRACKING_URI=http://localhost:5000
+
+Credentials are `SecretStr`: they never appear in `repr`, logs, or `public_dict()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MHA2MLA_"
+
+
+class Settings(BaseSettings):
+    """Resolved deployment settings; build once at start-up and pass down explicitly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # artifacts: a local directory, or s3://bucket/prefix (any S3-compatible store)
+    artifact_root: str = "./.mha2mla/artifacts"
+    # MLflow: backend store URI (sqlite:///..., http://host:5000, postgresql://...)
+    tracking_uri: str = "sqlite:///./.mha2mla/mlflow.db"
+    experiment: str = "mha2mla"
+    # where a new experiment keeps run artifacts (PNG, tables); None: mlruns/ beside a sqlite
+    # database, else the tracking server's default (its --artifacts-destination)
+    mlflow_artifact_root: str | None = None
+    # PREFECT_HOME for the embedded default: ephemeral API database and local result storage
+    prefect_home: Path = Path("./.mha2mla/prefect")
+
+    # S3: endpoint_url for MinIO / moto / other S3-compatible stores; None = AWS
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # None: boto3's default chain (AWS_* env vars, ~/.aws, instance role)
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    # botocore attempts per request (standard retry mode: 5xx, throttling, connection errors)
+    s3_max_attempts: int = 3
+    # files larger than this upload (and copy) in parts of this size; S3's minimum part is 5 MiB
+    s3_multipart_mb: int = 64
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _check_artifact_root(cls, value: str) -> str:
+        scheme, bucket = urlsplit(value).scheme, urlsplit(value).netloc
+        if (scheme == "s3" and not bucket) or scheme not in ("", "s3"):
+            raise ValueError(
+                f"{ENV_PREFIX}ARTIFACT_ROOT={value!r}: use a local directory or s3://BUCKET/PREFIX"
+            )
+        return value
+
+    @field_validator("s3_max_attempts")
+    @classmethod
+    def _check_attempts(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"s3_max_attempts={value}; use >= 1 (1 = no retries)")
+        return value
+
+    @field_validator("s3_multipart_mb")
+    @classmethod
+    def _check_multipart(cls, value: int) -> int:
+        if value < 5:
+            raise ValueError(f"s3_multipart_mb={value} < 5, S3's minimum part size; use >= 5")
+        return value
+
+    def experiment_artifact_location(self) -> str | None:
+        """Artifact location for a new MLflow experiment (an absolute file URI when local)."""
+        if self.mlflow_artifact_root is not None:
+            root = self.mlflow_artifact_root
+        elif self.tracking_uri.startswith("sqlite:///"):
+            root = str(sqlite_path(self.tracking_uri).parent / "mlruns")
+        else:
+            return None
+        return root if urlsplit(root).scheme else Path(root).resolve().as_uri()
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr/str mask URI passwords too (SecretStr fields already print as '**********')."""
+        for name, value in super().__repr_args__():
+            yield name, redact_uri(value) if isinstance(value, str) else value
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as JSON-safe values with secrets removed and URI passwords masked.
+
+        Safe for MLflow params, tags and logs.
+        """
+        public = {}
+        for name, value in self.model_dump(mode="python").items():
+            if isinstance(value, SecretStr):
+                continue
+            public[name] = redact_uri(value) if isinstance(value, str) else _jsonable(value)
+        return public
+
+
+def redact_uri(uri: str) -> str:
+    """Mask a URI's password: postgresql://u:pw@h/db -> postgresql://u:***@h/db."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def sqlite_path(tracking_uri: str) -> Path:
+    """The database file of a sqlite:///PATH URI (relative to the working directory)."""
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
