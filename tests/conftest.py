@@ -1,0 +1,61 @@
+import socket
+import uuid
+
+import pytest
+
+from infra.settings import Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 (random port), spoken to over HTTP like MinIO."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_admin(s3_endpoint):
+    """A plain boto3 client for the moto server, to create buckets and look behind the store."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint, s3_admin) -> Settings:
+    """Settings whose artifact root is a new, empty bucket on the moto server."""
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    settings = Settings(
+        _env_file=None,
+        artifact_root=f"s3://{bucket}/artifacts",
+        s3_endpoint_url=s3_endpoint,
+        s3_region="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        s3_multipart_mb=5,
+    )
+    s3_admin.create_bucket(Bucket=bucket)
+    return settings
