@@ -91,5 +91,5 @@ def identity_latent(k_nope: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
 
 def activation_error(w: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
     """Mean squared output error on calibration inputs: tr((W - W') C (W - W')^T)."""
-    diff = (w - approx).double()
+    diff = (w - approx).detach().double()
     return float(torch.einsum("oi,ij,oj->", diff, second_moment.double(), diff))

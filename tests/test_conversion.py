@@ -1,0 +1,186 @@
+"""Conversion exactness, RoPE pair selection, SVD quality and bad input (tiny seeded models, CPU)."""
+
+import pytest
+import torch
+
+from mha2mla_core import MLAConfig, convert_to_mla, convert_to_mla_with_report, score_rope
+from mha2mla_core.convert import SourceAttention, query_key_states, second_moment
+from mha2mla_core.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
+from mha2mla_core.svd import Whitening, activation_error, interleave_heads, factor_kv
+from tests.tiny_models import SOURCES, calib_ids, tiny_model
+
+HEAD_DIM = 16  # hidden 64 / 4 heads
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("layout", ["per_head", "shared"])
+@pytest.mark.parametrize("svd", ["joint", "aware"])
+def test_full_rope_full_rank_reproduces_logits(source, layout, svd):
+    model = tiny_model(source)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    reference = model(ids).logits
+    cfg = MLAConfig(rope_strategy="2-norm", rope_dims=HEAD_DIM, kv_rank=HEAD_DIM, svd=svd, layout=layout, calib_seq_len=64)
+    mla = convert_to_mla(model, cfg, calib_ids())
+    assert mla.config.model_type == "mla_llama"
+    torch.testing.assert_close(mla(ids).logits, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["llama-gqa", "qwen2-bias"])
+def test_partial_rope_full_rank_is_exact_for_fixed_pairs_and_reaches_all_dims(source):
+    """Full-rank latent with all pairs kept in another order ('2-norm' with r = D) is still exact."""
+    model = tiny_model(source)
+    ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(6))
+    reference = model(ids).logits
+    cfg = MLAConfig(rope_strategy="2-norm", rope_dims=HEAD_DIM, kv_rank=None, calib_seq_len=64)
+    mla = convert_to_mla(model, cfg, calib_ids())
+    torch.testing.assert_close(mla(ids).logits, reference, atol=1e-4, rtol=0)
+
+
+def test_partial_rope_changes_logits_but_low_rank_is_not_needed_for_it():
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(6))
+    mla = convert_to_mla(model, MLAConfig(rope_dims=4, kv_rank=None, calib_seq_len=64), calib_ids())
+    assert (mla(ids).logits - model(ids).logits).abs().max() > 1e-3  # dropping RoPE dims is not a no-op
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [("high", [0, 1, 2]), ("low", [13, 14, 15]), ("uniform", [0, 5, 10])],
+)
+def test_fixed_strategies_keep_the_right_pairs(strategy, expected):
+    pairs = select_rope_pairs(strategy, rope_dims=6, head_dim=32, scores=torch.zeros(2, 16))
+    assert pairs.tolist() == [expected, expected]
+
+
+def test_two_norm_keeps_the_top_pairs_per_kv_head():
+    scores = torch.zeros(2, 8)
+    scores[0, [6, 1]] = torch.tensor([5.0, 3.0])
+    scores[1, [0, 7]] = torch.tensor([1.0, 2.0])
+    assert select_rope_pairs("2-norm", 4, 16, scores).tolist() == [[1, 6], [0, 7]]
+
+
+def test_two_norm_scores_equal_brute_force():
+    torch.manual_seed(0)
+    n, h, hkv, d = 7, 6, 2, 8
+    q, k = torch.randn(n, h, d), torch.randn(n, hkv, d)
+    brute = torch.zeros(hkv, d // 2)
+    for g in range(hkv):
+        for qh in range(g * 3, g * 3 + 3):  # query heads of group g
+            for p in range(d // 2):
+                for t in range(n):
+                    qn = torch.hypot(q[t, qh, p], q[t, qh, p + d // 2])
+                    kn = torch.hypot(k[t, g, p], k[t, g, p + d // 2])
+                    brute[g, p] += qn * kn / n
+    torch.testing.assert_close(score_rope_pairs(q, k), brute)
+
+
+def test_score_rope_matches_conversion_scores_and_kept_pairs():
+    model = tiny_model("llama-gqa")
+    scores = score_rope(model, calib_ids(), seq_len=64)
+    assert scores.shape == (2, 2, HEAD_DIM // 2)
+    _, report = convert_to_mla_with_report(model, MLAConfig(rope_dims=4, kv_rank=8, calib_seq_len=64), calib_ids())
+    torch.testing.assert_close(report.rope_scores, scores)
+    assert report.rope_pairs[1] == scores[1].topk(2).indices.sort().values.tolist()
+
+
+def test_rope_and_nope_dims_partition_each_head():
+    rope, nope = rope_and_nope_dims(torch.tensor([[0, 3], [1, 2]]), head_dim=8)
+    assert rope.tolist() == [[0, 3, 4, 7], [1, 2, 5, 6]]
+    assert nope.tolist() == [[1, 2, 5, 6], [0, 3, 4, 7]]
+
+
+def _layer0_factors(model, cfg):
+    """Layer-0 inputs, stacked [k_nope; v] rows and their second moment."""
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["x"] = kwargs["hidden_states"].detach()
+
+    model.model.layers[0].self_attn.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(calib_ids(256)[None])
+    x = captured["x"].flatten(0, 1)
+    pairs = select_rope_pairs("high", cfg.rope_dims, HEAD_DIM).expand(2, -1)
+    src = SourceAttention.split(model.model.layers[0].self_attn, pairs, HEAD_DIM, 2)
+    return src, second_moment(x)
+
+
+@pytest.mark.parametrize("layout_groups", [1, 2])
+def test_aware_svd_has_lower_activation_error_than_joint(layout_groups):
+    model = tiny_model("llama-gqa")
+    with torch.no_grad():  # activations with outlier channels, as in real LLMs
+        model.model.layers[0].input_layernorm.weight[:4] = 8.0
+    cfg = MLAConfig(rope_dims=4, kv_rank=6)
+    src, cov = _layer0_factors(model, cfg)
+    w = interleave_heads(src.k_nope, src.v).double()
+    errors = {}
+    for method in ("joint", "aware"):
+        rank = cfg.kv_rank * 2 // layout_groups
+        down, up = factor_kv(src.k_nope, src.v, layout_groups, rank, method, Whitening.from_second_moment(cov))
+        rows_per_group = w.shape[0] // layout_groups
+        approx = torch.cat([up[g] @ down[g * rank : (g + 1) * rank] for g in range(layout_groups)])
+        assert approx.shape == (rows_per_group * layout_groups, w.shape[1])
+        errors[method] = activation_error(w, approx, cov)
+    assert errors["aware"] < 0.9 * errors["joint"], errors
+
+
+def test_split_keeps_k_and_v_in_separate_latent_halves():
+    src, _ = _layer0_factors(tiny_model("llama-gqa"), MLAConfig(rope_dims=4, kv_rank=8))
+    down, up = factor_kv(src.k_nope, src.v, groups=2, rank=8, method="split")
+    dn = HEAD_DIM - 4
+    assert down.shape == (16, 64) and up.shape == (2, dn + HEAD_DIM, 8)
+    assert up[:, :dn, 4:].abs().max() == 0 and up[:, dn:, :4].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rope_dims=5), "rope_dims=5 must be an even"),
+        (dict(rope_dims=0), "rope_dims=0 must be an even"),
+        (dict(kv_rank=0), "kv_rank=0 must be a positive"),
+        (dict(rope_strategy="middle"), "rope_strategy='middle' is unknown"),
+        (dict(svd="qr"), "svd='qr' is unknown"),
+        (dict(layout="diagonal"), "layout='diagonal' is unknown"),
+        (dict(svd="split", kv_rank=7), "kv_rank=7 must be even for svd='split'"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_value_and_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        MLAConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rope_dims=18), "rope_dims=18 > head_dim=16"),
+        (dict(rope_dims=4, kv_rank=29), "kv_rank=29 > rows it factors per KV head"),
+    ],
+)
+def test_config_that_does_not_fit_the_model_fails_before_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        convert_to_mla(tiny_model(), MLAConfig(**kwargs), calib_ids())
+
+
+def test_empty_calibration_and_unsupported_architecture_fail_early():
+    with pytest.raises(ValueError, match="calibration set has 0 tokens"):
+        convert_to_mla(tiny_model(), MLAConfig(), torch.empty(0, dtype=torch.long))
+    model = tiny_model()
+    model.config.model_type = "qwen3"
+    with pytest.raises(ValueError, match=r"model_type='qwen3' is not supported.*\['llama', 'mistral', 'qwen2'\]"):
+        convert_to_mla(model, MLAConfig(), calib_ids())
+
+
+def test_sliding_window_model_is_rejected():
+    model = tiny_model("mistral-gqa")
+    model.config.sliding_window = 32
+    with pytest.raises(ValueError, match="sliding_window=32"):
+        convert_to_mla(model, MLAConfig(), calib_ids())
+
+
+def test_conversion_shares_unchanged_modules_instead_of_copying():
+    model = tiny_model("llama-gqa")
+    mla = convert_to_mla(model, MLAConfig(rope_dims=4, kv_rank=4, calib_seq_len=64), calib_ids())
+    assert mla.model.layers[1].mlp is model.model.layers[1].mlp
+    assert mla.model.embed_tokens is model.model.embed_tokens
+    assert mla.model.layers[0].self_attn.o_proj is model.model.layers[0].self_attn.o_proj
+    assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # the source still works
