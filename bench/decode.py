@@ -1,0 +1,189 @@
+"""Per-layer decode-step benchmark: SDPA GQA of the original attention vs the fused latent kernels (bf16 and int4).
+
+    python bench/decode.py --out runs/bench_decode.jsonl     # needs a CUDA GPU with Triton; ~3 min on an H100
+
+For each model shape, batch B and context T it times one decode step of one layer (CUDA events, L2 flushed between
+runs, median) of: `sdpa` = torch SDPA with enable_gqa on the original (B, Hkv, T, D) bf16 K/V, `mla` = the Triton
+latent kernel on the bf16 latent cache, `mla_int4` = the int4 kernel on `GroupQuant` codes (group 64, 128-token
+residual window), and `torch` = the plain-torch reference (only where it fits easily). Bytes are the cache tensors
+each method must read; GB/s = bytes / time, `%bw` against the measured device-to-device copy bandwidth. A second
+table gives the largest batch whose KV cache fits a fixed memory budget, from each cache's measured bytes per token.
+"""
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from mha2mla_core.kernels import (
+    GroupQuant,
+    QuantizedLatentKV,
+    latent_decode_attention,
+    latent_decode_attention_quantized,
+    latent_decode_attention_reference,
+)
+
+# ---- defaults ------------------------------------------------------------------------------------------------------
+BATCHES = (1, 16, 64)
+CONTEXTS = (4096, 16384, 32768)
+GROUP_SIZE = 64  # int4 tokens per scale/zero group
+RESIDUAL = 128  # most recent tokens kept in bf16
+KV_BUDGET_GIB = 60.0  # memory given to the KV cache in the max-batch table
+TORCH_MAX_TOKENS = 16 * 16384  # time the plain-torch reference only up to B * T of this
+PEAK_HBM_GBS = 3350.0  # H100 SXM datasheet
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """Original attention (H, Hkv, D) and its MLA latent layout (Hc, Rc, Dr), as in `latent_decode_attention`."""
+
+    model: str
+    layout: str
+    layers: int
+    H: int
+    Hkv: int
+    D: int
+    Hc: int
+    Rc: int
+    Dr: int
+
+
+SHAPES = (
+    BenchShape("smollm2-135m", "shared", 30, H=9, Hkv=3, D=64, Hc=1, Rc=48, Dr=8),
+    BenchShape("smollm2-135m", "per_head", 30, H=9, Hkv=3, D=64, Hc=3, Rc=16, Dr=8),
+    BenchShape("llama2-7b", "per_head", 32, H=32, Hkv=32, D=128, Hc=32, Rc=64, Dr=32),
+    BenchShape("llama2-7b", "shared", 32, H=32, Hkv=32, D=128, Hc=1, Rc=512, Dr=32),
+)
+
+
+def time_ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, counting bytes read and written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def random_int4(B: int, Hx: int, T: int, D: int) -> GroupQuant:
+    """Random int4 codes in the cache's layout (timing does not depend on the values)."""
+    codes = torch.randint(0, 256, (B, Hx, T, D // 2), dtype=torch.uint8, device="cuda")  # (B, Hx, T, D/2)
+    scale = torch.rand(B, Hx, T // GROUP_SIZE, D, device="cuda", dtype=torch.bfloat16) * 0.1  # (B, Hx, T/g, D)
+    zero = torch.rand(B, Hx, T // GROUP_SIZE, D, device="cuda", dtype=torch.bfloat16) * 15
+    return GroupQuant(codes, scale, zero, nbits=4, group_size=GROUP_SIZE)
+
+
+def time_sdpa(s: BenchShape, B: int, T: int) -> tuple[float, int]:
+    q = torch.randn(B, s.H, 1, s.D, device="cuda", dtype=torch.bfloat16)  # (B, H, 1, D)
+    k = torch.randn(B, s.Hkv, T, s.D, device="cuda", dtype=torch.bfloat16)  # (B, Hkv, T, D)
+    v = torch.randn_like(k)
+    ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    return ms, k.nbytes + v.nbytes
+
+
+def time_mla(s: BenchShape, B: int, T: int) -> dict:
+    q_lat = torch.randn(B, s.H, s.Rc, device="cuda", dtype=torch.bfloat16)  # (B, H, Rc)
+    q_pe = torch.randn(B, s.H, s.Dr, device="cuda", dtype=torch.bfloat16)  # (B, H, Dr)
+    c_kv = torch.randn(B, s.Hc, T, s.Rc, device="cuda", dtype=torch.bfloat16)  # (B, Hc, T, Rc)
+    k_pe = torch.randn(B, s.Hkv, T, s.Dr, device="cuda", dtype=torch.bfloat16)  # (B, Hkv, T, Dr)
+    scale = 1 / math.sqrt(s.D + s.Dr)
+    row = {"mla_ms": time_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))}
+    row["mla_bytes"] = c_kv.nbytes + k_pe.nbytes
+    if B * T <= TORCH_MAX_TOKENS:
+        row["torch_ms"] = time_ms(lambda: latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale))
+    del c_kv, k_pe
+    t_res = RESIDUAL + (T - RESIDUAL) % GROUP_SIZE
+    kv = QuantizedLatentKV(
+        random_int4(B, s.Hc, T - t_res, s.Rc),
+        random_int4(B, s.Hkv, T - t_res, s.Dr),
+        torch.randn(B, s.Hc, t_res, s.Rc, device="cuda", dtype=torch.bfloat16),  # (B, Hc, R, Rc)
+        torch.randn(B, s.Hkv, t_res, s.Dr, device="cuda", dtype=torch.bfloat16),  # (B, Hkv, R, Dr)
+    )
+    row["int4_ms"] = time_ms(lambda: latent_decode_attention_quantized(q_lat, q_pe, kv, scale))
+    row["int4_bytes"] = kv.nbytes
+    return row
+
+
+def bench_point(s: BenchShape, B: int, T: int, roof_gbs: float) -> dict:
+    row = {"model": s.model, "layout": s.layout, "B": B, "T": T}
+    row["sdpa_ms"], row["sdpa_bytes"] = time_sdpa(s, B, T)
+    torch.cuda.empty_cache()
+    row.update(time_mla(s, B, T))
+    torch.cuda.empty_cache()
+    for name in ("sdpa", "mla", "int4"):
+        row[f"{name}_gbs"] = row[f"{name}_bytes"] / row[f"{name}_ms"] / 1e6
+        row[f"{name}_pct_bw"] = 100 * row[f"{name}_gbs"] / roof_gbs
+    row["speedup_mla"] = row["sdpa_ms"] / row["mla_ms"]
+    row["speedup_int4"] = row["sdpa_ms"] / row["int4_ms"]
+    return row
+
+
+def print_table(rows: list[dict], roof_gbs: float) -> None:
+    print(f"\nPer-layer decode step, bf16; %bw against the measured copy bandwidth {roof_gbs:.0f} GB/s")
+    print("| model | layout | B | T | SDPA GQA us (GB/s) | MLA us (GB/s, %bw) | x vs SDPA | MLA int4 us (GB/s, %bw) "
+          "| x vs SDPA | torch ref us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        torch_us = f"{1e3 * r['torch_ms']:.0f}" if "torch_ms" in r else "-"
+        print(
+            f"| {r['model']} | {r['layout']} | {r['B']} | {r['T'] // 1024}k "
+            f"| {1e3 * r['sdpa_ms']:.1f} ({r['sdpa_gbs']:.0f}) "
+            f"| {1e3 * r['mla_ms']:.1f} ({r['mla_gbs']:.0f}, {r['mla_pct_bw']:.0f}%) | {r['speedup_mla']:.1f} "
+            f"| {1e3 * r['int4_ms']:.1f} ({r['int4_gbs']:.0f}, {r['int4_pct_bw']:.0f}%) | {r['speedup_int4']:.1f} "
+            f"| {torch_us} |"
+        )
+
+
+def max_batch_rows(rows: list[dict]) -> list[dict]:
+    """Largest batch whose cache (all layers) fits KV_BUDGET_GIB, from measured bytes per token and layer."""
+    out = []
+    for s in SHAPES:
+        r = max((r for r in rows if r["model"] == s.model and r["layout"] == s.layout), key=lambda r: r["B"] * r["T"])
+        per_token = {k: r[f"{k}_bytes"] / (r["B"] * r["T"]) for k in ("sdpa", "mla", "int4")}
+        for T in CONTEXTS:
+            fit = {k: int(KV_BUDGET_GIB * 2**30 // (v * T * s.layers)) for k, v in per_token.items()}
+            out.append({"model": s.model, "layout": s.layout, "T": T, "bytes_per_token_layer": per_token, "max_batch": fit})
+    return out
+
+
+def print_max_batch(rows: list[dict]) -> None:
+    print(f"\nLargest batch whose KV cache fits {KV_BUDGET_GIB:.0f} GiB (all layers)")
+    print("| model | layout | T | bytes/token/layer orig / MLA / MLA int4 | max B orig | MLA | MLA int4 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        b, m = r["bytes_per_token_layer"], r["max_batch"]
+        print(
+            f"| {r['model']} | {r['layout']} | {r['T'] // 1024}k | {b['sdpa']:.0f} / {b['mla']:.0f} / {b['int4']:.1f} "
+            f"| {m['sdpa']} | {m['mla']} ({m['mla'] / max(m['sdpa'], 1):.1f}x) | {m['int4']} ({m['int4'] / max(m['sdpa'], 1):.1f}x) |"
+        )
+
+
+def main(out: str | None) -> None:
+    roof = copy_bandwidth_gbs()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {roof:.0f} GB/s (datasheet peak {PEAK_HBM_GBS:.0f})")
+    rows = []
+    for s in SHAPES:
+        for B in BATCHES:
+            for T in CONTEXTS:
+                rows.append(bench_point(s, B, T, roof))
+                print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, roof)
+    fits = max_batch_rows(rows)
+    print_max_batch(fits)
+    if out:
+        with open(out, "w") as f:
+            for r in rows + fits:
+                f.write(json.dumps({"copy_gbs": roof, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the rows as JSON lines here")
+    main(parser.parse_args().out)

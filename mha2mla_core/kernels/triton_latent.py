@@ -1,0 +1,382 @@
+"""Triton flash-decoding kernels for `latent_decode_attention` (imported only on CUDA).
+
+Legend as in `latent_decode`: B, T, H, Hkv, Hc, Rc, Dr, G = H // Hc heads per latent group, HPG = H // Hkv heads per
+RoPE group, KPC = Hkv // Hc RoPE groups per latent group, S sequence splits.
+
+Split kernel: program (s, c, b) reads tokens [s * split_tokens, (s + 1) * split_tokens) of latent group c once and
+scores them for all G heads of the group with two tensor-core dots (the latent part, and the RoPE part as a
+block-diagonal (G, KPC * Dr) query against the group's KPC rope keys), keeping an online softmax in fp32. With one
+split it writes the output; otherwise it writes unnormalised partials (acc, running max m, running sum l) that the
+combine kernel merges. The int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on
+even and odd channels separately (low and high nibbles), so it never interleaves in registers; the full-precision
+residual window goes through the plain split kernel into the same partial buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mha2mla_core.kernels.latent_decode import QuantizedLatentKV
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    """s: (BLOCK_H, BLOCK_T) log2-scaled scores -> p, the rescale factor of the old state, new m and l."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def _split_kernel(
+    Q_lat, Q_pe, C, K, Start, Out, O_part, ML_part,
+    stride_qb, stride_qh, stride_pb, stride_ph,
+    stride_cb, stride_ch, stride_ct, stride_kb, stride_kh, stride_kt,
+    stride_ob, stride_oh,
+    T, pos_offset, split_tokens, split_base, n_splits_total, qk_scale,
+    G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
+    RC: tl.constexpr, RC_PAD: tl.constexpr, DR: tl.constexpr, P_PAD: tl.constexpr, P_CHUNK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_START: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    H = G * tl.num_programs(1)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < G
+    head = c * G + offs_h
+    offs_r = tl.arange(0, RC_PAD)
+    r_ok = offs_r < RC
+    q_lat = tl.load(
+        Q_lat + b * stride_qb + head[:, None] * stride_qh + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0
+    )  # (BLOCK_H, RC_PAD)
+    c_base = C + b * stride_cb + c * stride_ch
+    k_base = K + b * stride_kb + (c * KPC) * stride_kh
+    q_pe_base = Q_pe + b * stride_pb + head[:, None] * stride_ph
+    offs_p0 = tl.arange(0, P_CHUNK)
+    q_pe0 = tl.load(
+        q_pe_base + (offs_p0 % DR)[None, :],
+        mask=h_ok[:, None] & (offs_p0 < KPC * DR)[None, :] & ((offs_h // HPG)[:, None] == (offs_p0 // DR)[None, :]),
+        other=0.0,
+    )  # (BLOCK_H, P_CHUNK) block-diagonal: head h only meets its own rope group's columns
+
+    lo = split * split_tokens
+    hi = tl.minimum(lo + split_tokens, T)
+    start = 0
+    if HAS_START:
+        start = tl.load(Start + b).to(tl.int32) - pos_offset
+    first = lo + tl.maximum(start - lo, 0) // BLOCK_T * BLOCK_T  # skip whole tiles of left padding
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, RC_PAD], tl.float32)
+    for t0 in range(first, hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = (offs_t < hi) & (offs_t >= start)
+        c_tile = tl.load(
+            c_base + offs_t[:, None] * stride_ct + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
+        )  # (BLOCK_T, RC_PAD)
+        s = tl.dot(q_lat, tl.trans(c_tile), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
+        for pc in tl.static_range(0, P_PAD, P_CHUNK):
+            offs_p = pc + offs_p0
+            p_ok = offs_p < KPC * DR
+            k_tile = tl.load(
+                k_base + (offs_p // DR)[None, :] * stride_kh + offs_t[:, None] * stride_kt + (offs_p % DR)[None, :],
+                mask=t_ok[:, None] & p_ok[None, :],
+                other=0.0,
+            )  # (BLOCK_T, P_CHUNK)
+            if pc == 0:
+                q_pe = q_pe0
+            else:
+                q_pe = tl.load(
+                    q_pe_base + (offs_p % DR)[None, :],
+                    mask=h_ok[:, None] & p_ok[None, :] & ((offs_h // HPG)[:, None] == (offs_p // DR)[None, :]),
+                    other=0.0,
+                )
+            s += tl.dot(q_pe, tl.trans(k_tile), input_precision=DOT_PREC)
+        s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_tile.dtype), c_tile, input_precision=DOT_PREC)
+
+    if DIRECT:
+        o_ptr = Out + b * stride_ob + head[:, None] * stride_oh + offs_r[None, :]
+        tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
+    else:
+        row = (b * H + head) * n_splits_total + split_base + split  # (BLOCK_H,) rows of the (B, H, S) partials
+        tl.store(O_part + row[:, None] * RC + offs_r[None, :], acc, mask=h_ok[:, None] & r_ok[None, :])
+        tl.store(ML_part + row * 2, m_i, mask=h_ok)
+        tl.store(ML_part + row * 2 + 1, l_i, mask=h_ok)
+
+
+@triton.jit
+def _dequant_halves(codes, scale_ptr, zero_ptr, ok, DTYPE: tl.constexpr):
+    """(BLOCK_T, N) uint8 int4 codes -> even and odd channels (low and high nibbles), dequantized to DTYPE.
+
+    scale_ptr / zero_ptr: (N,) pointers to the even channels' scale and zero; the odd channel's follow each.
+    """
+    s_e = tl.load(scale_ptr, mask=ok, other=0.0).to(tl.float32)
+    s_o = tl.load(scale_ptr + 1, mask=ok, other=0.0).to(tl.float32)
+    z_e = tl.load(zero_ptr, mask=ok, other=0.0).to(tl.float32)
+    z_o = tl.load(zero_ptr + 1, mask=ok, other=0.0).to(tl.float32)
+    x_e = ((codes & 15).to(tl.float32) - z_e[None, :]) * s_e[None, :]
+    x_o = ((codes >> 4).to(tl.float32) - z_o[None, :]) * s_o[None, :]
+    return x_e.to(DTYPE), x_o.to(DTYPE)
+
+
+@triton.jit
+def _split_int4_kernel(
+    Q_lat, Q_pe, Cq, Cs, Cz, Kq, Ks, Kz, Start, O_part, ML_part,
+    stride_qb, stride_qh, stride_pb, stride_ph,
+    stride_cqb, stride_cqh, stride_cqt, stride_csb, stride_csh, stride_csg,
+    stride_kqb, stride_kqh, stride_kqt, stride_ksb, stride_ksh, stride_ksg,
+    T, split_tokens, n_splits_total, qk_scale,
+    G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
+    RH: tl.constexpr, RH_PAD: tl.constexpr, DH: tl.constexpr, PH_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr,
+    HAS_START: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    H = G * tl.num_programs(1)
+    DTYPE = Q_lat.dtype.element_ty
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < G
+    head = c * G + offs_h
+    offs_r = tl.arange(0, RH_PAD)  # byte j of a latent row holds channels 2j (low nibble) and 2j + 1
+    r_ok = offs_r < RH
+    q_ptr = Q_lat + b * stride_qb + head[:, None] * stride_qh + 2 * offs_r[None, :]
+    q_e = tl.load(q_ptr, mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_H, RH_PAD) even channels
+    q_o = tl.load(q_ptr + 1, mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # odd channels
+    offs_p = tl.arange(0, PH_PAD)  # column p: rope group p // DH, byte p % DH
+    p_ok = offs_p < KPC * DH
+    pe_mask = h_ok[:, None] & p_ok[None, :] & ((offs_h // HPG)[:, None] == (offs_p // DH)[None, :])
+    pe_ptr = Q_pe + b * stride_pb + head[:, None] * stride_ph + 2 * (offs_p % DH)[None, :]
+    qp_e = tl.load(pe_ptr, mask=pe_mask, other=0.0)  # (BLOCK_H, PH_PAD) block-diagonal
+    qp_o = tl.load(pe_ptr + 1, mask=pe_mask, other=0.0)
+    cq_base = Cq + b * stride_cqb + c * stride_cqh
+    cs_base = b * stride_csb + c * stride_csh + 2 * offs_r  # (RH_PAD,) even-channel offsets
+    kq_base = Kq + b * stride_kqb + (c * KPC + offs_p // DH)[None, :] * stride_kqh + (offs_p % DH)[None, :]
+    ks_base = b * stride_ksb + (c * KPC + offs_p // DH) * stride_ksh + 2 * (offs_p % DH)  # (PH_PAD,)
+
+    lo = split * split_tokens
+    hi = tl.minimum(lo + split_tokens, T)
+    start = 0
+    if HAS_START:
+        start = tl.load(Start + b).to(tl.int32)
+    first = lo + tl.maximum(start - lo, 0) // BLOCK_T * BLOCK_T
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc_e = tl.zeros([BLOCK_H, RH_PAD], tl.float32)
+    acc_o = tl.zeros([BLOCK_H, RH_PAD], tl.float32)
+    for t0 in range(first, hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = (offs_t < hi) & (offs_t >= start)
+        g = t0 // GROUP  # a tile never straddles two quantization groups
+        c_codes = tl.load(cq_base + offs_t[:, None] * stride_cqt + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0)
+        sz = cs_base + g * stride_csg
+        x_e, x_o = _dequant_halves(c_codes, Cs + sz, Cz + sz, r_ok, DTYPE)  # (BLOCK_T, RH_PAD) each
+        k_codes = tl.load(kq_base + offs_t[:, None] * stride_kqt, mask=t_ok[:, None] & p_ok[None, :], other=0)
+        ksz = ks_base + g * stride_ksg
+        k_e, k_o = _dequant_halves(k_codes, Ks + ksz, Kz + ksz, p_ok, DTYPE)  # (BLOCK_T, PH_PAD) each
+        s = tl.dot(q_e, tl.trans(x_e), input_precision=DOT_PREC)
+        s += tl.dot(q_o, tl.trans(x_o), input_precision=DOT_PREC)
+        s += tl.dot(qp_e, tl.trans(k_e), input_precision=DOT_PREC)
+        s += tl.dot(qp_o, tl.trans(k_o), input_precision=DOT_PREC)
+        s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+        p = p.to(DTYPE)
+        acc_e = acc_e * alpha[:, None] + tl.dot(p, x_e, input_precision=DOT_PREC)
+        acc_o = acc_o * alpha[:, None] + tl.dot(p, x_o, input_precision=DOT_PREC)
+
+    row = (b * H + head) * n_splits_total + split
+    o_ptr = O_part + row[:, None] * (2 * RH) + 2 * offs_r[None, :]
+    tl.store(o_ptr, acc_e, mask=h_ok[:, None] & r_ok[None, :])
+    tl.store(o_ptr + 1, acc_o, mask=h_ok[:, None] & r_ok[None, :])
+    tl.store(ML_part + row * 2, m_i, mask=h_ok)
+    tl.store(ML_part + row * 2 + 1, l_i, mask=h_ok)
+
+
+@triton.jit
+def _combine_kernel(O_part, ML_part, Out, stride_ob, stride_oh, H, n_splits, RC: tl.constexpr, RC_PAD: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    offs_r = tl.arange(0, RC_PAD)
+    r_ok = offs_r < RC
+    m = tl.full([1], float("-inf"), tl.float32)
+    l = tl.zeros([1], tl.float32)
+    acc = tl.zeros([RC_PAD], tl.float32)
+    for s in range(n_splits):
+        row = bh * n_splits + s
+        m_s = tl.load(ML_part + row * 2)
+        l_s = tl.load(ML_part + row * 2 + 1)
+        o_s = tl.load(O_part + row * RC + offs_r, mask=r_ok, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw only padding carry m = -inf
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(m_s - m_ref)
+        acc = acc * alpha + o_s * w
+        l = l * alpha + l_s * w
+        m = m_new
+    b = bh // H
+    h = bh % H
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_r, (acc / l).to(Out.dtype.element_ty), mask=r_ok)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile and grid choice of one decode call; `programs_per_sm` sets how finely T is split."""
+
+    block_t: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: float = 2.0
+    min_split_tokens: int = 256
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def default_config(q_lat: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> LaunchConfig:
+    """Tiles of about 8 KB of cache per group; 8 warps once the (G, Rc) accumulator gets large."""
+    Hc, Rc, Hkv, Dr = c_kv.shape[1], c_kv.shape[3], k_pe.shape[1], k_pe.shape[3]
+    bytes_per_token = (Rc + Hkv // Hc * Dr) * c_kv.element_size()
+    block_t = min(64, max(16, 2 ** int(math.log2(max(1, 8192 // bytes_per_token)))))
+    big_acc = _pow2(q_lat.shape[1] // Hc) * _pow2(Rc) >= 8192
+    return LaunchConfig(block_t=block_t, num_warps=8 if big_acc else 4, num_stages=3)
+
+
+def _num_splits(B: int, Hc: int, T: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens per split): enough programs to fill the SMs, no split shorter than min_split_tokens."""
+    want = math.ceil(cfg.programs_per_sm * _num_sms(device.index or 0) / (B * Hc))
+    splits = max(1, min(want, T // cfg.min_split_tokens))
+    split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
+    return triton.cdiv(T, split_tokens), split_tokens
+
+
+def _check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class _Partials:
+    """Unnormalised per-split results, (B, H, S, Rc) fp32 and (B, H, S, [m, l]); a launch fills `splits` of them
+    from index `base` on."""
+
+    o: torch.Tensor
+    ml: torch.Tensor
+    base: int
+    splits: int
+
+    @staticmethod
+    def empty(B: int, H: int, S: int, Rc: int, device: torch.device) -> "_Partials":
+        o = torch.empty(B, H, S, Rc, device=device, dtype=torch.float32)  # (B, H, S, Rc)
+        ml = torch.empty(B, H, S, 2, device=device, dtype=torch.float32)  # (B, H, S, [m, l])
+        return _Partials(o, ml, 0, S)
+
+
+def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partials | None, pos_offset=0):
+    """Run `_split_kernel` over all of c_kv/k_pe: into `parts`, or straight to the output when parts is None."""
+    B, H, Rc = q_lat.shape
+    Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
+    G, KPC = H // Hc, Hkv // Hc
+    splits = 1 if parts is None else parts.splits
+    split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
+    p_pad = _pow2(KPC * Dr)
+    out = torch.empty_like(q_lat) if parts is None else q_lat  # Out is unused with partials
+    o_part, ml_part = (out, out) if parts is None else (parts.o, parts.ml)
+    _split_kernel[(splits, Hc, B)](
+        q_lat, q_pe, c_kv, k_pe, kv_start if kv_start is not None else q_lat, out, o_part, ml_part,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        c_kv.stride(0), c_kv.stride(1), c_kv.stride(2), k_pe.stride(0), k_pe.stride(1), k_pe.stride(2),
+        out.stride(0), out.stride(1),
+        T, pos_offset, split_tokens, 0 if parts is None else parts.base, o_part.shape[2], scale * LOG2E,
+        G=G, HPG=H // Hkv, KPC=KPC, RC=Rc, RC_PAD=_pow2(Rc), DR=Dr, P_PAD=p_pad, P_CHUNK=min(p_pad, 128),
+        BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t,
+        HAS_START=kv_start is not None, DIRECT=parts is None, DOT_PREC=_dot_precision(q_lat.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _combine(o_part: torch.Tensor, ml_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    B, H, S, Rc = o_part.shape
+    _combine_kernel[(B * H,)](o_part, ml_part, out, out.stride(0), out.stride(1), H, S, RC=Rc, RC_PAD=_pow2(Rc))
+    return out
+
+
+def decode(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, cfg: LaunchConfig | None = None) -> torch.Tensor:
+    """Triton `latent_decode_attention`: flash-decoding split over T, then a combine when split."""
+    _check_last_dim_contiguous(q_lat=q_lat, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe)
+    cfg = cfg or default_config(q_lat, c_kv, k_pe)
+    B, H, Rc = q_lat.shape
+    splits, _ = _num_splits(B, c_kv.shape[1], c_kv.shape[2], cfg, c_kv.device)
+    if splits == 1:
+        return _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts=None)
+    parts = _Partials.empty(B, H, splits, Rc, q_lat.device)
+    _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts)
+    return _combine(parts.o, parts.ml, torch.empty_like(q_lat))
+
+
+def default_config_int4(q_lat: torch.Tensor, kv: QuantizedLatentKV) -> LaunchConfig:
+    group = kv.c_kv.group_size
+    big_acc = _pow2(q_lat.shape[1] // kv.c_kv.codes.shape[1]) * _pow2(q_lat.shape[2]) >= 8192
+    return LaunchConfig(block_t=min(64, group), num_warps=8 if big_acc else 4, num_stages=3)
+
+
+def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None, cfg: LaunchConfig | None = None):
+    """Triton `latent_decode_attention_quantized` for int4 codes plus a full-precision residual window."""
+    cq, kq = kv.c_kv, kv.k_pe
+    _check_last_dim_contiguous(q_lat=q_lat, q_pe=q_pe, c_codes=cq.codes, c_scale=cq.scale, k_codes=kq.codes, k_scale=kq.scale)
+    if cq.scale.stride() != cq.zero.stride() or kq.scale.stride() != kq.zero.stride() or cq.group_size != kq.group_size:
+        raise ValueError("int4 kernel needs scale and zero with equal strides and one group_size for c_kv and k_pe")
+    cfg = cfg or default_config_int4(q_lat, kv)
+    if cq.group_size % cfg.block_t:
+        raise ValueError(f"block_t={cfg.block_t} must divide group_size={cq.group_size}")
+    B, H, Rc = q_lat.shape
+    Hc, Tq, Hkv, Dr = cq.codes.shape[1], cq.num_tokens, kq.codes.shape[1], kq.scale.shape[3]
+    G, KPC = H // Hc, Hkv // Hc
+    splits, split_tokens = _num_splits(B, Hc, Tq, cfg, q_lat.device)
+    n_res = 1 if kv.c_kv_residual.shape[2] > 0 else 0  # the residual window is one more split
+    parts = _Partials.empty(B, H, splits + n_res, Rc, q_lat.device)
+    o_part, ml_part = parts.o, parts.ml
+    _split_int4_kernel[(splits, Hc, B)](
+        q_lat, q_pe, cq.codes, cq.scale, cq.zero, kq.codes, kq.scale, kq.zero,
+        kv_start if kv_start is not None else q_lat, o_part, ml_part,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        cq.codes.stride(0), cq.codes.stride(1), cq.codes.stride(2), cq.scale.stride(0), cq.scale.stride(1), cq.scale.stride(2),
+        kq.codes.stride(0), kq.codes.stride(1), kq.codes.stride(2), kq.scale.stride(0), kq.scale.stride(1), kq.scale.stride(2),
+        Tq, split_tokens, splits + n_res, scale * LOG2E,
+        G=G, HPG=H // Hkv, KPC=KPC, RH=Rc // 2, RH_PAD=_pow2(Rc // 2), DH=Dr // 2, PH_PAD=_pow2(KPC * Dr // 2),
+        BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t, GROUP=cq.group_size,
+        HAS_START=kv_start is not None, DOT_PREC=_dot_precision(q_lat.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if n_res:
+        res_cfg = default_config(q_lat, kv.c_kv_residual, kv.k_pe_residual)
+        res_parts = _Partials(o_part, ml_part, base=splits, splits=1)
+        _launch_split(q_lat, q_pe, kv.c_kv_residual, kv.k_pe_residual, scale, kv_start, res_cfg, res_parts, Tq)
+    return _combine(o_part, ml_part, torch.empty_like(q_lat))

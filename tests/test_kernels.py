@@ -1,0 +1,181 @@
+"""Latent decode attention: the torch reference against expanded attention (CPU), the Triton kernels against the
+reference (GPU, skipped without CUDA + Triton)."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from mha2mla_core.kernels import (
+    GroupQuant,
+    QuantizedLatentKV,
+    dequantize_group,
+    latent_decode_attention,
+    latent_decode_attention_quantized,
+    latent_decode_attention_reference,
+    triton_available,
+)
+from mha2mla_core.kernels.latent_decode import pack_codes, unpack_codes
+
+requires_gpu = pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
+
+# (H, Hkv, Hc, Rc, Dr): SmolLM2-135M shared / per-head latents, Llama-2-7B per-head / shared (DeepSeek-like)
+SHAPES = {
+    "smollm2-shared": (9, 3, 1, 48, 8),
+    "smollm2-per_head": (9, 3, 3, 16, 8),
+    "llama2-7b-per_head": (32, 32, 32, 64, 32),
+    "llama2-7b-shared": (32, 32, 1, 512, 32),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _inputs(B, T, shape, dtype=torch.float32, device="cpu", slack=0):
+    """Random decode inputs; c_kv/k_pe are views of buffers `slack` tokens longer, as a growing cache's would be."""
+    H, Hkv, Hc, Rc, Dr = shape
+    q_lat = torch.randn(B, H, Rc, dtype=dtype, device=device)  # (B, H, Rc)
+    q_pe = torch.randn(B, H, Dr, dtype=dtype, device=device)  # (B, H, Dr)
+    c_kv = torch.randn(B, Hc, T + slack, Rc, dtype=dtype, device=device)[:, :, :T]  # (B, Hc, T, Rc)
+    k_pe = torch.randn(B, Hkv, T + slack, Dr, dtype=dtype, device=device)[:, :, :T]  # (B, Hkv, T, Dr)
+    return q_lat, q_pe, c_kv, k_pe
+
+
+def _expanded_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale):
+    """Naive MLA: materialise every head's keys [c W_uk | k_pe] and values c W_uv, then softmax attention.
+
+    q_nope (B, H, Dn), w_uk (H, Rc, Dn), w_uv (H, Rc, Dv) -> (B, H, Dv)
+    """
+    B, H, _ = q_nope.shape
+    Hc, Hkv = c_kv.shape[1], k_pe.shape[1]
+    c_h = c_kv.repeat_interleave(H // Hc, dim=1)  # (B, H, T, Rc)
+    k_nope = torch.einsum("bhtr,hrd->bhtd", c_h, w_uk)  # (B, H, T, Dn)
+    keys = torch.cat([k_nope, k_pe.repeat_interleave(H // Hkv, dim=1)], dim=-1)  # (B, H, T, Dn + Dr)
+    values = torch.einsum("bhtr,hrd->bhtd", c_h, w_uv)  # (B, H, T, Dv)
+    query = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, Dn + Dr)
+    probs = torch.softmax(torch.einsum("bhd,bhtd->bht", query, keys) * scale, dim=-1)  # (B, H, T)
+    return torch.einsum("bht,bhtd->bhd", probs, values)  # (B, H, Dv)
+
+
+@pytest.mark.parametrize("layout", ["smollm2-shared", "smollm2-per_head"])
+def test_reference_equals_expanded_attention(layout):
+    H, Hkv, Hc, Rc, Dr = SHAPES[layout]
+    Dn, Dv, B, T = 56, 64, 2, 37
+    _, q_pe, c_kv, k_pe = _inputs(B, T, SHAPES[layout], dtype=torch.float64)
+    q_nope = torch.randn(B, H, Dn, dtype=torch.float64)
+    w_uk = torch.randn(H, Rc, Dn, dtype=torch.float64) / math.sqrt(Rc)
+    w_uv = torch.randn(H, Rc, Dv, dtype=torch.float64) / math.sqrt(Rc)
+    scale = 1 / math.sqrt(Dn + Dr)
+    q_lat = torch.einsum("bhd,hrd->bhr", q_nope, w_uk)  # (B, H, Rc): W_uk absorbed into the query
+    o_lat = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale)  # (B, H, Rc)
+    absorbed = torch.einsum("bhr,hrd->bhd", o_lat, w_uv)  # (B, H, Dv): W_uv absorbed into the output
+    expected = _expanded_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale)
+    torch.testing.assert_close(absorbed, expected, atol=1e-5, rtol=1e-5)  # the reference computes in fp32
+
+
+def test_reference_left_padding_equals_unpadded_suffix():
+    B, T, start = 3, 40, torch.tensor([0, 5, 39], dtype=torch.int32)
+    q_lat, q_pe, c_kv, k_pe = _inputs(B, T, SHAPES["smollm2-shared"])
+    padded = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.3, start)
+    for b in range(B):
+        s = int(start[b])
+        alone = latent_decode_attention_reference(q_lat[b : b + 1], q_pe[b : b + 1], c_kv[b : b + 1, :, s:], k_pe[b : b + 1, :, s:], 0.3)
+        torch.testing.assert_close(padded[b : b + 1], alone)
+
+
+def test_cpu_dispatch_uses_reference():
+    q_lat, q_pe, c_kv, k_pe = _inputs(2, 9, SHAPES["smollm2-per_head"])
+    torch.testing.assert_close(
+        latent_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.5), latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        (((2, 9, 48), (2, 9, 8), (2, 1, 5, 48), (2, 3, 6, 8)), "tokens"),
+        (((2, 9, 48), (2, 9, 8), (2, 2, 5, 48), (2, 3, 5, 8)), re.escape("Hc | Hkv | H")),
+        (((2, 9, 48), (2, 9, 8), (2, 1, 5, 32), (2, 3, 5, 8)), "shape mismatch"),
+    ],
+)
+def test_bad_shapes_raise(shapes, match):
+    tensors = [torch.zeros(s) for s in shapes]
+    with pytest.raises(ValueError, match=match):
+        latent_decode_attention(*tensors, scale=1.0)
+
+
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_pack_unpack_round_trip(nbits):
+    codes = torch.randint(0, 2**nbits, (2, 3, 5, 16), dtype=torch.uint8)
+    packed = pack_codes(codes, nbits)
+    assert packed.shape == (2, 3, 5, 16 * nbits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed, nbits), codes)
+    if nbits == 4:
+        assert torch.equal(packed, codes[..., 0::2] | (codes[..., 1::2] << 4))  # the layout the int4 kernel reads
+
+
+def _random_int4(B, Hx, Tq, D, group, dtype, device):
+    """Random int4 `GroupQuant` codes with plausible scales and zeros (the kernel does not care where they came from)."""
+    codes = torch.randint(0, 16, (B, Hx, Tq, D), dtype=torch.uint8, device=device)
+    scale = (torch.rand(B, Hx, Tq // group, D, device=device) * 0.3 + 0.02).to(dtype)
+    zero = (torch.rand(B, Hx, Tq // group, D, device=device) * 15).to(dtype)
+    return GroupQuant(pack_codes(codes, 4), scale, zero, nbits=4, group_size=group)
+
+
+def _random_quantized_kv(B, Tq, T_res, shape, dtype, device, group=64):
+    H, Hkv, Hc, Rc, Dr = shape
+    _, _, c_res, k_res = _inputs(B, T_res, shape, dtype, device)
+    return QuantizedLatentKV(
+        _random_int4(B, Hc, Tq, Rc, group, dtype, device), _random_int4(B, Hkv, Tq, Dr, group, dtype, device), c_res, k_res
+    )
+
+
+def test_quantized_reference_path_dequantizes():
+    kv = _random_quantized_kv(2, 128, 7, SHAPES["smollm2-shared"], torch.float32, "cpu")
+    q_lat, q_pe, _, _ = _inputs(2, 1, SHAPES["smollm2-shared"])
+    c_kv, k_pe = kv.dequantize()
+    assert c_kv.shape == (2, 1, 135, 48) and torch.equal(c_kv[:, :, :128], dequantize_group(kv.c_kv))
+    torch.testing.assert_close(
+        latent_decode_attention_quantized(q_lat, q_pe, kv, 0.2),
+        latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.2),
+    )
+
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("B", "T"), [(1, 5000), (3, 333), (16, 70)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.gpu
+@requires_gpu
+def test_triton_matches_reference(layout, dtype, B, T, padded):
+    q_lat, q_pe, c_kv, k_pe = _inputs(B, T, SHAPES[layout], dtype, "cuda", slack=13)
+    scale = 1 / math.sqrt(64)
+    kv_start = torch.randint(0, T, (B,), dtype=torch.int32, device="cuda") if padded else None
+    out = latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
+    ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
+    assert out.dtype == dtype and out.shape == q_lat.shape
+    torch.testing.assert_close(out, ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("B", "Tq", "T_res"), [(1, 8192, 100), (4, 640, 0), (16, 64, 129)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.gpu
+@requires_gpu
+def test_triton_int4_matches_dequantized_reference(layout, dtype, B, Tq, T_res, padded):
+    kv = _random_quantized_kv(B, Tq, T_res, SHAPES[layout], dtype, "cuda")
+    q_lat, q_pe, _, _ = _inputs(B, 1, SHAPES[layout], dtype, "cuda")
+    scale = 1 / math.sqrt(64) / 4  # dequantized latents are ~10x larger than randn
+    kv_start = torch.randint(0, Tq + T_res, (B,), dtype=torch.int32, device="cuda") if padded else None
+    out = latent_decode_attention_quantized(q_lat, q_pe, kv, scale, kv_start)
+    c_kv, k_pe = kv.dequantize()
+    ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
+    rel = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert rel < {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype], f"relative error {rel:.2e}"
