@@ -1,0 +1,318 @@
+"""Fine-tuning stage: recover a converted (MLA) student by distilling the original model into it.
+
+    rows = pack_texts(tokenizer, load_texts("../shared/data/text_train"), cfg.seq_len)    # (N, T) token ids
+    result = finetune(student, teacher, rows, FinetuneConfig(max_tokens=20_000_000), checkpoint_dir="ckpt")
+
+One optimizer step: for each of `grad_accum_steps` micro-batches of (B, T) rows, the student's logits
+(B, T, V) and, when kd_weight > 0, the teacher's (no grad, eval mode, bf16 autocast) go into
+`distill_loss`; then clip the global grad norm, AdamW, and set the WSD learning rate of the next step.
+The caller places both models on the device; with a process group initialised (torchrun / accelerate
+launch) the student is sharded with FSDP and each rank reads its own slice of every global batch, so one
+step sees the same rows whatever the number of processes.
+
+Resuming: with `checkpoint_dir` holding checkpoints, the newest readable one is loaded (model, optimizer,
+step, data position, RNG, loss history) and the run continues exactly where it stopped. The student's
+architecture, the data and the batch geometry must match the checkpoint's; this is checked before the
+first step, and checkpoints are only ever added or pruned after a successful save.
+
+Core never prints: metrics go to `callbacks` (TrainEvent), the library logger gets a line per log event.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from mha2mla_core.training.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
+from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEvent
+from mha2mla_core.training.distributed import World, all_reduce_sum, barrier, current_world, shard_model
+from mha2mla_core.training.losses import distill_loss
+from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
+from mha2mla_core.training.schedule import wsd_lr
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[TrainEvent], None]
+Evaluate = Callable[[nn.Module], Mapping[str, float]]
+
+# config fields that fix which rows each step reads and which weights train: a resume must keep them
+_TRAJECTORY_FIELDS = ("seq_len", "micro_batch_size", "grad_accum_steps", "trainable", "seed")
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    rows: torch.Tensor,
+    cfg: FinetuneConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    evaluate: Evaluate | None = None,
+) -> FinetuneResult:
+    """Train `student` in place on packed `rows` (N, cfg.seq_len); see the module docstring.
+
+    `evaluate(model) -> {name: value}` runs every `cfg.eval_every` steps and at the end (on every rank).
+    Sets `requires_grad` on the student's parameters per `cfg.trainable`; puts the teacher in eval mode.
+    """
+    world = current_world()
+    total_steps = cfg.total_steps(world.size)
+    _check_inputs(student, teacher, rows, cfg)
+    arch = architecture_of(student)
+    data_id = fingerprint_rows(rows)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resume = load_latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if resume is not None:
+        _check_resumable(resume, arch, data_id, cfg, world)
+    set_trainable(student, cfg.trainable)
+    model = shard_model(student, cfg.bf16) if world.size > 1 else student
+    trainer = _Trainer(model, teacher, rows, cfg, world)
+    trainer.meta = {"arch": arch, "data_id": data_id}
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer.train(ckpt_dir, callbacks, evaluate)
+
+
+def set_trainable(model: nn.Module, trainable: str) -> int:
+    """Freeze all but the chosen parameters; returns how many elements train."""
+    def wanted(name: str) -> bool:
+        if trainable == "all":
+            return True
+        if "self_attn." in name:
+            return True
+        return trainable == "attention+norms" and "norm" in name.rsplit(".", 2)[-2]
+
+    n = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(wanted(name))
+        n += param.numel() if param.requires_grad else 0
+    if n == 0:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}")
+    return n
+
+
+def architecture_of(model: nn.Module) -> dict:
+    """model_type and every state-dict tensor's shape: what a checkpoint must match to be resumed into it."""
+    config = getattr(model, "config", None)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"model_type": getattr(config, "model_type", type(model).__name__), "shapes": shapes}
+
+
+def _check_inputs(student: nn.Module, teacher: nn.Module | None, rows: torch.Tensor, cfg: FinetuneConfig) -> None:
+    if rows.ndim != 2 or rows.shape[1] != cfg.seq_len or rows.dtype.is_floating_point:
+        raise ValueError(
+            f"rows must be integer token ids of shape (N, seq_len={cfg.seq_len}); got {tuple(rows.shape)} "
+            f"{rows.dtype}; build them with pack_texts(tokenizer, texts, cfg.seq_len)"
+        )
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if int(rows.max()) >= vocab or int(rows.min()) < 0:
+        raise ValueError(f"rows hold token ids in [{int(rows.min())}, {int(rows.max())}], outside the vocab of {vocab}")
+    if cfg.kd_weight > 0:
+        if teacher is None:
+            raise ValueError(f"kd_weight={cfg.kd_weight} needs a teacher; pass the original model or set kd_weight=0")
+        t_vocab = teacher.get_output_embeddings().weight.shape[0]
+        if t_vocab != vocab:
+            raise ValueError(f"teacher vocab {t_vocab} != student vocab {vocab}: distillation needs the same tokenizer")
+
+
+def _check_resumable(ckpt: Checkpoint, arch: dict, data_id: str, cfg: FinetuneConfig, world: World) -> None:
+    state = ckpt.trainer_state
+    if state["arch"] != arch:
+        raise ValueError(
+            f"checkpoint {ckpt.path} holds a {state['arch']['model_type']} model with a different architecture "
+            f"than this {arch['model_type']} student ({_first_differences(state['arch']['shapes'], arch['shapes'])}); "
+            f"resume with the student it was written for, or use a fresh checkpoint_dir"
+        )
+    if state["data_id"] != data_id:
+        raise ValueError(
+            f"checkpoint {ckpt.path} was trained on rows {state['data_id']}, these rows are {data_id}; "
+            f"resume with the same data (texts, tokenizer, seq_len) or use a fresh checkpoint_dir"
+        )
+    saved = state["config"]
+    changed = {k: (saved[k], getattr(cfg, k)) for k in _TRAJECTORY_FIELDS if saved[k] != getattr(cfg, k)}
+    if state["world_size"] != world.size:
+        changed["world_size"] = (state["world_size"], world.size)
+    if changed:
+        raise ValueError(f"checkpoint {ckpt.path} was written with other settings (saved, now): {changed}; "
+                         f"keep them to resume, or use a fresh checkpoint_dir")
+    other = [f.name for f in fields(cfg) if _jsonable(getattr(cfg, f.name)) != saved.get(f.name)]
+    if other:
+        logger.warning("resuming %s with changed settings %s", ckpt.path, other)
+
+
+def _first_differences(saved: dict, now: dict, limit: int = 3) -> str:
+    diffs = [f"{k}: missing here" for k in saved if k not in now]
+    diffs += [f"{k}: not in checkpoint" for k in now if k not in saved]
+    diffs += [f"{k}: {saved[k]} vs {now[k]}" for k in saved if k in now and saved[k] != now[k]]
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _Trainer:
+    """The loop's state: step, metric window, history; one method per thing a step does."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, rows: torch.Tensor, cfg: FinetuneConfig,
+                 world: World) -> None:
+        self.model, self.rows, self.cfg, self.world = model, rows, cfg, world
+        self.device = next(model.parameters()).device
+        self.total_steps = cfg.total_steps(world.size)
+        self.tokens_per_step = cfg.tokens_per_step(world.size)
+        self.order = RowOrder(rows.shape[0], cfg.seed)
+        self.teacher = teacher.eval() if teacher is not None and cfg.kd_weight > 0 else None
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.teacher_forward = torch.compile(self.teacher) if cfg.compile and self.teacher else self.teacher
+        self.optimizer = _make_optimizer(model, cfg, self.device)
+        self.step, self.history, self.resumed_from, self.meta = 0, [], None, {}
+        self.window = torch.zeros(3, dtype=torch.float64, device=self.device)  # summed loss, lm, kd
+        self.window_micro_steps, self.train_seconds = 0, 0.0  # train_seconds: this process's, for throughput
+
+    def train(self, ckpt_dir: Path | None, callbacks: Sequence[Callback], evaluate: Evaluate | None):
+        cfg, last_path = self.cfg, None
+        self.model.train()
+        started = window_start = time.perf_counter()
+        while self.step < self.total_steps:
+            grad_norm = self._optimizer_step()
+            self.step += 1
+            last = self.step == self.total_steps
+            if self.step % cfg.log_every == 0 or last:
+                seconds = time.perf_counter() - window_start
+                self.train_seconds += seconds
+                self._emit(callbacks, "log", self._log_metrics(grad_norm, seconds))
+                window_start = time.perf_counter()
+            paused = time.perf_counter()  # evaluation and checkpoint time is left out of the throughput
+            if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                self._emit(callbacks, "eval", self._evaluate(evaluate))
+            if ckpt_dir is not None and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last):
+                last_path = self._checkpoint(ckpt_dir)
+                self._emit(callbacks, "checkpoint", {}, str(last_path))
+            window_start += time.perf_counter() - paused
+        return self._result(time.perf_counter() - started, last_path)
+
+    def _optimizer_step(self) -> float:
+        cfg, lr = self.cfg, wsd_lr(self.step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        base = self.step * self.tokens_per_step // cfg.seq_len  # first global row position of this step
+        for k in range(cfg.grad_accum_steps):
+            start = base + (k * self.world.size + self.world.rank) * cfg.micro_batch_size
+            ids = self.rows[self.order.rows(start, cfg.micro_batch_size)].to(self.device, non_blocking=True)
+            if self.world.size > 1 and cfg.grad_accum_steps > 1:
+                self.model.set_requires_gradient_sync(k == cfg.grad_accum_steps - 1)
+            self.window += self._micro_step(ids)
+            self.window_micro_steps += 1
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _micro_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of one (B, T) micro-batch; returns (loss, lm_loss, kd_loss) detached."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            logits = self.forward(input_ids=ids, use_cache=False).logits  # (B, T, V)
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_forward(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        loss, lm, kd = distill_loss(logits, teacher_logits, ids, self.cfg.kd_weight, self.cfg.kd_temperature)
+        (loss / self.cfg.grad_accum_steps).backward()
+        return torch.stack([loss.detach(), lm, kd]).to(torch.float64)
+
+    def _log_metrics(self, grad_norm, seconds: float) -> dict[str, float]:
+        window = all_reduce_sum(self.window.clone(), self.world) / (self.window_micro_steps * self.world.size)
+        tokens = self.window_micro_steps * self.cfg.micro_batch_size * self.cfg.seq_len * self.world.size
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss, lm, kd = window.tolist()
+        metrics = {"loss": loss, "lm_loss": lm, "lr": wsd_lr(self.step - 1, self.total_steps, self.cfg),
+                   "grad_norm": float(norm), "tokens_per_s": tokens / max(seconds, 1e-9)}
+        if self.teacher is not None:
+            metrics["kd_loss"] = kd
+        self.window.zero_()
+        self.window_micro_steps = 0
+        return metrics
+
+    def _evaluate(self, evaluate: Evaluate) -> dict[str, float]:
+        self.model.eval()
+        metrics = dict(evaluate(self.model))
+        self.model.train()
+        return metrics
+
+    def _emit(self, callbacks: Sequence[Callback], kind: str, metrics: dict, path: str | None = None) -> None:
+        tokens = self.step * self.tokens_per_step
+        if metrics:
+            self.history.append({"kind": kind, "step": self.step, "tokens": tokens, **metrics})
+            if kind == "log":
+                logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", self.step, self.total_steps,
+                            metrics["loss"], metrics["lr"], metrics["tokens_per_s"])
+        if self.world.is_main:
+            event = TrainEvent(kind, self.step, self.total_steps, tokens, metrics, path)
+            for callback in callbacks:
+                callback(event)
+
+    def _checkpoint(self, ckpt_dir: Path) -> Path:
+        model_state, optim_state = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        path = ckpt_dir / f"step-{self.step:08d}"
+        if self.world.is_main:
+            trainer_state = {
+                "step": self.step, "data_position": self.step * self.tokens_per_step // self.cfg.seq_len,
+                "optimizer": optim_state, "rng": _rng_state(), "config": {k: _jsonable(v) for k, v in
+                                                                          asdict(self.cfg).items()},
+                "world_size": self.world.size, **self.meta,
+            }
+            path = save_checkpoint(ckpt_dir, self.step, Checkpoint(path, model_state, trainer_state, self.history),
+                                   self.cfg.keep_last)
+        barrier(self.world)
+        return path
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        state = ckpt.trainer_state
+        set_state_dict(self.model, self.optimizer, model_state_dict=ckpt.model_state,
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.step, self.history, self.resumed_from = state["step"], ckpt.history, state["step"]
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", ckpt.path, self.step)
+
+    def _result(self, seconds: float, last_path: Path | None) -> FinetuneResult:
+        logs = [h for h in self.history if h["kind"] == "log"]
+        trained = (self.step - (self.resumed_from or 0)) * self.tokens_per_step
+        return FinetuneResult(
+            steps=self.step, tokens=self.step * self.tokens_per_step,
+            final_loss=logs[-1]["loss"] if logs else math.nan,
+            tokens_per_s=trained / max(self.train_seconds, 1e-9), seconds=seconds,
+            resumed_from_step=self.resumed_from, last_checkpoint=str(last_path) if last_path else None,
+            history=tuple(self.history),
+        )
+
+
+def _make_optimizer(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "TrainEvent", "finetune", "pack_texts", "set_trainable"]
