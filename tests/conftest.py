@@ -1,3 +1,4 @@
+import shutil
 import socket
 import uuid
 
@@ -58,4 +59,29 @@ def s3_settings(s3_endpoint, s3_admin) -> Settings:
         s3_multipart_mb=5,
     )
     s3_admin.create_bucket(Bucket=bucket)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory):
+    """An initialised, empty MLflow sqlite database; copying it skips MLflow's migrations."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_settings(mlflow_db_template, tmp_path) -> Settings:
+    """Settings with MLflow on a fresh sqlite database and artifacts in tmp_path, configured."""
+    from infra.tracking import configure
+
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")
+    settings = Settings(
+        _env_file=None,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        artifact_root=str(tmp_path / "artifacts"),
+    )
+    configure(settings)
     return settings

@@ -1,4 +1,4 @@
-"""Artifact store: round trips, atomic writes, digest checks, key safety; S3 through moto over HTTP."""
+"""Artifact store: round trips, atomic writes, digests, key safety; S3 through moto over HTTP."""
 
 import collections
 import hashlib
@@ -193,7 +193,8 @@ def test_local_check_names_the_fix(tmp_path):
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+    response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "Op")
 
 
 @pytest.mark.parametrize(
@@ -263,7 +264,7 @@ def _temp_objects(store: S3Store) -> list:
 def test_s3_multipart_upload(s3_settings, tmp_path):
     store = open_store(s3_settings.artifact_root, s3_settings)
     counted = collections.Counter()
-    store.client.meta.events.register("before-send.s3.UploadPart", lambda **kw: counted.update("p"))
+    store.client.meta.events.register("before-send.s3.UploadPart", lambda **_: counted.update("p"))
     big = tmp_path / "big.safetensors"
     big.write_bytes(os.urandom(11 << 20))
     ref = store.put_file(big, "m/big.safetensors")

@@ -1,4 +1,4 @@
-"""Settings: defaults, MHA2MLA_ env vars and .env, validation, and nothing secret in public_dict."""
+"""Settings: defaults, MHA2MLA_ env vars and .env, validation, no secret in public_dict."""
 
 import json
 

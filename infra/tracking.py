@@ -1,0 +1,363 @@
+"""Thin MLflow wrapper: a parent run per flow, a nested run per stage, lineage lookups.
+
+    configure(settings)
+    with parent_run("smollm2-135m", params=config) as run_id:
+        with stage_run("svd-init", params=stage_config, parent_run_id=run_id):
+            log_dataset("calibration", ref.sha256, ref.uri)
+            ...
+            log_output(ckpt_ref)
+        register_checkpoint("smollm2-135m-mla", ckpt_ref.uri, stage_id)
+
+- MLflow's active run is per thread, so a stage running in a Prefect worker thread or another
+  process passes `parent_run_id` explicitly; inside the `with`, fluent `mlflow.*` calls and the
+  helpers below act on the stage run.
+- Parent runs carry tag `mha2mla.kind=flow` plus the code and library versions (`run_tags`);
+  stage runs carry `mha2mla.kind=stage` and `mha2mla.stage=NAME`.
+- A stage records its primary output with `log_output(ref)` (tags `mha2mla.output_uri` and
+  `mha2mla.output_sha256`); `lineage(uri)` finds that run, then its flow and sibling stages.
+- Params are flattened (`{"mla": {"rank": 8}}` -> `mla.rank`) and secrets are dropped: SecretStr
+  values, keys that name a secret, passwords inside URIs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import platform
+import re
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+from infra.artifacts import ArtifactRef
+from infra.settings import Settings, redact_uri, sqlite_path
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = "mha2mla.kind"  # "flow" | "stage"
+STAGE_TAG = "mha2mla.stage"
+OUTPUT_URI_TAG = "mha2mla.output_uri"
+OUTPUT_SHA256_TAG = "mha2mla.output_sha256"
+DATASET_SHA256_TAG = "mha2mla.sha256"  # MLflow keeps only 36 chars of a dataset digest
+CODE_VERSION_TAG = "mha2mla.code_version"
+LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "boto3")
+_SECRET_KEY = re.compile(r"secret|passw|token|credential|api_?key|access_key|private_key", re.I)
+_MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def configure(settings: Settings) -> str:
+    """Point MLflow at `settings.tracking_uri`, select `settings.experiment` (created with
+    `settings.experiment_artifact_location()` if new) and return its id."""
+    if settings.tracking_uri.startswith("sqlite:///"):
+        sqlite_path(settings.tracking_uri).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        location = settings.experiment_artifact_location()
+        experiment_id = client.create_experiment(settings.experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@contextmanager
+def parent_run(
+    name: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """A flow's run, tagged with code and library versions; yields its run id."""
+    all_tags = {**run_tags(), **(tags or {}), KIND_TAG: "flow"}
+    with mlflow.start_run(run_name=name, tags=all_tags) as run:
+        log_params(params or {})
+        yield run.info.run_id
+
+
+@contextmanager
+def stage_run(
+    name: str, params: Mapping[str, Any] | None = None, *, parent_run_id: str | None = None
+) -> Iterator[str]:
+    """A stage's run nested under `parent_run_id` (default: this thread's active run)."""
+    if parent_run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError(f"stage_run({name!r}) needs parent_run_id or an active parent run")
+        parent_run_id = active.info.run_id
+    tags = {KIND_TAG: "stage", STAGE_TAG: name}
+    with mlflow.start_run(
+        run_name=name, nested=True, parent_run_id=parent_run_id, tags=tags
+    ) as run:
+        log_params(params or {})
+        yield run.info.run_id
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings, pydantic models and dataclasses -> `a.b.c: str`, secrets dropped."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (SecretStr, SecretBytes)) or _SECRET_KEY.search(str(key)):
+            continue
+        if isinstance(value, BaseModel):
+            value = dict(value)  # keeps SecretStr fields as such, so they are dropped above
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = _param_value(value)
+    return flat
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, str):
+        text = redact_uri(value)
+    elif isinstance(value, (list, tuple)):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return text if len(text) <= _MAX_PARAM else text[: _MAX_PARAM - 3] + "..."
+
+
+def log_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Log flattened params (secrets dropped) to the active run; return what was logged."""
+    flat = flatten_params(params)
+    if flat:
+        mlflow.log_params(flat)
+    return flat
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log numeric metrics (nested mappings flattened with '.') to the active run."""
+    flat = {name: float(value) for name, value in _flatten_numbers(metrics, "")}
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def _flatten_numbers(metrics: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            yield from _flatten_numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
+
+
+def log_dataset(name: str, digest: str, source_uri: str, *, context: str = "training") -> None:
+    """Record a dataset input by name, sha256 and source, without loading the data.
+
+    `source_uri` may be an artifact URI (file://, s3://), an http(s) URL, or a Hub dataset id.
+    """
+    dataset = MetaDataset(source=_dataset_source(source_uri), name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context, tags={DATASET_SHA256_TAG: digest})
+
+
+def _dataset_source(source_uri: str) -> DatasetSource:
+    scheme = urlsplit(source_uri).scheme
+    if scheme in ("http", "https"):
+        return HTTPDatasetSource(source_uri)
+    if scheme in ("s3", "file"):
+        source_type = "s3" if scheme == "s3" else "local"
+        return get_dataset_source_from_json(json.dumps({"uri": source_uri}), source_type)
+    return HuggingFaceDatasetSource(path=source_uri.removeprefix("hf://datasets/"))
+
+
+def log_output(ref: ArtifactRef) -> None:
+    """Tag the active (stage) run with its primary output, for `lineage(uri)`."""
+    mlflow.set_tags({OUTPUT_URI_TAG: ref.uri, OUTPUT_SHA256_TAG: ref.sha256})
+
+
+def log_table_markdown(rows: Sequence[Mapping[str, Any]], artifact_file: str) -> str:
+    """Log `rows` as a markdown table artifact of the active run; return the markdown."""
+    columns = list(dict.fromkeys(col for row in rows for col in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(col, "")) for col in columns) + " |")
+    markdown = "\n".join(lines) + "\n"
+    mlflow.log_text(markdown, artifact_file)
+    return markdown
+
+
+def _cell(value: Any) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+@functools.cache
+def code_version() -> str:
+    """The git commit of this checkout (`-dirty` if tracked files changed), else the
+    installed mha2mla package version."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = _git(repo, "rev-parse", "HEAD")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return metadata.version("mha2mla")
+    return commit + ("-dirty" if dirty else "")
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
+    )
+    return done.stdout.strip()
+
+
+def run_tags() -> dict[str, str]:
+    """Code version plus the versions of Python and the libraries the pipeline runs on."""
+    tags = {CODE_VERSION_TAG: code_version(), "mha2mla.version.python": platform.python_version()}
+    for library in LIBRARIES:
+        try:
+            tags[f"mha2mla.version.{library}"] = metadata.version(library)
+        except metadata.PackageNotFoundError:
+            tags[f"mha2mla.version.{library}"] = "absent"
+    return tags
+
+
+def register_checkpoint(
+    name: str, artifact_uri: str, run_id: str, tags: Mapping[str, str] | None = None
+) -> int:
+    """Register `artifact_uri` as a new version of model `name` (created if new), linked to
+    `run_id`; return the version number."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, source=artifact_uri, run_id=run_id, tags=dict(tags or {})
+    )
+    log.info("registered %s as model %s version %s", artifact_uri, name, version.version)
+    return int(version.version)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRecord:
+    name: str
+    sha256: str  # full digest when logged by log_dataset, else MLflow's digest
+    source: str  # the source's JSON, e.g. {"uri": "s3://..."}
+    context: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One MLflow run as the CLI shows it; `tags` holds ours (mha2mla.*), not mlflow.* ones."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: datetime
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    datasets: tuple[DatasetRecord, ...]
+    parent_run_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowRun:
+    run: RunRecord
+    stages: tuple[RunRecord, ...]  # by start time
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """What made the artifact at `uri`: the stage run that wrote it, its flow, every stage's
+    params and datasets, and the registered model versions pointing at it."""
+
+    uri: str
+    sha256: str
+    producer: RunRecord
+    flow: FlowRun | None
+    model_versions: tuple[str, ...]  # "name/version"
+
+
+def lineage(uri: str) -> Lineage:
+    """The lineage of an artifact URI recorded with `log_output`; LookupError if none."""
+    client = MlflowClient()
+    runs = _search(client, f"tags.`{OUTPUT_URI_TAG}` = '{_quoted(uri)}'", max_results=1)
+    if not runs:
+        raise LookupError(f"no run logged output {uri}; is MHA2MLA_TRACKING_URI the right store?")
+    producer = _record(runs[0])
+    flow = _flow(client, producer.parent_run_id) if producer.parent_run_id else None
+    versions = client.search_model_versions(f"source_path = '{_quoted(uri)}'")
+    return Lineage(
+        uri=uri,
+        sha256=producer.tags.get(OUTPUT_SHA256_TAG, ""),
+        producer=producer,
+        flow=flow,
+        model_versions=tuple(f"{v.name}/{v.version}" for v in versions),
+    )
+
+
+def recent_runs(limit: int = 20) -> list[FlowRun]:
+    """The latest flow runs, newest first, each with its stage runs."""
+    client = MlflowClient()
+    flows = _search(client, f"tags.`{KIND_TAG}` = 'flow'", max_results=limit)
+    return [_flow(client, run.info.run_id) for run in flows]
+
+
+def _flow(client: MlflowClient, run_id: str) -> FlowRun:
+    stages = _search(client, f"tags.`mlflow.parentRunId` = '{_quoted(run_id)}'")
+    ordered = sorted((_record(run) for run in stages), key=lambda record: record.start_time)
+    return FlowRun(run=_record(client.get_run(run_id)), stages=tuple(ordered))
+
+
+def _search(client: MlflowClient, filter_string: str, max_results: int = 1000) -> list[Run]:
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(
+        experiment_ids,
+        filter_string=filter_string,
+        max_results=max_results,
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def _quoted(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"{value!r} holds a quote or backslash; no run can match it")
+    return value
+
+
+def _record(run: Run) -> RunRecord:
+    tags = run.data.tags
+    return RunRecord(
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        status=run.info.status,
+        start_time=datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        tags={key: value for key, value in tags.items() if not key.startswith("mlflow.")},
+        datasets=tuple(_dataset_record(inp) for inp in run.inputs.dataset_inputs),
+        parent_run_id=tags.get("mlflow.parentRunId"),
+    )
+
+
+def _dataset_record(dataset_input: Any) -> DatasetRecord:
+    tags = {tag.key: tag.value for tag in dataset_input.tags}
+    dataset = dataset_input.dataset
+    return DatasetRecord(
+        name=dataset.name,
+        sha256=tags.get(DATASET_SHA256_TAG, dataset.digest),
+        source=dataset.source,
+        context=tags.get("mlflow.data.context", ""),
+    )

@@ -1,0 +1,149 @@
+"""MLflow wrapper on sqlite in a temp dir: nested runs, params without secrets, datasets,
+registry versions and lineage lookups."""
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from pydantic import SecretStr
+
+from infra.artifacts import LocalStore
+from infra.settings import Settings
+from infra.tracking import (
+    LIBRARIES,
+    flatten_params,
+    lineage,
+    log_dataset,
+    log_metrics,
+    log_output,
+    log_table_markdown,
+    parent_run,
+    recent_runs,
+    register_checkpoint,
+    run_tags,
+    stage_run,
+)
+
+pytestmark = pytest.mark.services
+
+SECRET = "wJalrXUtnFEMI-not-a-real-key"
+
+
+@dataclasses.dataclass(frozen=True)
+class _MLAConfig:
+    kv_lora_rank: int = 8
+    rope_dims: tuple = (0, 1)
+
+
+@pytest.fixture
+def settings(tracking_settings):
+    return tracking_settings.model_copy(update={"aws_secret_access_key": SecretStr(SECRET)})
+
+
+def test_flatten_params_drops_secrets():
+    settings = Settings(
+        _env_file=None, aws_secret_access_key=SECRET, tracking_uri="postgresql://u:hunter2@db/m"
+    )
+    flat = flatten_params(
+        {"mla": _MLAConfig(), "settings": settings, "hf_token": "hf_abc", "note": "x" * 7000}
+    )
+    assert flat["mla.kv_lora_rank"] == "8" and flat["mla.rope_dims"] == "[0, 1]"
+    assert flat["settings.tracking_uri"] == "postgresql://u:***@db/m"
+    assert not any(SECRET in v or "hunter2" in v for v in flat.values())
+    assert "hf_token" not in flat and "settings.aws_secret_access_key" not in flat
+    assert len(flat["note"]) == 6000
+
+
+def test_nested_runs_params_tags(settings):
+    with parent_run("tiny-llama", params={"model": "tiny", "settings": settings}) as flow_id:
+        with stage_run("svd-init", {"mla": _MLAConfig()}, parent_run_id=flow_id) as stage_id:
+            log_metrics({"eval": {"ppl": 12.5, "tokens": 100}, "label": "not a number"})
+    client = MlflowClient()
+    flow, stage = client.get_run(flow_id), client.get_run(stage_id)
+    assert stage.data.tags["mlflow.parentRunId"] == flow_id
+    assert stage.data.params == {"mla.kv_lora_rank": "8", "mla.rope_dims": "[0, 1]"}
+    assert stage.data.metrics == {"eval.ppl": 12.5, "eval.tokens": 100.0}
+    assert flow.data.params["settings.artifact_root"] == settings.artifact_root
+    everything = str(flow.data.params) + str(flow.data.tags)
+    assert SECRET not in everything and "aws_secret_access_key" not in everything
+    assert flow.data.tags["mha2mla.code_version"] == run_tags()["mha2mla.code_version"]
+    assert all(f"mha2mla.version.{lib}" in flow.data.tags for lib in LIBRARIES)
+
+
+def test_stage_run_from_a_worker_thread(settings):
+    with parent_run("threads") as flow_id:
+        with ThreadPoolExecutor(2) as pool:
+
+            def stage(name):
+                with stage_run(name, parent_run_id=flow_id) as stage_id:
+                    mlflow.log_metric("x", 1.0)
+                    return stage_id
+
+            stage_ids = list(pool.map(stage, ["a", "b"]))
+    client = MlflowClient()
+    assert {client.get_run(i).data.tags["mlflow.parentRunId"] for i in stage_ids} == {flow_id}
+
+
+def test_stage_run_needs_a_parent(settings):
+    with pytest.raises(RuntimeError, match="parent_run_id"):
+        with stage_run("orphan"):
+            pass
+
+
+def test_lineage_of_a_registered_checkpoint(settings, tmp_path):
+    store = LocalStore(settings.artifact_root)
+    calib = store.put_bytes(b"calibration tokens", "tiny/calibration.bin")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    ckpt = store.put_dir(tmp_path / "ckpt", "tiny/mla")
+
+    model_tags = {"mha2mla.model_sha256": "ab"}
+    with parent_run("lineage", params={"model": "tiny"}, tags=model_tags) as flow_id:
+        with stage_run("sample-calibration", {"n": 4}, parent_run_id=flow_id):
+            log_dataset("wikitext-sample", calib.sha256, calib.uri)
+            log_output(calib)
+        with stage_run("svd-init", {"rank": 8}, parent_run_id=flow_id) as svd_id:
+            log_dataset("calibration", calib.sha256, calib.uri, context="calibration")
+            log_dataset("smollm-corpus", "c" * 64, "HuggingFaceTB/smollm-corpus")
+            log_output(ckpt)
+    assert register_checkpoint("tiny-mla", ckpt.uri, svd_id, {"sha256": ckpt.sha256}) == 1
+    assert register_checkpoint("tiny-mla", ckpt.uri, svd_id) == 2
+
+    found = lineage(ckpt.uri)
+    assert found.producer.run_id == svd_id and found.sha256 == ckpt.sha256
+    assert found.producer.params == {"rank": "8"}
+    assert {(d.name, d.sha256, d.context) for d in found.producer.datasets} == {
+        ("calibration", calib.sha256, "calibration"),
+        ("smollm-corpus", "c" * 64, "training"),
+    }
+    assert calib.uri in found.producer.datasets[0].source + found.producer.datasets[1].source
+    assert found.flow.run.run_id == flow_id
+    assert found.flow.run.tags["mha2mla.model_sha256"] == "ab"
+    assert [s.name for s in found.flow.stages] == ["sample-calibration", "svd-init"]
+    assert sorted(found.model_versions) == ["tiny-mla/1", "tiny-mla/2"]
+    with pytest.raises(LookupError, match="no run logged output"):
+        lineage(store.uri("tiny/never-written"))
+
+
+def test_recent_runs_lists_flows_with_stages(settings):
+    with parent_run("older"):
+        pass
+    with parent_run("newest") as flow_id:
+        with stage_run("score-rope", parent_run_id=flow_id):
+            pass
+    runs = recent_runs(limit=5)
+    assert [r.run.name for r in runs] == ["newest", "older"] and runs[0].run.run_id == flow_id
+    assert [(s.name, s.status) for s in runs[0].stages] == [("score-rope", "FINISHED")]
+
+
+def test_markdown_table_artifact(settings):
+    rows = [{"model": "tiny", "ppl": 12.3456789}, {"model": "a|b", "status": "failed"}]
+    with parent_run("catalog") as flow_id:
+        markdown = log_table_markdown(rows, "summary.md")
+    assert markdown.splitlines()[0] == "| model | ppl | status |"
+    assert "| a\\|b |  | failed |" in markdown and "12.35" in markdown
+    artifact_uri = MlflowClient().get_run(flow_id).info.artifact_uri
+    assert artifact_uri.startswith(settings.experiment_artifact_location())
+    assert mlflow.artifacts.load_text(f"{artifact_uri}/summary.md") == markdown
