@@ -1,8 +1,11 @@
 """Settings: defaults, MHA2MLA_ env vars and .env, validation, no secret in public_dict."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from infra.settings import Settings, redact_uri
@@ -64,3 +67,11 @@ def test_bad_values_are_refused_with_the_fix(field, value):
 def test_redact_uri_leaves_plain_uris_alone():
     assert redact_uri("sqlite:///./x.db") == "sqlite:///./x.db"
     assert redact_uri("http://user@host:5000") == "http://user@host:5000"
+
+
+def test_compose_file_speaks_the_settings_names():
+    compose = Path(__file__).parents[1] / "infra" / "docker-compose.yml"
+    spec = yaml.safe_load(compose.read_text())
+    assert {"postgres", "prefect-server", "mlflow", "minio", "createbuckets"} <= set(spec["services"])
+    names = set(re.findall(r"MHA2MLA_(\w+)", compose.read_text()))
+    assert names and all(name.lower() in Settings.model_fields for name in names)
