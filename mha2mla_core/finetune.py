@@ -36,6 +36,7 @@ from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEv
 from mha2mla_core.training.distributed import World, all_reduce_sum, barrier, current_world, shard_model
 from mha2mla_core.training.losses import distill_loss
 from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
+from mha2mla_core.training.params import check_not_shared, set_trainable, trainable_names
 from mha2mla_core.training.schedule import wsd_lr
 
 logger = logging.getLogger(__name__)
@@ -80,24 +81,6 @@ def finetune(
     return trainer.train(ckpt_dir, callbacks, evaluate)
 
 
-def set_trainable(model: nn.Module, trainable: str) -> int:
-    """Freeze all but the chosen parameters; returns how many elements train."""
-    def wanted(name: str) -> bool:
-        if trainable == "all":
-            return True
-        if "self_attn." in name:
-            return True
-        return trainable == "attention+norms" and "norm" in name.rsplit(".", 2)[-2]
-
-    n = 0
-    for name, param in model.named_parameters():
-        param.requires_grad_(wanted(name))
-        n += param.numel() if param.requires_grad else 0
-    if n == 0:
-        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(model).__name__}")
-    return n
-
-
 def architecture_of(model: nn.Module) -> dict:
     """model_type and every state-dict tensor's shape: what a checkpoint must match to be resumed into it."""
     config = getattr(model, "config", None)
@@ -120,6 +103,7 @@ def _check_inputs(student: nn.Module, teacher: nn.Module | None, rows: torch.Ten
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         if t_vocab != vocab:
             raise ValueError(f"teacher vocab {t_vocab} != student vocab {vocab}: distillation needs the same tokenizer")
+        check_not_shared(student, teacher, trainable_names(student, cfg.trainable))
 
 
 def _check_resumable(ckpt: Checkpoint, arch: dict, data_id: str, cfg: FinetuneConfig, world: World) -> None:
