@@ -1,9 +1,9 @@
 """Thin MLflow wrapper: a parent run per flow, a nested run per stage, lineage lookups.
 
     configure(settings)
-    with parent_run("smollm2-135m", params=config) as run_id:
-        with stage_run("svd-init", params=stage_config, parent_run_id=run_id):
-            log_dataset("calibration", ref.sha256, ref.uri)
+    with parent_run("smollm2-135m", params=config) as flow_id:
+        with stage_run("svd-init", stage_config, parent_run_id=flow_id) as stage_id:
+            log_dataset("calibration", calib_ref.sha256, calib_ref.uri)
             ...
             log_output(ckpt_ref)
         register_checkpoint("smollm2-135m-mla", ckpt_ref.uri, stage_id)
