@@ -23,6 +23,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from mha2mla_core.kernels import latent_decode_attention
+
 MLA_MODEL_TYPE = "mla_llama"
 
 
@@ -234,7 +236,13 @@ class MLAAttention(nn.Module):
         w_uk, w_uv, b_v = self.up_weights()
         b, g, r, s, _ = q_pe.shape
         q_lat = torch.einsum("bgrsd,gdc->bgrsc", q_nope, w_uk.to(q_nope.dtype))  # (B, Hkv, n_rep, S, Rc)
-        o_lat = self.latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)
+        if s == 1 and q_lat.is_cuda and attention_mask is None:
+            o_lat = latent_decode_attention(  # fused Triton decode kernel
+                q_lat.reshape(b, self.num_heads, self.latent_dim), q_pe.reshape(b, self.num_heads, self.rope_dim),
+                c_kv, k_pe, self.scaling,
+            ).view(b, g, r, 1, self.latent_dim)  # fmt: skip
+        else:
+            o_lat = self.latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)
         out = torch.einsum("bgrsc,gdc->bgrsd", o_lat, w_uv.to(o_lat.dtype))  # (B, Hkv, n_rep, S, D)
         if b_v is not None:
             out = out + b_v[None, :, None, None, :].to(out.dtype)
