@@ -1,0 +1,26 @@
+"""Where the evaluation data lives by default, and how text files are read.
+
+The defaults point at the project's shared data checkout (`<repo>/../shared/data`, see its README). An installed
+package has no such directory: pass explicit paths (the error messages say which option).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+WIKITEXT2_TEST = SHARED_DATA_DIR / "text_eval" / "wikitext-2-raw" / "wiki.test.raw"
+MC_DATA_DIR = SHARED_DATA_DIR / "mc"
+GUTENBERG_DIR = SHARED_DATA_DIR / "text_calib" / "gutenberg"
+
+
+def read_text(path: str | Path, what: str, fix: str) -> str:
+    """The file's text exactly as stored: no newline translation (CRLF stays CRLF), UTF-8.
+
+    `what` names the file's role and `fix` the option that points elsewhere, for the error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist; {fix}")
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
