@@ -1,0 +1,125 @@
+"""The `convert` flow: one model, one MLA config, stage by stage, each stage cached on its inputs' digests.
+
+    sample-calibration -> score-rope (2-norm only) -> svd-init -> evaluate[original], evaluate[mla]
+
+One MLflow parent run per flow run (params = the resolved config, tags = model source and digest, code and
+library versions; artifacts = `config.json` and the evaluation table) and one nested run per stage, also for
+a stage served from the cache (tagged `mha2mla.cache=hit`). The checkpoint is registered in the MLflow model
+registry (once per artifact URI). `config.json` holds the flow's parameters, so `mha2mla resume RUN` reruns
+exactly this call; completed stages are cache hits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.context import FlowRunContext
+from pydantic import BaseModel, ConfigDict
+
+from infra.artifacts import ArtifactRef
+from infra.tracking import log_table_markdown, parent_run, stage_run
+from mha2mla_core import MLAConfig
+from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
+from tasks.evaluate import EvalParams, comparison_rows, evaluate
+from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
+from tasks.sample_calibration import CalibrationParams, sample_calibration
+from tasks.score_rope import score_rope
+from tasks.svd_init import svd_init
+
+logger = logging.getLogger(__name__)
+progress = logging.getLogger("mha2mla.progress")  # the CLI turns these records into a progress display
+
+CONFIG_FILE = "config.json"
+FLOW_TAG = "mha2mla.flow"
+
+
+class ConvertParams(BaseModel):
+    """Everything one conversion depends on; each knob has this one source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str  # hub id, local HF directory, .gguf file, or `smollm2-135m`
+    mla: MLAConfig = MLAConfig()
+    calibration: CalibrationParams = CalibrationParams()
+    evaluation: EvalParams = EvalParams()
+    name: str | None = None  # MLflow run name and registry model name; None = "<model>-mla"
+
+
+class ConvertOutcome(BaseModel):
+    run_id: str  # MLflow parent run
+    checkpoint: ArtifactRef
+    model_version: str  # "registry name/version"
+    rows: list[dict]  # evaluation table
+    cache: dict[str, str]  # stage run name -> "hit" | "miss"
+
+
+class StageRunner:
+    """Runs stage tasks under one parent MLflow run; a cache hit gets its own nested run too."""
+
+    def __init__(self, parent_run_id: str):
+        self.parent_run_id, self.cache = parent_run_id, {}
+
+    def __call__(self, stage, *args, label: str = "", **kwargs) -> StageResult:
+        link = RunLink(parent_run_id=self.parent_run_id, label=label)
+        name = link.run_name(stage.name)
+        progress.info("%s started", name, extra={"stage": name, "event": "start"})
+        state = stage(*args, run=link, return_state=True, **kwargs)
+        if state.is_failed() or state.is_crashed():
+            progress.info("%s failed", name, extra={"stage": name, "event": "failed"})
+        result: StageResult = state.result()  # raises the stage's error
+        self.cache[name] = "hit" if state.name == "Cached" else "miss"
+        if self.cache[name] == "hit":
+            with stage_run(name, result.params, parent_run_id=self.parent_run_id):
+                log_stage(result, cached=True)
+        progress.info("%s %s", name, self.cache[name], extra={"stage": name, "event": self.cache[name]})
+        return result
+
+
+def registry_name(params: ConvertParams, slug: str) -> str:
+    return params.name or f"{slug.replace('/', '--')}-mla"
+
+
+def register_once(name: str, ref: ArtifactRef, run_id: str) -> str:
+    """Register `ref.uri` as a version of `name` unless one already points at it; "name/version"."""
+    from infra.tracking import register_checkpoint
+
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.source == ref.uri:
+            return f"{name}/{version.version}"
+    version = register_checkpoint(name, ref.uri, run_id, tags={"sha256": ref.sha256})
+    return f"{name}/{version}"
+
+
+@flow(name="convert", persist_result=False)
+def convert(params: ConvertParams, catalog_run_id: str | None = None) -> ConvertOutcome:
+    """Convert `params.model` to MLA, evaluate it against the original, register the checkpoint."""
+    context()  # the artifact store and tracking server are reachable
+    ensure_result_storage()
+    model = resolve_model(params.model)
+    calib_data = resolve_data(params.calibration.data, DEFAULT_CALIBRATION)
+    eval_text = resolve_data(params.evaluation.text, DEFAULT_EVAL_TEXT)
+    flow_run = FlowRunContext.get().flow_run
+    tags = {FLOW_TAG: "convert", "mha2mla.model_source": model.name, "mha2mla.model_digest": model.digest,
+            "mha2mla.prefect_flow_run": str(flow_run.id)}  # fmt: skip
+    if catalog_run_id:
+        tags["mha2mla.catalog_run"] = catalog_run_id
+    name = registry_name(params, model.slug)
+    with parent_run(name, params=params.model_dump(mode="json"), tags=tags) as run_id:
+        sources = {"model": model.model_dump(), "calibration": calib_data.model_dump(), "eval_text": eval_text.model_dump()}
+        mlflow.log_dict({"flow": "convert", "params": params.model_dump(mode="json"), "sources": sources}, CONFIG_FILE)
+        stage = StageRunner(run_id)
+        seq_len = params.mla.calib_seq_len
+        calib = stage(sample_calibration, model, calib_data, params.calibration, seq_len)
+        scores = stage(score_rope, model, calib, seq_len) if params.mla.rope_strategy == "2-norm" else None
+        mla = stage(svd_init, model, calib, scores, params.mla)
+        before = stage(evaluate, model, model.slug, eval_text, params.evaluation, label="original")
+        after = stage(evaluate, mla, model.slug, eval_text, params.evaluation, label="mla")
+        rows = comparison_rows(before, {"mla": after})
+        log_table_markdown(rows, "eval_table.md")
+        mlflow.log_dict(rows, "eval_table.json")
+        version = register_once(name, mla.output, run_id)
+    return ConvertOutcome(run_id=run_id, checkpoint=mla.output, model_version=version, rows=rows, cache=stage.cache)

@@ -1,0 +1,333 @@
+"""What every stage task shares: the typed result, the content-hash cache policy, retries, result storage.
+
+A stage task loads its inputs by URI, calls one core function, writes its outputs to the artifact store and
+returns a `StageResult` (URIs, sha256 digests, metrics): never a model or a tensor.
+
+Cache key of a stage call = sha256 of
+- its inputs' digests: a `StageResult` counts as its output's sha256, a `ModelSource` / `DataSource` as its
+  content digest, a config as its canonical JSON; the `RunLink` (where to log) does not count;
+- the stage's code: the task module and the core modules it calls (their source bytes), plus the torch and
+  transformers versions.
+
+A cached result is reused only if every artifact it names still hashes to its recorded digest. A record whose
+artifacts are missing or changed is skipped: the key is re-derived from it, so the stage runs again and its
+new record lives beside the stale one (a later run finds the stale record, re-derives, and hits the new one).
+
+Result records are JSON (Prefect's JSON serializer, never pickle), kept in the artifact store itself under
+`prefect-results/`, so every process and every worker that shares the store shares the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import anyio.to_thread
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.filesystems import WritableFileSystem
+from prefect.tasks import exponential_backoff
+from prefect.transactions import get_transaction
+from pydantic import BaseModel, ConfigDict
+
+from infra import tracking
+from infra.artifacts import ArtifactRef, ArtifactStore, is_transient, open_store, safe_key
+from infra.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RESULTS_PREFIX = "prefect-results"
+STAGES_PREFIX = "stages"
+CACHE_TAG = "mha2mla.cache"  # "hit" | "miss" on every stage run
+_REKEY_LIMIT = 8  # stale records skipped per key before the stage gives up caching
+_KEYED_LIBRARIES = ("torch", "transformers")
+
+
+class DatasetInput(BaseModel):
+    """A dataset a stage read, as MLflow's `log_input` records it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    digest: str  # sha256 of the content the stage used
+    source: str  # where it came from: package file, local path, s3:// URI or hub id
+    context: str = "training"
+
+
+class StageResult(BaseModel):
+    """What a stage returns through Prefect: small, frozen, JSON."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    output: ArtifactRef  # the primary artifact (safetensors, a model directory, or JSON)
+    files: dict[str, ArtifactRef] = {}  # side artifacts (plots, tables), logged to MLflow by name
+    metrics: dict[str, float] = {}
+    params: dict[str, Any] = {}  # the stage's resolved config
+    datasets: tuple[DatasetInput, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        return self.output.uri
+
+    @property
+    def sha256(self) -> str:
+        return self.output.sha256
+
+    def cache_token(self) -> str:
+        return self.output.sha256
+
+    def refs(self) -> list[ArtifactRef]:
+        return [self.output, *self.files.values()]
+
+
+class RunLink(BaseModel):
+    """Where a stage logs (its MLflow parent run) and under which label; not part of any cache key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    parent_run_id: str
+    label: str = ""  # e.g. "original" / "mla" for the two evaluate calls
+
+    def run_name(self, stage: str) -> str:
+        return f"{stage}[{self.label}]" if self.label else stage
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """The process's deployment settings and the artifact store they point at."""
+
+    settings: Settings
+    store: ArtifactStore
+
+
+@functools.cache
+def context() -> StageContext:
+    """Built once per process from `MHA2MLA_*` (tests call `context.cache_clear()` after changing them).
+
+    Fails here, before any heavy work, when the store is unreachable or its bucket is missing.
+    """
+    settings = Settings()
+    store = open_store(settings.artifact_root, settings)
+    tracking.configure(settings)
+    return StageContext(settings=settings, store=store)
+
+
+# ----------------------------------------------------------------------------------------------- cache key
+
+
+def cache_payload(value: Any) -> Any:
+    """The part of a task input that its cache key hashes (see the module docstring)."""
+    if isinstance(value, RunLink):
+        return None
+    if hasattr(value, "cache_token"):
+        return value.cache_token()
+    if isinstance(value, BaseModel):
+        return {k: cache_payload(v) for k, v in value.model_dump(mode="json").items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return cache_payload(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): cache_payload(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [cache_payload(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"task input of type {type(value).__name__} cannot be part of a cache key; pass a config")
+
+
+@functools.cache
+def code_digest(modules: tuple[str, ...]) -> str:
+    """sha256 of the source of `modules` and the versions of the numeric libraries they run on."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"cache key: module {name} not found")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    for library in _KEYED_LIBRARIES:
+        digest.update(f"{library}={metadata.version(library)}".encode())
+    return digest.hexdigest()
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def artifacts_intact(result: Any, store: ArtifactStore) -> bool:
+    """True if `result` is a StageResult whose every artifact is in `store` with its recorded digest."""
+    if not isinstance(result, StageResult):
+        return False
+    try:
+        return all(store.verify(ref) for ref in result.refs())
+    except (ValueError, OSError) as exc:  # an URI of another store, an unreadable object
+        logger.info("cached %s result unusable: %s", result.stage, exc)
+        return False
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Key = hash(input digests, stage config, stage code); a hit must pass `artifacts_intact`."""
+
+    code: tuple[str, ...] = ()  # core modules the stage calls
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        fn = task_ctx.task.fn
+        code = code_digest((fn.__module__, *self.code))
+        key = _sha256_json({"stage": task_ctx.task.name, "code": code, "inputs": cache_payload(inputs)})
+        store = context().store
+        for _ in range(_REKEY_LIMIT):
+            if not task_ctx.result_store.exists(key):
+                return key
+            record = task_ctx.result_store.read(key)
+            if artifacts_intact(record.result, store):
+                return key
+            logger.warning("%s: cached result %s has missing or changed artifacts; running again", fn.__name__, key)
+            key = _sha256_json({"stale": key})
+        raise RuntimeError(f"{task_ctx.task.name}: {_REKEY_LIMIT} stale cache records in a row; clear {RESULTS_PREFIX}/")
+
+
+# ------------------------------------------------------------------------------------------ result storage
+
+
+class ArtifactResultStorage(WritableFileSystem):
+    """Prefect result records in the artifact store (`prefect-results/KEY`), written atomically.
+
+    The block holds no configuration (the store comes from the process's settings); Prefect needs it saved
+    on the API before a task can name it, which `ensure_result_storage` does at the start of every flow.
+    """
+
+    _block_type_name = "mha2mla artifact result storage"
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        store = context().store
+        return store.get_bytes(store.uri(safe_key(RESULTS_PREFIX, path)))
+
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        context().store.put_bytes(content, safe_key(RESULTS_PREFIX, path))
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        return await anyio.to_thread.run_sync(self.read_path, path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return await anyio.to_thread.run_sync(self.write_path, path, content)
+
+
+RESULT_STORAGE_NAME = "default"
+RESULT_STORAGE = f"mha2mla-artifact-result-storage/{RESULT_STORAGE_NAME}"
+
+
+def ensure_result_storage() -> None:
+    """Save the (configuration-free) result storage block on the Prefect API, once per process."""
+    if not _saved_result_storage():
+        ArtifactResultStorage().save(RESULT_STORAGE_NAME, overwrite=True)
+        _saved_result_storage.cache_clear()
+
+
+@functools.cache
+def _saved_result_storage() -> bool:
+    try:
+        ArtifactResultStorage.load(RESULT_STORAGE_NAME)
+    except ValueError:  # no such block document on this API yet
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ retries
+
+
+def retry_transient(task_, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry S3 5xx / throttling / dropped connections, never bad input."""
+    exc = state.result(raise_on_failure=False)
+    transient = isinstance(exc, BaseException) and is_transient(exc)
+    logger.info("%s failed with %s: %s", task_run.name, type(exc).__name__, "retrying" if transient else "not retried")
+    return transient
+
+
+RETRIES = 3
+RETRY_DELAYS = exponential_backoff(backoff_factor=1)  # 1, 2, 4 s (+ jitter)
+
+
+def stage_task(name: str, code: tuple[str, ...]) -> Callable:
+    """The decorator of every stage: content-hash caching, JSON results in the store, transient retries."""
+    return task(
+        name=name,
+        cache_policy=StageCachePolicy(code=code),
+        persist_result=True,
+        result_storage=RESULT_STORAGE,
+        result_serializer="json",
+        retries=RETRIES,
+        retry_delay_seconds=RETRY_DELAYS,
+        retry_jitter_factor=0.2,
+        retry_condition_fn=retry_transient,
+    )
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+StageKind = Literal["sample-calibration", "score-rope", "svd-init", "finetune", "quantize-kv", "evaluate"]
+
+
+def artifact_key(slug: str, stage: str, name: str) -> str:
+    """`stages/SLUG/STAGE/KEY16/NAME`: one folder per cache key, so a rerun of the same call rewrites it."""
+    txn = get_transaction()
+    run_key = txn.key[:16] if txn is not None and txn.key else "uncached"
+    return safe_key(STAGES_PREFIX, slug, stage, run_key, name)
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="mha2mla-") as tmp:
+        yield Path(tmp)
+
+
+def log_stage(result: StageResult, *, cached: bool) -> None:
+    """Log a result to the active (stage) MLflow run: metrics, output tags, side artifacts, datasets."""
+    import mlflow
+
+    tracking.log_metrics(result.metrics)
+    tracking.log_output(result.output)
+    mlflow.set_tag(CACHE_TAG, "hit" if cached else "miss")
+    for dataset in result.datasets:
+        tracking.log_dataset(dataset.name, dataset.digest, dataset.source, context=dataset.context)
+    store = context().store
+    with scratch_dir() as tmp:
+        for name, ref in result.files.items():
+            mlflow.log_artifact(str(store.get_file(ref.uri, tmp / name, sha256=ref.sha256)))
+
+
+def finish_stage(
+    stage: str, output: ArtifactRef, *, params: BaseModel | Mapping | None = None, **fields: Any
+) -> StageResult:
+    """Build the stage's result and log it to the active stage run (a cache miss)."""
+    if isinstance(params, BaseModel):
+        params = params.model_dump(mode="json")
+    result = StageResult(stage=stage, output=output, params=dict(params or {}), **fields)
+    log_stage(result, cached=False)
+    return result
+
+
+def params_of(*configs: Any) -> dict[str, Any]:
+    """Flat JSON-able params from pydantic models, dataclasses and mappings (later ones win)."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        if isinstance(config, BaseModel):
+            config = config.model_dump(mode="json")
+        elif is_dataclass(config) and not isinstance(config, type):
+            config = asdict(config)
+        merged.update(config or {})
+    return merged
+
+
+def refs_of(results: Iterable[StageResult]) -> list[ArtifactRef]:
+    return [ref for result in results for ref in result.refs()]

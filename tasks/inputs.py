@@ -1,0 +1,258 @@
+"""Inputs of the stages: model and data sources resolved to content digests, and artifact reads/writes.
+
+Resolution (`resolve_model`, `resolve_data`) runs in the flow before any stage, so an unknown model or a
+missing file fails in seconds with the fix. A source's digest is its content's (a file's sha256, a directory's
+manifest hash); a hub model or dataset counts as its commit sha; an s3:// object as its ETag.
+
+Models are read once per process: `load_source` / `load_checkpoint` keep the last few in memory keyed by
+their digest (a model is immutable once loaded: stages never train a source in place), so the flow's stages
+do not reload the same 135M-parameter model three times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from infra.artifacts import ArtifactRef, s3_client, safe_key, sha256_file
+from tasks.common import StageResult, context, scratch_dir
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+DEFAULT_CALIBRATION = PACKAGE_PREFIX + "calibration_books.txt"
+DEFAULT_EVAL_TEXT = PACKAGE_PREFIX + "heldout_books.txt"
+_MEMO_MODELS = 3
+
+
+class ModelSource(BaseModel):
+    """A source model by name (hub id, local dir, .gguf, packaged shorthand) and content digest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    digest: str
+
+    def cache_token(self) -> str:
+        return self.digest
+
+    @property
+    def slug(self) -> str:
+        return model_slug(self.name)
+
+
+class DataSource(BaseModel):
+    """A text source (package file, local path, s3:// URI, hub dataset id) and its digest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    digest: str
+
+    def cache_token(self) -> str:
+        return self.digest
+
+
+def model_slug(name: str) -> str:
+    """A store-safe folder name for a model: its id, or a local path's last part; odd characters -> '-'."""
+    path = Path(name)
+    base = path.stem if path.suffix == ".gguf" else (path.name if path.is_absolute() or name.startswith(".") else name)
+    cleaned = "/".join(
+        "".join(c if c.isascii() and (c.isalnum() or c in "._=+-") else "-" for c in part).lstrip(".-") or "model"
+        for part in base.split("/")
+    )
+    return safe_key(cleaned)
+
+
+# ------------------------------------------------------------------------------------------- resolution
+
+
+def dir_digest(path: Path) -> str:
+    """sha256 of a directory's sorted (relative path, file sha256) list."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    listing = [(p.relative_to(path).as_posix(), sha256_file(p)[0]) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def resolve_model(name: str) -> ModelSource:
+    """The model's digest, or a clear error naming what `name` was tried as."""
+    from mha2mla_core.loading import PACKAGED_MODELS, packaged_model_file
+
+    path = Path(name).expanduser()
+    if name in PACKAGED_MODELS:
+        return ModelSource(name=name, digest=sha256_file(packaged_model_file(name))[0])
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name=str(path.resolve()), digest=sha256_file(path)[0])
+    if path.is_dir():
+        return ModelSource(name=str(path.resolve()), digest=dir_digest(path))
+    if path.is_absolute() or name.startswith((".", "~")) or path.suffix == ".gguf":
+        raise FileNotFoundError(f"model {name!r}: no such file or directory (give a model directory or .gguf file)")
+    return ModelSource(name=name, digest="hf:" + _hub_sha(name, "model", f"known packaged models: {sorted(PACKAGED_MODELS)}"))
+
+
+def _hub_sha(repo_id: str, repo_type: str, hint: str) -> str:
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
+    except Exception as exc:  # offline, unknown id, gated: all mean "cannot use it"
+        raise ValueError(
+            f"unknown {repo_type} {repo_id!r}: not a local path and not reachable on the Hugging Face hub "
+            f"({type(exc).__name__}); give a local path or a reachable hub id; {hint}"
+        ) from exc
+    return info.sha
+
+
+def resolve_data(spec: str | None, default: str) -> DataSource:
+    """`spec` (None = the packaged `default`) with its digest; missing files and buckets fail here."""
+    spec = spec or default
+    if spec.startswith(PACKAGE_PREFIX):
+        return DataSource(source=spec, digest=hashlib.sha256(_package_file(spec).read_bytes()).hexdigest())
+    if spec.startswith("s3://"):
+        bucket, key = _s3_parts(spec)
+        head = s3_client(context().settings).head_object(Bucket=bucket, Key=key)
+        return DataSource(source=spec, digest=f"s3-etag:{head['ETag'].strip(chr(34))}:{head['ContentLength']}")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return DataSource(source=str(path.resolve()), digest=sha256_file(path)[0])
+    if path.is_dir():
+        return DataSource(source=str(path.resolve()), digest=dir_digest(path))
+    if path.is_absolute() or spec.startswith((".", "~")) or path.suffix:
+        raise FileNotFoundError(f"data {spec!r}: no such file or directory")
+    return DataSource(source=spec, digest="hf:" + _hub_sha(spec, "dataset", "or a local txt/jsonl/parquet file"))
+
+
+def _package_file(spec: str) -> Path:
+    return Path(str(resources.files("mha2mla_core").joinpath("data", spec.removeprefix(PACKAGE_PREFIX))))
+
+
+def _s3_parts(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    if not parts.netloc or not parts.path.strip("/"):
+        raise ValueError(f"{uri!r}: use s3://BUCKET/KEY")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def local_copy(data: DataSource, tmp: Path) -> Path:
+    """A local path holding `data`: the path itself, the package file, or the s3 object downloaded."""
+    if data.source.startswith(PACKAGE_PREFIX):
+        return _package_file(data.source)
+    if data.source.startswith("s3://"):
+        bucket, key = _s3_parts(data.source)
+        dest = tmp / Path(key).name
+        s3_client(context().settings).download_file(bucket, key, str(dest))
+        return dest
+    return Path(data.source)
+
+
+def read_documents(data: DataSource, text_field: str = "text", split: str = "train", limit_chars: int | None = None) -> list[str]:
+    """The documents of `data` (the packaged calibration text is split at its form feeds)."""
+    from mha2mla_core import default_calibration_texts
+    from mha2mla_core.data import load_texts
+
+    if data.source == DEFAULT_CALIBRATION:
+        return default_calibration_texts()
+    with scratch_dir() as tmp:
+        is_file = data.source.startswith(("s3://", PACKAGE_PREFIX)) or Path(data.source).exists()
+        source = local_copy(data, tmp) if is_file else data.source
+        return load_texts(source, text_field=text_field, split=split, limit_chars=limit_chars)
+
+
+def read_text(data: DataSource) -> str:
+    """One text: a .txt file exactly as stored (CRLF kept), other sources' documents joined by blank lines."""
+    with scratch_dir() as tmp:
+        path = local_copy(data, tmp) if data.source.startswith(("s3://", PACKAGE_PREFIX)) else Path(data.source)
+        if path.is_file() and path.suffix == ".txt":
+            with open(path, encoding="utf-8", newline="") as f:
+                return f.read()
+    return "\n\n".join(read_documents(data))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class _Memo:
+    """The last few loaded models by digest; one loader runs per digest at a time."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+        self.key_locks: dict[str, threading.Lock] = {}
+
+    def get(self, digest: str, load: Callable[[], Any]) -> Any:
+        with self.lock:
+            key_lock = self.key_locks.setdefault(digest, threading.Lock())
+        with key_lock:
+            with self.lock:
+                if digest in self.items:
+                    self.items.move_to_end(digest)
+                    return self.items[digest]
+            value = load()
+            self.put(digest, value)
+            return value
+
+    def put(self, digest: str, value: Any) -> None:
+        with self.lock:
+            self.items[digest] = value
+            self.items.move_to_end(digest)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+MODELS = _Memo(_MEMO_MODELS)
+
+
+def load_source(source: ModelSource):
+    """(model, tokenizer) of a source model, fp32, eval mode."""
+    from mha2mla_core import load_model
+
+    return MODELS.get(source.digest, lambda: load_model(source.name))
+
+
+def load_checkpoint(result: StageResult):
+    """(model, tokenizer) of a model directory written by a stage, every file's digest checked."""
+    from mha2mla_core import load_model
+
+    def fetch():
+        with scratch_dir() as tmp:
+            directory = context().store.get_dir(result.uri, tmp / "model", sha256=result.sha256)
+            return load_model(str(directory))
+
+    return MODELS.get(result.sha256, fetch)
+
+
+def load_model_input(model: ModelSource | StageResult):
+    return load_source(model) if isinstance(model, ModelSource) else load_checkpoint(model)
+
+
+def save_checkpoint(model, tokenizer, key: str) -> ArtifactRef:
+    """`save_pretrained` (safetensors + config + tokenizer) into the store as one directory."""
+    with scratch_dir() as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        ref = context().store.put_dir(tmp / "model", key)
+    MODELS.put(ref.sha256, (model, tokenizer))
+    return ref
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], key: str, metadata: dict[str, str] | None = None) -> ArtifactRef:
+    data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return context().store.put_bytes(data, key)
+
+
+def load_tensors(result: StageResult) -> dict[str, torch.Tensor]:
+    return load_safetensors(context().store.get_bytes(result.uri, sha256=result.sha256))

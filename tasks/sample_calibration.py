@@ -1,0 +1,43 @@
+"""Stage `sample-calibration`: a seeded, content-hashed sample of calibration token ids."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.tracking import stage_run
+from mha2mla_core.calibration import sample_calibration as sample_ids
+from tasks.common import DatasetInput, RunLink, StageResult, artifact_key, finish_stage, stage_task
+from tasks.inputs import DataSource, ModelSource, load_source, read_documents, save_tensors
+
+STAGE = "sample-calibration"
+
+
+class CalibrationParams(BaseModel):
+    """Which text calibrates the conversion, and how much of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str | None = None  # HF dataset id, local txt/jsonl/parquet (file or dir), s3:// URI; None = packaged books
+    num_tokens: int = Field(8192, gt=0)
+    seed: int = 0
+    text_field: str = "text"
+    split: str = "train"
+    limit_chars: int | None = Field(4_000_000, gt=0)  # read at most this much of a large source
+
+
+@stage_task(STAGE, code=("mha2mla_core.calibration", "mha2mla_core.data"))
+def sample_calibration(
+    model: ModelSource, data: DataSource, config: CalibrationParams, seq_len: int, run: RunLink
+) -> StageResult:
+    """Tokenize the calibration documents and keep `num_tokens` ids in whole windows of `seq_len`."""
+    params = {**config.model_dump(mode="json"), "seq_len": seq_len, "source": data.source}
+    with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
+        _, tokenizer = load_source(model)
+        texts = read_documents(data, config.text_field, config.split, config.limit_chars)
+        sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
+        key = artifact_key(model.slug, STAGE, "calibration.safetensors")
+        output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
+        dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.source)
+        return finish_stage(
+            STAGE, output, params=params, metrics={"num_tokens": sample.num_tokens}, datasets=(dataset,)
+        )
