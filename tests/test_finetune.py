@@ -201,3 +201,17 @@ def test_bad_input_fails_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"other settings.*micro_batch_size': \(2, 4\)"):
         finetune(perturbed_copy(teacher), teacher, data, small_cfg(micro_batch_size=4, max_tokens=1024),
                  checkpoint_dir=tmp_path)
+
+
+def test_sampled_continuations_are_seeded_full_length_rows():
+    from mha2mla_core.training.synthetic import sample_continuations
+
+    teacher = tiny_llama()
+    teacher.config.eos_token_id = 1
+    prompts = rows(3)[:, :2]
+    state = torch.get_rng_state()
+    a = sample_continuations(teacher, prompts, seq_len=SEQ, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert a.shape == (3, SEQ) and torch.equal(a[:, :2], prompts)
+    assert torch.equal(a, sample_continuations(teacher, prompts, seq_len=SEQ, seed=5))
+    assert not torch.equal(a, sample_continuations(teacher, prompts, seq_len=SEQ, seed=6))

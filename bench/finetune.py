@@ -1,0 +1,347 @@
+"""Real fine-tuning runs of the MLA-converted SmolLM2-135M on one GPU: PPL vs tokens, throughput, MFU.
+
+    # here, once: tokenize the fine-tuning text, copy the evaluation and calibration text (for the GPU machine)
+    .venv/bin/python bench/finetune.py prepare --out .carry_data
+    # GPU: training tokens/s and MFU at seq 2048, with and without the teacher (a randomly initialised
+    # SmolLM2-135M shape is enough for speed: --gguf '' ; or the real model)
+    python3 bench/finetune.py throughput --out $OUT
+    # GPU: named variants (VARIANTS below); each writes <name>.json with its command, PPL stages and curve
+    python3 bench/finetune.py run kd-aware-kv16-5m lm-aware-kv16-5m --gguf /root/ft/model.gguf --data .carry_data --out $OUT
+    # here: the markdown table and the PPL-vs-tokens figure from the JSON results
+    .venv/bin/python bench/finetune.py report bench/results/finetune
+
+Protocol (as bench/zero_shot.py): wikitext-2 raw test read as stored (CRLF kept), tokenized whole, first
+16,384 tokens, non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.perplexity).
+Conversion: 2-norm, rope_dims 8, kv_rank per KV head, calibrated on 65,536 tokens hash-sampled from three
+Gutenberg books (text_calib). Fine-tuning text: ../shared/data/text_train (OpenStax + Stacks Project), packed
+in rows of 1,024 tokens; never the evaluation text. The teacher is the original model (bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from torch import nn
+
+from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibration
+from mha2mla_core.evaluation.perplexity import perplexity_of_ids
+from mha2mla_core.finetune import FinetuneConfig, finetune
+from mha2mla_core.modeling_mla import GroupedLinear
+from mha2mla_core.training import ReconstructConfig, TrainEvent
+from mha2mla_core.training.reconstruct import reconstruct_attention
+
+logger = logging.getLogger("bench.finetune")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+# ---- defaults ----------------------------------------------------------------------------------------------------
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIB_BOOKS = ("pg1342.txt", "pg1661.txt", "pg98.txt")  # Austen, Doyle, Dickens
+CALIB_TOKENS = 65_536
+EVAL_TOKENS, EVAL_WINDOW = 16_384, 512
+SEQ_LEN, MICRO_BATCH = 1024, 16  # 16,384 tokens per optimizer step, as the independent probe
+RECON_ROWS, RECON_SEQ = 128, 512  # calibration rows the attention layers are fitted on
+H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    kv_rank: int = 16  # per KV head: 16 -> 81.25% KV saving, 8 -> 87.5%
+    svd: str = "aware"
+    layout: str = "shared"
+    recon_steps: int = 300  # block-wise reconstruction steps before end-to-end training; 0 = none
+    recon_lr: float = 1e-3
+    tokens: int = 5_000_000
+    kd_weight: float = 1.0  # 0 = LM loss only, no teacher
+    lr: float = 6e-4
+    trainable: str = "all"
+    eval_every_tokens: int = 1_000_000
+
+
+VARIANTS = {
+    "kd-aware-kv16-5m": Variant(),
+    "kd-aware-kv16-20m": Variant(tokens=20_000_000, eval_every_tokens=2_000_000),
+    "kd-aware-kv16-50m": Variant(tokens=50_000_000, eval_every_tokens=5_000_000),
+    "kd-aware-kv16-norecon-5m": Variant(recon_steps=0),
+    "lm-aware-kv16-5m": Variant(kd_weight=0.0),
+    "kd-joint-kv16-5m": Variant(svd="joint"),
+    "kd-aware-kv16-perhead-5m": Variant(layout="per_head"),
+    "kd-aware-kv8-5m": Variant(kv_rank=8),
+    "kd-aware-kv8-20m": Variant(kv_rank=8, tokens=20_000_000, eval_every_tokens=2_000_000),
+}
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+@app.command()
+def prepare(out: Path = Path(".carry_data"), model: str = "smollm2-135m") -> None:
+    """Tokenize text_train into one uint16 id stream; copy the wikitext test file and calibration books."""
+    from transformers import AutoTokenizer
+
+    from mha2mla_core.data import load_texts
+    from mha2mla_core.loading import packaged_model_file
+    from mha2mla_core.training import pack_texts
+
+    gguf = packaged_model_file(model)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.mkdir(parents=True, exist_ok=True)
+    stream = pack_texts(tokenizer, load_texts(SHARED / "text_train"), seq_len=1).flatten()  # documents + EOS
+    np.savez_compressed(out / "text_train_ids.npz", ids=stream.numpy().astype(np.uint16))  # zlib: half the bytes
+    shutil.copy(SHARED / "text_eval" / "wikitext-2-raw" / "wiki.test.raw", out / "wiki.test.raw")
+    for book in CALIB_BOOKS:
+        shutil.copy(SHARED / "text_calib" / "gutenberg" / book, out / book)
+    print(f"{stream.numel():,} training tokens -> {out}")
+
+
+def training_rows(data: Path, seq_len: int) -> torch.Tensor:
+    stream = torch.from_numpy(np.load(data / "text_train_ids.npz")["ids"].astype(np.int64))
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)  # (N, seq_len)
+
+
+def eval_ids(tokenizer, data: Path) -> torch.Tensor:
+    with open(data / "wiki.test.raw", encoding="utf-8", newline="") as f:  # CRLF kept
+        return torch.tensor(tokenizer(f.read(), verbose=False)["input_ids"][:EVAL_TOKENS])
+
+
+def calib_texts(data: Path) -> list[str]:
+    return [(data / book).read_text(encoding="utf-8") for book in CALIB_BOOKS]
+
+
+# ---- measurements --------------------------------------------------------------------------------------------------
+def wikitext_ppl(model: nn.Module, ids: torch.Tensor) -> float:
+    nll, _, _ = perplexity_of_ids(model, ids, EVAL_WINDOW)
+    return round(math.exp(nll), 3)
+
+
+def train_flops_per_token(model: nn.Module, seq_len: int, backward: bool = True) -> float:
+    """6 (or 2 for forward only) x matmul parameters + causal attention scores and values (PaLM appendix B)."""
+    c = model.config
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, GroupedLinear)))
+    attention = c.num_hidden_layers * c.num_attention_heads * seq_len * 2 * c.head_dim  # (q.k + p.v), causal half
+    forward = 2 * params + attention
+    return 3 * forward if backward else forward
+
+
+def convert(source: nn.Module, variant: Variant, calib: torch.Tensor) -> nn.Module:
+    cfg = MLAConfig(rope_strategy="2-norm", rope_dims=8, kv_rank=variant.kv_rank, svd=variant.svd,
+                    layout=variant.layout, calib_seq_len=512)
+    return convert_to_mla(copy.deepcopy(source), cfg, calib)
+
+
+# ---- throughput ----------------------------------------------------------------------------------------------------
+@app.command()
+def throughput(out: Path = Path("runs/finetune"), gguf: str = "", seq_len: int = 2048, micro_batch: int = 16,
+               steps: int = 30) -> None:
+    """Training tokens/s and MFU at `seq_len`, with and without the teacher, compiled and eager."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = (load_model(gguf)[0] if gguf else LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))).cuda().eval()
+    calib = torch.randint(0, 49152, (8192,), generator=torch.Generator().manual_seed(0))
+    rows = torch.randint(0, 49152, (4 * micro_batch * steps, seq_len), generator=torch.Generator().manual_seed(1))
+    results = []
+    for with_teacher, compile_ in [(False, True), (True, True), (False, False)]:
+        student = convert(teacher, Variant(), calib.cuda())
+        cfg = FinetuneConfig(max_tokens=steps * micro_batch * seq_len, seq_len=seq_len, micro_batch_size=micro_batch,
+                             kd_weight=1.0 if with_teacher else 0.0, compile=compile_, log_every=5)
+        windows: list[float] = []
+        torch.cuda.reset_peak_memory_stats()
+        finetune(student, teacher if with_teacher else None, rows, cfg,
+                 callbacks=[lambda e: windows.append(e.metrics["tokens_per_s"]) if e.kind == "log" else None])
+        tok_s = statistics.median(windows[2:])  # after compilation and warm-up
+        flops = train_flops_per_token(student, seq_len) + (train_flops_per_token(teacher, seq_len, False)
+                                                             if with_teacher else 0)
+        row = {"teacher": with_teacher, "compile": compile_, "seq_len": seq_len, "micro_batch": micro_batch,
+               "tokens_per_s": round(tok_s), "flops_per_token": flops, "mfu": round(tok_s * flops / H100_BF16_PEAK, 4),
+               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               "device": torch.cuda.get_device_name(), "command": "python3 " + shlex.join(sys.argv)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        del student
+        torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(results, indent=1))
+
+
+# ---- named runs ----------------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by the deadline callback after a checkpoint, so that a later call resumes the run."""
+
+
+@dataclass
+class _Context:
+    teacher: nn.Module
+    tokenizer: object
+    eval_ids: torch.Tensor
+    calib: torch.Tensor
+    rows: torch.Tensor
+    cache: Path
+    original_ppl: float
+
+
+@app.command()
+def run(names: list[str], gguf: str = "smollm2-135m", data: Path = Path(".carry_data"),
+        out: Path = Path("runs/finetune"), cache: Path = Path("runs/finetune/cache"), deadline_s: float = 480.0,
+        save_dir: Path | None = None) -> None:
+    """Convert, reconstruct, fine-tune and evaluate each named variant; write <out>/<name>.json.
+
+    A run still going at `deadline_s` stops after its next checkpoint: the same command resumes it.
+    """
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise typer.BadParameter(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    deadline = time.monotonic() + deadline_s
+    ctx = _context(gguf, data, cache)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if time.monotonic() > deadline:
+            print(f"{name}: not started, past the deadline", flush=True)
+            continue
+        result, student = run_variant(name, VARIANTS[name], ctx, deadline)
+        result["command"] = (f"python3 bench/finetune.py run {name} --gguf {gguf} --data {data} --cache {cache}"
+                             + (f" --save-dir {save_dir}" if save_dir else ""))
+        if save_dir is not None and result["finished"]:
+            result["saved"] = save_and_reload(ctx, save_dir / name, student)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def _context(gguf: str, data: Path, cache: Path) -> _Context:
+    teacher, tokenizer = load_model(gguf, device="cuda")
+    ids = eval_ids(tokenizer, data)
+    calib = sample_calibration(calib_texts(data), tokenizer, num_tokens=CALIB_TOKENS, seq_len=512, seed=0)
+    ctx = _Context(teacher, tokenizer, ids, calib.input_ids.cuda(), training_rows(data, SEQ_LEN), cache,
+                   wikitext_ppl(teacher, ids))
+    print(f"original PPL {ctx.original_ppl}; {ctx.rows.shape[0]:,} training rows of {SEQ_LEN}", flush=True)
+    return ctx
+
+
+def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
+    """The converted (and reconstructed) student, from the disk cache when an earlier call made it."""
+    key = f"{variant.svd}-{variant.layout}-kv{variant.kv_rank}-recon{variant.recon_steps}-lr{variant.recon_lr:g}"
+    path = ctx.cache / f"{key}.pt"
+    student = convert(ctx.teacher, variant, ctx.calib)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        student.load_state_dict(saved["state"])
+        return student, saved["stages"]
+    stages = {"converted_ppl": wikitext_ppl(student, ctx.eval_ids), "kv_bytes_per_token": student.kv_bytes_per_token()}
+    if variant.recon_steps:
+        rows = ctx.calib[: RECON_ROWS * RECON_SEQ].view(-1, RECON_SEQ)
+        recon = reconstruct_attention(student, ctx.teacher, rows, ReconstructConfig(steps=variant.recon_steps,
+                                                                                      lr=variant.recon_lr))
+        stages |= {"reconstructed_ppl": wikitext_ppl(student, ctx.eval_ids), "recon_seconds": round(recon.seconds, 1),
+                   "recon_rel_mse_before": _mean(recon.rel_mse_before), "recon_rel_mse_after": _mean(recon.rel_mse_after)}
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": student.state_dict(), "stages": stages}, path)
+    print(f"{key}: {stages}", flush=True)
+    return student, stages
+
+
+def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> tuple[dict, nn.Module]:
+    student, stages = initial_student(ctx, variant)
+    steps = variant.tokens // (SEQ_LEN * MICRO_BATCH)
+    cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
+                         kd_weight=variant.kd_weight, trainable=variant.trainable, compile=True, log_every=25,
+                         eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
+                         checkpoint_every=max(1, steps // 8), keep_last=1)
+    curve = [{"tokens": 0, "ppl": stages.get("reconstructed_ppl", stages["converted_ppl"])}]
+
+    def on_event(event: TrainEvent) -> None:
+        if event.kind == "eval":
+            curve.append({"tokens": event.tokens, "ppl": event.metrics["ppl"]})
+        if event.kind in ("eval", "log"):
+            print(f"{name} step {event.step}/{event.total_steps} {json.dumps(event.metrics)}", flush=True)
+        if event.kind == "checkpoint" and time.monotonic() > deadline and event.step < event.total_steps:
+            raise _Stop
+
+    result = {"variant": name, **asdict(variant), "original_ppl": ctx.original_ppl,
+              **stages, "finetune_config": asdict(cfg), "device": torch.cuda.get_device_name()}
+    try:
+        fit = finetune(student, ctx.teacher if variant.kd_weight > 0 else None, ctx.rows, cfg,
+                       checkpoint_dir=ctx.cache / "ckpt" / name, callbacks=[on_event],
+                       evaluate=lambda m: {"ppl": wikitext_ppl(m, ctx.eval_ids)})
+    except _Stop:
+        print(f"{name}: stopped at the deadline after a checkpoint; run the same command again to resume", flush=True)
+        return {**result, "finished": False, "curve": curve}, student
+    flops = train_flops_per_token(student, SEQ_LEN) + (
+        train_flops_per_token(ctx.teacher, SEQ_LEN, False) if variant.kd_weight > 0 else 0)
+    evals = [h for h in fit.history if h["kind"] == "eval"]
+    return {**result, "finished": True, "final_ppl": evals[-1]["ppl"], "tokens_trained": fit.tokens,
+            "curve": [{"tokens": 0, "ppl": curve[0]["ppl"]}] + [{"tokens": h["tokens"], "ppl": h["ppl"]} for h in evals],
+            "tokens_per_s": round(fit.tokens_per_s), "mfu": round(fit.tokens_per_s * flops / H100_BF16_PEAK, 4),
+            "train_seconds": round(fit.seconds, 1), "resumed_from_step": fit.resumed_from_step,
+            "loss_curve": [{"tokens": h["tokens"], "loss": h["loss"]} for h in fit.history if h["kind"] == "log"]}, student
+
+
+def save_and_reload(ctx: _Context, path: Path, student: nn.Module) -> dict:
+    """save_pretrained in the MLA format, reload with from_pretrained, check PPL and a greedy generate()."""
+    from transformers import AutoModelForCausalLM
+
+    student.save_pretrained(path)
+    ctx.tokenizer.save_pretrained(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(path).cuda().eval()
+    prompt = ctx.tokenizer("The history of the city begins", return_tensors="pt").to("cuda")
+    generated = reloaded.generate(**prompt, max_new_tokens=40, do_sample=False)
+    return {"path": str(path), "model_type": reloaded.config.model_type, "reloaded_ppl": wikitext_ppl(reloaded, ctx.eval_ids),
+            "kv_bytes_per_token": reloaded.kv_bytes_per_token(),
+            "size_mb": round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6, 1),
+            "greedy_sample": ctx.tokenizer.decode(generated[0], skip_special_tokens=True)}
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+@app.command()
+def report(results: Path = Path("bench/results/finetune")) -> None:
+    """A markdown table of every <name>.json and ppl_vs_tokens.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name != "throughput.json"]
+    print("| variant | KV saving | converted | + recon | final | tokens | tok/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        saving = 100 * (1 - (r["kv_rank"] + 8) * 3 / (2 * 3 * 64))
+        print(f"| {r['variant']} | {saving:.2f}% | {r['converted_ppl']} | {r.get('reconstructed_ppl', '-')} | "
+              f"{r.get('final_ppl', '-')} | {r.get('tokens_trained', 0) / 1e6:.0f}M | {r.get('tokens_per_s', '-')} | "
+              f"{r.get('mfu', '-')} |")
+        ax.plot([max(c["tokens"], 1e5) / 1e6 for c in r["curve"]], [c["ppl"] for c in r["curve"]], marker="o",
+                label=r["variant"], markersize=3)
+    if runs:
+        ax.axhline(runs[0]["original_ppl"], color="k", ls="--", label=f"original {runs[0]['original_ppl']}")
+        ax.axhline(1.1 * runs[0]["original_ppl"], color="gray", ls=":", label="original + 10%")
+    probe = [(2, 171), (5, 88), (10, 69), (20, 56)]
+    ax.plot(*zip(*probe), "kx-", label="independent probe (plain KD)")
+    ax.set(xscale="log", yscale="log", xlabel="training tokens (M; 0.1 = start)", ylabel="wikitext-2 PPL",
+           title="SmolLM2-135M -> MLA (2-norm r=8): PPL vs fine-tuning tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "ppl_vs_tokens.png", dpi=120)
+
+
+def _mean(values) -> float:
+    return round(sum(values) / len(values), 4)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    app()
