@@ -2,8 +2,9 @@
 
     python bench/decode.py --out runs/bench_decode.jsonl     # needs a CUDA GPU with Triton; ~3 min on an H100
 
-For each model shape, batch B and context T it times one decode step of one layer (CUDA events, L2 flushed between
-runs, median) of: `sdpa` = torch SDPA with enable_gqa on the original (B, Hkv, T, D) bf16 K/V, `mla` = the Triton
+For each model shape, batch B and context T it times one decode step of one layer (`time_ms`: CUDA-graph replays with
+the L2 flushed before every call, so kernel time without Python launch overhead; `mla_eager_ms` adds that overhead
+back for the bf16 kernel) of: `sdpa` = torch SDPA with enable_gqa on the original (B, Hkv, T, D) bf16 K/V, `mla` = the Triton
 latent kernel on the bf16 latent cache, `mla_int4` = the int4 kernel on `GroupQuant` codes (group 64, 128-token
 residual window), and `torch` = the plain-torch reference (only where it fits easily). Bytes are the cache tensors
 each method must read; GB/s = bytes / time, `%bw` against the measured device-to-device copy bandwidth. A second
@@ -13,6 +14,7 @@ table gives the largest batch whose KV cache fits a fixed memory budget, from ea
 import argparse
 import json
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,7 @@ RESIDUAL = 128  # most recent tokens kept in bf16
 KV_BUDGET_GIB = 60.0  # memory given to the KV cache in the max-batch table
 TORCH_MAX_TOKENS = 16 * 16384  # time the plain-torch reference only up to B * T of this
 PEAK_HBM_GBS = 3350.0  # H100 SXM datasheet
+FLUSH_BYTES = 256 << 20  # written between timed calls so that no call finds the cache in L2
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,41 @@ SHAPES = (
 )
 
 
-def time_ms(fn) -> float:
-    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+def _replay_ms(graph: torch.cuda.CUDAGraph, trials: int = 5) -> float:
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(trials):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    """GPU time of one call of fn with a cold L2 and no Python launch overhead: a CUDA graph of reps x (flush L2,
+    fn) minus one of reps x (flush L2), divided by reps."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    fn()  # compiles the Triton kernels outside the capture
+    torch.cuda.synchronize()
+    totals = []
+    for with_fn in (True, False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        totals.append(_replay_ms(graph))
+        del graph
+    return (totals[0] - totals[1]) / reps
+
+
+def eager_ms(fn) -> float:
+    """Wall time of one eager call, Python and launch overhead included (L2 flushed by do_bench)."""
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
@@ -95,6 +131,7 @@ def time_mla(s: BenchShape, B: int, T: int) -> dict:
     k_pe = torch.randn(B, s.Hkv, T, s.Dr, device="cuda", dtype=torch.bfloat16)  # (B, Hkv, T, Dr)
     scale = 1 / math.sqrt(s.D + s.Dr)
     row = {"mla_ms": time_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))}
+    row["mla_eager_ms"] = eager_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))
     row["mla_bytes"] = c_kv.nbytes + k_pe.nbytes
     if B * T <= TORCH_MAX_TOKENS:
         row["torch_ms"] = time_ms(lambda: latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale))
@@ -127,15 +164,16 @@ def bench_point(s: BenchShape, B: int, T: int, roof_gbs: float) -> dict:
 
 def print_table(rows: list[dict], roof_gbs: float) -> None:
     print(f"\nPer-layer decode step, bf16; %bw against the measured copy bandwidth {roof_gbs:.0f} GB/s")
-    print("| model | layout | B | T | SDPA GQA us (GB/s) | MLA us (GB/s, %bw) | x vs SDPA | MLA int4 us (GB/s, %bw) "
-          "| x vs SDPA | torch ref us |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | layout | B | T | SDPA GQA us (GB/s) | MLA us (GB/s, %bw) | x vs SDPA | MLA eager us "
+          "| MLA int4 us (GB/s, %bw) | x vs SDPA | torch ref us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         torch_us = f"{1e3 * r['torch_ms']:.0f}" if "torch_ms" in r else "-"
         print(
             f"| {r['model']} | {r['layout']} | {r['B']} | {r['T'] // 1024}k "
             f"| {1e3 * r['sdpa_ms']:.1f} ({r['sdpa_gbs']:.0f}) "
             f"| {1e3 * r['mla_ms']:.1f} ({r['mla_gbs']:.0f}, {r['mla_pct_bw']:.0f}%) | {r['speedup_mla']:.1f} "
+            f"| {1e3 * r['mla_eager_ms']:.1f} "
             f"| {1e3 * r['int4_ms']:.1f} ({r['int4_gbs']:.0f}, {r['int4_pct_bw']:.0f}%) | {r['speedup_int4']:.1f} "
             f"| {torch_us} |"
         )

@@ -120,35 +120,18 @@ def _split_kernel(
 
 
 @triton.jit
-def _nibbles_as_float(codes, HIGH: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """The low (HIGH=0) or high nibble of each uint8 code as DTYPE, plus an offset (see `_MAGIC`).
+def _dequant_halves(codes, scale_ptr, zero_ptr, ok, DTYPE: tl.constexpr):
+    """(BLOCK_T, N) uint8 int4 codes -> even and odd channels (low and high nibbles), dequantized to DTYPE.
 
-    In bf16/fp16 the 4 code bits are OR'ed into the mantissa of a power of two (128.0 / 1024.0) whose mantissa step
-    is 1, which gives offset + code exactly without an int-to-float conversion; the offset is folded into the zero.
+    scale_ptr / zero_ptr: (N,) pointers to the even channels' scale and zero; the odd channel's follow each.
     """
-    nib = (codes >> 4) if HIGH else (codes & 15)
-    if MAGIC:
-        return (nib.to(tl.uint16) | MAGIC).to(DTYPE, bitcast=True)
-    return nib.to(DTYPE)
-
-
-@triton.jit
-def _group_params(scale_ptr, zero_ptr, ok, OFFSET: tl.constexpr):
-    """Per-channel scale and zero of the even channels at scale_ptr/zero_ptr and of the odd ones after each, fp32;
-    the zeros include the nibbles' offset."""
     s_e = tl.load(scale_ptr, mask=ok, other=0.0).to(tl.float32)
     s_o = tl.load(scale_ptr + 1, mask=ok, other=0.0).to(tl.float32)
-    z_e = tl.load(zero_ptr, mask=ok, other=0.0).to(tl.float32) + OFFSET
-    z_o = tl.load(zero_ptr + 1, mask=ok, other=0.0).to(tl.float32) + OFFSET
-    return s_e, s_o, z_e, z_o
-
-
-@triton.jit
-def _fold_scale(q, s, z, DTYPE: tl.constexpr):
-    """q (BLOCK_H, N) fp32 times the per-channel scale, rounded to DTYPE for the dot, and the zero term it implies:
-    q . ((code - z) * s) = (q * s) . code - (q * s) . z."""
-    qs = (q * s[None, :]).to(DTYPE)
-    return qs, tl.sum(qs.to(tl.float32) * z[None, :], 1)
+    z_e = tl.load(zero_ptr, mask=ok, other=0.0).to(tl.float32)
+    z_o = tl.load(zero_ptr + 1, mask=ok, other=0.0).to(tl.float32)
+    x_e = ((codes & 15).to(tl.float32) - z_e[None, :]) * s_e[None, :]
+    x_o = ((codes >> 4).to(tl.float32) - z_o[None, :]) * s_o[None, :]
+    return x_e.to(DTYPE), x_o.to(DTYPE)
 
 
 @triton.jit
@@ -161,7 +144,7 @@ def _split_int4_kernel(
     G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
     RH: tl.constexpr, RH_PAD: tl.constexpr, DH: tl.constexpr, PH_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr,
-    MAGIC: tl.constexpr, OFFSET: tl.constexpr, HAS_START: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_START: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     split = tl.program_id(0)
     c = tl.program_id(1)
@@ -174,14 +157,14 @@ def _split_int4_kernel(
     offs_r = tl.arange(0, RH_PAD)  # byte j of a latent row holds channels 2j (low nibble) and 2j + 1
     r_ok = offs_r < RH
     q_ptr = Q_lat + b * stride_qb + head[:, None] * stride_qh + 2 * offs_r[None, :]
-    q_e = tl.load(q_ptr, mask=h_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_H, RH_PAD) even
-    q_o = tl.load(q_ptr + 1, mask=h_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # odd channels
+    q_e = tl.load(q_ptr, mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_H, RH_PAD) even channels
+    q_o = tl.load(q_ptr + 1, mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # odd channels
     offs_p = tl.arange(0, PH_PAD)  # column p: rope group p // DH, byte p % DH
     p_ok = offs_p < KPC * DH
     pe_mask = h_ok[:, None] & p_ok[None, :] & ((offs_h // HPG)[:, None] == (offs_p // DH)[None, :])
     pe_ptr = Q_pe + b * stride_pb + head[:, None] * stride_ph + 2 * (offs_p % DH)[None, :]
-    qp_e = tl.load(pe_ptr, mask=pe_mask, other=0.0).to(tl.float32)  # (BLOCK_H, PH_PAD) block-diagonal
-    qp_o = tl.load(pe_ptr + 1, mask=pe_mask, other=0.0).to(tl.float32)
+    qp_e = tl.load(pe_ptr, mask=pe_mask, other=0.0)  # (BLOCK_H, PH_PAD) block-diagonal
+    qp_o = tl.load(pe_ptr + 1, mask=pe_mask, other=0.0)
     cq_base = Cq + b * stride_cqb + c * stride_cqh
     cs_base = b * stride_csb + c * stride_csh + 2 * offs_r  # (RH_PAD,) even-channel offsets
     kq_base = Kq + b * stride_kqb + (c * KPC + offs_p // DH)[None, :] * stride_kqh + (offs_p % DH)[None, :]
@@ -203,26 +186,20 @@ def _split_int4_kernel(
         t_ok = (offs_t < hi) & (offs_t >= start)
         g = t0 // GROUP  # a tile never straddles two quantization groups
         c_codes = tl.load(cq_base + offs_t[:, None] * stride_cqt + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0)
+        sz = cs_base + g * stride_csg
+        x_e, x_o = _dequant_halves(c_codes, Cs + sz, Cz + sz, r_ok, DTYPE)  # (BLOCK_T, RH_PAD) each
         k_codes = tl.load(kq_base + offs_t[:, None] * stride_kqt, mask=t_ok[:, None] & p_ok[None, :], other=0)
-        s_e, s_o, z_e, z_o = _group_params(Cs + cs_base + g * stride_csg, Cz + cs_base + g * stride_csg, r_ok, OFFSET)
-        ks_e, ks_o, kz_e, kz_o = _group_params(Ks + ks_base + g * stride_ksg, Kz + ks_base + g * stride_ksg, p_ok, OFFSET)
-        qs_e, bias_e = _fold_scale(q_e, s_e, z_e, DTYPE)
-        qs_o, bias_o = _fold_scale(q_o, s_o, z_o, DTYPE)
-        qps_e, bias_pe = _fold_scale(qp_e, ks_e, kz_e, DTYPE)
-        qps_o, bias_po = _fold_scale(qp_o, ks_o, kz_o, DTYPE)
-        x_e = _nibbles_as_float(c_codes, 0, MAGIC, DTYPE)  # (BLOCK_T, RH_PAD) offset + code
-        x_o = _nibbles_as_float(c_codes, 1, MAGIC, DTYPE)
-        s = tl.dot(qs_e, tl.trans(x_e), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
-        s += tl.dot(qs_o, tl.trans(x_o), input_precision=DOT_PREC)
-        s += tl.dot(qps_e, tl.trans(_nibbles_as_float(k_codes, 0, MAGIC, DTYPE)), input_precision=DOT_PREC)
-        s += tl.dot(qps_o, tl.trans(_nibbles_as_float(k_codes, 1, MAGIC, DTYPE)), input_precision=DOT_PREC)
-        s -= (bias_e + bias_o + bias_pe + bias_po)[:, None]
+        ksz = ks_base + g * stride_ksg
+        k_e, k_o = _dequant_halves(k_codes, Ks + ksz, Kz + ksz, p_ok, DTYPE)  # (BLOCK_T, PH_PAD) each
+        s = tl.dot(q_e, tl.trans(x_e), input_precision=DOT_PREC)
+        s += tl.dot(q_o, tl.trans(x_o), input_precision=DOT_PREC)
+        s += tl.dot(qp_e, tl.trans(k_e), input_precision=DOT_PREC)
+        s += tl.dot(qp_o, tl.trans(k_o), input_precision=DOT_PREC)
         s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
         p = p.to(DTYPE)
-        p_sum = tl.sum(p.to(tl.float32), 1)[:, None]  # sum of the rounded p the dots see: the zeros cancel exactly
-        acc_e = acc_e * alpha[:, None] + s_e[None, :] * (tl.dot(p, x_e, input_precision=DOT_PREC) - z_e[None, :] * p_sum)
-        acc_o = acc_o * alpha[:, None] + s_o[None, :] * (tl.dot(p, x_o, input_precision=DOT_PREC) - z_o[None, :] * p_sum)
+        acc_e = acc_e * alpha[:, None] + tl.dot(p, x_e, input_precision=DOT_PREC)
+        acc_o = acc_o * alpha[:, None] + tl.dot(p, x_o, input_precision=DOT_PREC)
 
     row = (b * H + head) * n_splits_total + split
     o_ptr = O_part + row[:, None] * (2 * RH) + 2 * offs_r[None, :]
@@ -264,8 +241,7 @@ def _combine_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_r, out.to(Out.dtype.element_ty), mask=r_ok)
 
 
-# bf16 / fp16 bit patterns of 128.0 / 1024.0, whose mantissa step is exactly 1: (MAGIC, OFFSET) per dtype
-_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0), torch.float32: (0, 0.0)}
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100: 227 KB of shared memory per block)
 
 
 @dataclass(frozen=True)
@@ -289,12 +265,17 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def default_config(q_lat: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> LaunchConfig:
-    """About 32 KB of cache per tile (at least 32 tokens), 3 pipeline stages where shared memory allows."""
+    """Tiles of about 24 KB of cache (at least 32 tokens where two stages fit), as many stages as fit 200 KB.
+
+    Chosen from sweeps on an H100 over the bench shapes (bench/decode.py); 4 warps won everywhere.
+    """
     Hc, Rc, Hkv, Dr = c_kv.shape[1], c_kv.shape[3], k_pe.shape[1], k_pe.shape[3]
     bytes_per_token = (_pow2(Rc) + _pow2(Hkv // Hc * Dr)) * c_kv.element_size()
-    block_t = min(256, max(32, 2 ** int(math.log2(max(1, 32768 // bytes_per_token)))))
-    stages = 3 if 3 * block_t * bytes_per_token <= 160 * 1024 else 2
-    return LaunchConfig(block_t=block_t, num_warps=4, num_stages=stages, programs_per_sm=4.0 if bytes_per_token > 1024 else 2.0)
+    block_t = min(128, 2 ** int(math.log2(max(1, 24576 // bytes_per_token))))
+    if block_t < 32:
+        block_t = 32 if 2 * 32 * bytes_per_token <= _SMEM_BUDGET else 16
+    stages = next((s for s in (3, 2) if s * block_t * bytes_per_token <= _SMEM_BUDGET), 1)
+    return LaunchConfig(block_t=block_t, num_warps=4, num_stages=stages, programs_per_sm=8.0)
 
 
 def _num_splits(B: int, Hc: int, T: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
@@ -379,7 +360,8 @@ def decode(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, cfg: LaunchConf
 
 
 def default_config_int4(q_lat: torch.Tensor, kv: QuantizedLatentKV) -> LaunchConfig:
-    return LaunchConfig(block_t=min(64, kv.c_kv.group_size), num_warps=4, num_stages=3, programs_per_sm=4.0)
+    block_t = 64 if q_lat.shape[2] <= 64 else 32
+    return LaunchConfig(block_t=min(block_t, kv.c_kv.group_size), num_warps=4, num_stages=3)
 
 
 def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None, cfg: LaunchConfig | None = None):
@@ -407,7 +389,6 @@ def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None,
         Tq, split_tokens, splits + n_res, scale * LOG2E,
         G=G, HPG=H // Hkv, KPC=KPC, RH=Rc // 2, RH_PAD=_pow2(Rc // 2), DH=Dr // 2, PH_PAD=_pow2(KPC * Dr // 2),
         BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t, GROUP=cq.group_size,
-        MAGIC=_MAGIC[q_lat.dtype][0], OFFSET=_MAGIC[q_lat.dtype][1],
         HAS_START=kv_start is not None, DOT_PREC=_dot_precision(q_lat.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
