@@ -1,0 +1,160 @@
+"""The `catalog` flow: every model x config of a YAML catalog through the `convert` flow.
+
+Entries run as tasks on a thread pool of `max_concurrency` workers; a failing entry is reported in the
+summary and does not stop the others. The summary table goes to the terminal (the CLI prints it with rich)
+and, as markdown and JSON, to the catalog's MLflow run; each entry's `convert` run is tagged with that run's
+id (`mha2mla.catalog_run`).
+
+Catalog format (see catalog.example.yaml): every level rejects unknown fields, so a typo is an error that
+names it before anything runs.
+
+    max_concurrency: 2           # entries converted at the same time
+    defaults:                    # applied to every config, which may override any part
+      calibration: {num_tokens: 8192}
+      evaluation: {max_tokens: 4096}
+    models:
+      - model: smollm2-135m
+        configs:
+          - name: r8-k16         # unique per model; the run and registry name is MODEL-NAME
+          - name: r8-k8
+            mla: {kv_rank: 8}
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.convert import FLOW_TAG, ConvertParams, convert
+from infra.tracking import log_table_markdown, parent_run
+from tasks.common import context, ensure_result_storage
+from tasks.inputs import model_slug
+
+logger = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.json"
+
+
+class EntryConfig(BaseModel):
+    """One config of a model: `convert` parameters minus the model, over the catalog's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    mla: dict[str, Any] = {}
+    calibration: dict[str, Any] = {}
+    evaluation: dict[str, Any] = {}
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mla: dict[str, Any] = {}
+    calibration: dict[str, Any] = {}
+    evaluation: dict[str, Any] = {}
+
+
+class CatalogModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    configs: list[EntryConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "CatalogModel":
+        names = [c.name for c in self.configs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model {self.model!r}: config names {repeated} repeat; give each config its own name")
+        return self
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrency: int = Field(2, ge=1, le=64)
+    defaults: Defaults = Defaults()
+    models: list[CatalogModel] = Field(min_length=1)
+
+    def entries(self) -> list[ConvertParams]:
+        """Every model x config as validated `convert` parameters (a bad value fails here, for all)."""
+        entries = []
+        for i, item in enumerate(self.models):
+            for j, config in enumerate(item.configs):
+                sections = {
+                    part: {**getattr(self.defaults, part), **getattr(config, part)}
+                    for part in ("mla", "calibration", "evaluation")
+                }
+                name = f"{model_slug(item.model).replace('/', '--')}-{config.name}"
+                try:
+                    entries.append(ConvertParams(model=item.model, name=name, **sections))
+                except ValidationError as exc:
+                    raise ValueError(f"models.{i}.configs.{j} ({config.name!r}): {exc}") from None
+        return entries
+
+
+def load_catalog(path: str | Path) -> tuple[Catalog, list[ConvertParams]]:
+    """Parse and validate a catalog file and all its entries; ValueError names the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"catalog file {path} does not exist")
+    try:
+        catalog = Catalog.model_validate(yaml.safe_load(path.read_text()) or {})
+        return catalog, catalog.entries()
+    except ValueError as exc:  # pydantic ValidationError included
+        raise ValueError(f"{path}: invalid catalog: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+
+
+class CatalogOutcome(BaseModel):
+    run_id: str
+    rows: list[dict]
+    failed: int
+
+
+@task(name="convert-entry")
+def convert_entry(params: ConvertParams, catalog_run_id: str) -> dict:
+    """One catalog entry through the `convert` flow (its stages cache and retry on their own)."""
+    return convert(params, catalog_run_id=catalog_run_id).model_dump(mode="json")
+
+
+def summary_row(params: ConvertParams, state) -> dict:
+    """The entry's name, status, PPL and KV figures of the converted model, or the error."""
+    row = {"entry": params.name, "model": params.model, "status": "failed"}
+    if state.is_completed():
+        outcome = state.result()
+        original, mla = outcome["rows"][0], outcome["rows"][-1]
+        row.update(status="ok", ppl_original=original["ppl"], ppl_mla=mla["ppl"],
+                   kv_saving_pct=mla["kv_saving_pct"], checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
+    else:
+        error = state.result(raise_on_failure=False)
+        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return row
+
+
+@flow(name="catalog", persist_result=False)
+def catalog(file: str) -> CatalogOutcome:
+    """Run every entry of the catalog `file` with bounded concurrency; failures are summarised, not raised."""
+    spec, entries = load_catalog(file)
+    context()
+    ensure_result_storage()
+    with parent_run(f"catalog-{Path(file).stem}", params={"file": file, "entries": len(entries)},
+                    tags={FLOW_TAG: "catalog"}) as run_id:  # fmt: skip
+        mlflow.log_dict({"flow": "catalog", "params": {"file": file}, "catalog": spec.model_dump(mode="json")}, CATALOG_FILE)
+        with ThreadPoolTaskRunner(max_workers=spec.max_concurrency) as runner:
+            futures = [runner.submit(convert_entry, {"params": p, "catalog_run_id": run_id}) for p in entries]
+            for future in futures:
+                future.wait()
+        rows = [summary_row(p, f.state) for p, f in zip(entries, futures)]
+        log_table_markdown(rows, "catalog_summary.md")
+        mlflow.log_dict(rows, "catalog_summary.json")
+    failed = sum(row["status"] != "ok" for row in rows)
+    return CatalogOutcome(run_id=run_id, rows=rows, failed=failed)

@@ -1,0 +1,296 @@
+"""`mha2mla`: the command line of the pipeline (typer + rich).
+
+    mha2mla convert smollm2-135m [--kv-rank 8 ...]   convert one model, reload it in a fresh process, report
+    mha2mla catalog run catalog.example.yaml         every model x config of a catalog
+    mha2mla resume RUN_ID                            rerun a flow run with its stored parameters
+    mha2mla runs                                     recent flow runs and their stages
+    mha2mla lineage URI                              what made a checkpoint: model, data, code, config
+
+Everything runs on the embedded default unless `MHA2MLA_*` / `PREFECT_API_URL` point at services
+(see infra/settings.py): Prefect's ephemeral API, MLflow on sqlite, artifacts in ./.mha2mla/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import transformers
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from infra.settings import Settings
+from mha2mla_core.config import MLAConfig
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Convert MHA/GQA models to MLA, cached and tracked.")
+catalog_app = typer.Typer(no_args_is_help=True, help="Run a YAML catalog of models x configs.")
+app.add_typer(catalog_app, name="catalog")
+console = Console()
+_MLA = MLAConfig()
+# errors that are the user's to fix: printed as one message, no traceback
+USER_ERRORS = (ValueError, FileNotFoundError, LookupError, OSError)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
+    """Set up logging and the embedded Prefect home before any flow module is imported."""
+    settings = Settings()
+    os.environ.setdefault("PREFECT_HOME", str(Path(settings.prefect_home).resolve()))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    progress = logging.getLogger("mha2mla.progress")
+    progress.setLevel(logging.INFO)
+    progress.propagate = False  # shown by StageProgress only
+    if not verbose:
+        transformers.logging.disable_progress_bar()
+
+
+class StageProgress(logging.Handler):
+    """Shows each stage's start and outcome (ran / cached / failed) from the flows' progress records."""
+
+    DONE = {"miss": "[green]done", "hit": "[cyan]cached", "failed": "[red]failed"}
+
+    def __init__(self, progress: Progress):
+        super().__init__(logging.INFO)
+        self.progress, self.rows = progress, {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stage, event = getattr(record, "stage", None), getattr(record, "event", None)
+        if stage is None:
+            return
+        if event == "start":
+            self.rows[stage] = self.progress.add_task(escape(stage), total=1, outcome="[yellow]running")
+        elif stage in self.rows:
+            self.progress.update(self.rows[stage], completed=1, outcome=self.DONE.get(event, event))
+
+
+def run_with_progress(fn, *args, **kwargs):
+    """Call a flow with a rich line per stage; user errors exit with their message."""
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), TextColumn("{task.fields[outcome]}"),
+                        TimeElapsedColumn(), console=console)  # fmt: skip
+    handler = StageProgress(progress)
+    logger = logging.getLogger("mha2mla.progress")
+    logger.addHandler(handler)
+    try:
+        with progress:
+            return fn(*args, **kwargs)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        logger.removeHandler(handler)
+
+
+def _kv_rank(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give a rank per KV head (an integer) or 'none' for no low rank") from None
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="hub id, local HF directory, .gguf file, or smollm2-135m"),
+    rope_strategy: str = typer.Option(_MLA.rope_strategy, help="high | low | uniform | 2-norm"),
+    rope_dims: int = typer.Option(_MLA.rope_dims, help="RoPE dims kept per head (even)"),
+    kv_rank: str = typer.Option(str(_MLA.kv_rank), help="latent rank per KV head, or 'none'"),
+    svd: str = typer.Option(_MLA.svd, help="split | joint | aware"),
+    layout: str = typer.Option(_MLA.layout, help="shared | per_head"),
+    calib_data: Optional[str] = typer.Option(None, envvar="MHA2MLA_CALIB_DATA", help="HF dataset, local txt/jsonl/parquet, or s3:// URI"),
+    calib_tokens: int = typer.Option(8192, help="calibration tokens sampled"),
+    eval_text: Optional[str] = typer.Option(None, envvar="MHA2MLA_EVAL_TEXT", help="held-out text (default: packaged books)"),
+    eval_tokens: int = typer.Option(4096, help="evaluation tokens scored"),
+    name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
+    check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
+) -> None:
+    """Convert MODEL to MLA, evaluate it against the original, register the checkpoint."""
+    from flows.convert import ConvertParams
+    from flows.convert import convert as convert_flow
+
+    try:
+        params = ConvertParams(
+            model=model, name=name,
+            mla=dict(rope_strategy=rope_strategy, rope_dims=rope_dims, kv_rank=_kv_rank(kv_rank), svd=svd, layout=layout),
+            calibration=dict(data=calib_data, num_tokens=calib_tokens),
+            evaluation=dict(text=eval_text, max_tokens=eval_tokens),
+        )  # fmt: skip
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    outcome = run_with_progress(convert_flow, params)
+    report_conversion(outcome, reload_report(outcome, params) if check else None)
+
+
+def reload_report(outcome, params) -> dict[str, Any]:
+    """Run flows.reload in a fresh interpreter on the stored checkpoint; its JSON report."""
+    eval_text = params.evaluation.text or "package:heldout_books.txt"
+    command = [sys.executable, "-m", "flows.reload", outcome.checkpoint.uri, outcome.checkpoint.sha256,
+               "--eval-text", eval_text, "--max-tokens", str(params.evaluation.max_tokens),
+               "--window", str(params.evaluation.window)]  # fmt: skip
+    with console.status("reloading the checkpoint with from_pretrained in a fresh process"):
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        console.print(f"[red]reload failed:[/red]\n{done.stderr[-3000:]}")
+        raise typer.Exit(1)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report_conversion(outcome, reloaded: dict[str, Any] | None) -> None:
+    table = Table(title=f"original vs MLA ({outcome.model_version})")
+    for column in ("model", "PPL", "PPL change", "KV bytes/token", "KV saving"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = list(outcome.rows)
+    if reloaded is not None:
+        original = rows[0]
+        rows.append({"model": "mla, reloaded (fresh process)", "ppl": reloaded["ppl"],
+                     "ppl_change_pct": 100 * (reloaded["ppl"] / original["ppl"] - 1),
+                     "kv_bytes_per_token": reloaded["kv_bytes_per_token"],
+                     "kv_saving_pct": 100 * (1 - reloaded["kv_bytes_per_token"] / original["kv_bytes_per_token"])})  # fmt: skip
+    for row in rows:
+        table.add_row(row["model"], f"{row['ppl']:.2f}", f"{row['ppl_change_pct']:+.1f}%",
+                      f"{row['kv_bytes_per_token']:,.0f}", f"{row['kv_saving_pct']:.2f}%")  # fmt: skip
+    console.print(table)
+    hits = sum(v == "hit" for v in outcome.cache.values())
+    console.print(f"stages: {len(outcome.cache) - hits} ran, {hits} cached")
+    console.print(f"checkpoint: {outcome.checkpoint.uri}\nregistered: {outcome.model_version}   MLflow run: {outcome.run_id}")
+    if reloaded is not None:
+        console.print(f"[bold]greedy sample[/bold] ({reloaded['model_class']}, reloaded):\n"
+                      f"[dim]{reloaded['prompt']}[/dim]{reloaded['sample']}")  # fmt: skip
+
+
+@catalog_app.command("run")
+def catalog_run(file: Path = typer.Argument(..., help="catalog YAML (see catalog.example.yaml)")) -> None:
+    """Run every entry; exit status 1 if any entry failed."""
+    from flows.catalog import catalog, load_catalog
+
+    try:
+        load_catalog(file)  # a typo fails here, before anything starts
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    outcome = run_with_progress(catalog, str(file))
+    report_catalog(outcome)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def report_catalog(outcome) -> None:
+    table = Table(title=f"catalog summary (MLflow run {outcome.run_id})")
+    for column in ("entry", "status", "PPL original", "PPL mla", "KV saving", "checkpoint / error"):
+        table.add_column(column)
+    for row in outcome.rows:
+        ok = row["status"] == "ok"
+        table.add_row(
+            row["entry"], "[green]ok" if ok else "[red]failed",
+            f"{row['ppl_original']:.2f}" if ok else "", f"{row['ppl_mla']:.2f}" if ok else "",
+            f"{row['kv_saving_pct']:.2f}%" if ok else "", row["checkpoint"] if ok else row["error"],
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def resume(run_id: str = typer.Argument(..., help="MLflow run id of a convert or catalog flow run (see `mha2mla runs`)")) -> None:
+    """Rerun a flow run with the parameters stored with it; its completed stages are cache hits."""
+    import mlflow
+
+    from flows.catalog import CATALOG_FILE, catalog
+    from flows.convert import CONFIG_FILE, ConvertParams
+    from flows.convert import convert as convert_flow
+    from infra.tracking import configure
+
+    configure(Settings())
+    try:
+        stored = _stored_config(mlflow, run_id, (CONFIG_FILE, CATALOG_FILE))
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if stored["flow"] == "convert":
+        params = ConvertParams.model_validate(stored["params"])
+        report_conversion(run_with_progress(convert_flow, params), None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / Path(stored["params"]["file"]).name
+        file.write_text(json.dumps(stored["catalog"]))  # JSON is YAML
+        outcome = run_with_progress(catalog, str(file))
+    report_catalog(outcome)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _stored_config(mlflow, run_id: str, names: tuple[str, ...]) -> dict:
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception as exc:  # MlflowException: unknown or malformed id
+        raise LookupError(f"no MLflow run {run_id!r}; `mha2mla runs` lists them") from exc
+    for name in names:
+        try:
+            return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{name}")
+        except Exception:  # not this flow's file
+            continue
+    raise LookupError(f"run {run_id} is not a convert or catalog flow run (no {' or '.join(names)} stored with it)")
+
+
+@app.command()
+def runs(limit: int = typer.Option(10, min=1, help="how many flow runs")) -> None:
+    """Recent flow runs (newest first) with each stage's status and cache outcome."""
+    from infra.tracking import configure, recent_runs
+
+    configure(Settings())
+    table = Table(title="recent flow runs")
+    for column in ("run id", "name", "flow", "status", "started (UTC)", "stages"):
+        table.add_column(column)
+    for flow_run in recent_runs(limit):
+        run = flow_run.run
+        stages = "\n".join(
+            f"{s.name}: {s.status.lower()}" + (f" ({s.tags['mha2mla.cache']})" if "mha2mla.cache" in s.tags else "")
+            for s in flow_run.stages
+        )
+        table.add_row(run.run_id, run.name, run.tags.get("mha2mla.flow", ""), run.status.lower(),
+                      run.start_time.strftime("%Y-%m-%d %H:%M:%S"), stages)  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def lineage(uri: str = typer.Argument(..., help="artifact URI of a checkpoint (file:// or s3://)")) -> None:
+    """The model, data, code and config that produced the artifact at URI, from MLflow."""
+    from infra.tracking import configure
+    from infra.tracking import lineage as find_lineage
+
+    configure(Settings())
+    try:
+        found = find_lineage(uri)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    flow = found.flow.run if found.flow else found.producer
+    table = Table(title=f"lineage of {uri}", show_header=False)
+    table.add_row("sha256", found.sha256)
+    table.add_row("produced by", f"{found.producer.name} (run {found.producer.run_id})")
+    table.add_row("flow run", f"{flow.name} (run {flow.run_id})")
+    table.add_row("model", f"{flow.tags.get('mha2mla.model_source', '?')}")
+    table.add_row("model digest", f"{flow.tags.get('mha2mla.model_digest', '?')}")
+    table.add_row("code version", flow.tags.get("mha2mla.code_version", "?"))
+    for key in sorted(k for k in flow.tags if k.startswith("mha2mla.version.")):
+        table.add_row(key.removeprefix("mha2mla."), flow.tags[key])
+    stages = found.flow.stages if found.flow else (found.producer,)
+    for stage in stages:
+        for dataset in stage.datasets:
+            table.add_row(f"dataset {dataset.name}", f"sha256 {dataset.sha256}\nsource {dataset.source}")
+    for key, value in sorted(flow.params.items()):
+        table.add_row(f"config {key}", value)
+    table.add_row("registered as", ", ".join(found.model_versions) or "-")
+    console.print(table)
