@@ -91,10 +91,10 @@ def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
 
 
 def dequantize_group(q: GroupQuant) -> torch.Tensor:
-    """(B, Hx, Tq, D) values in the dtype of `q.scale`."""
-    codes = unpack_codes(q.codes, q.nbits).to(q.scale.dtype)  # (B, Hx, Tq, D)
-    scale = q.scale.repeat_interleave(q.group_size, dim=2)  # (B, Hx, Tq, D)
-    zero = q.zero.repeat_interleave(q.group_size, dim=2)  # (B, Hx, Tq, D)
+    """(B, Hx, Tq, D) fp32 values."""
+    codes = unpack_codes(q.codes, q.nbits).float()  # (B, Hx, Tq, D)
+    scale = q.scale.float().repeat_interleave(q.group_size, dim=2)  # (B, Hx, Tq, D)
+    zero = q.zero.float().repeat_interleave(q.group_size, dim=2)  # (B, Hx, Tq, D)
     return (codes - zero) * scale
 
 
