@@ -23,7 +23,7 @@ from mha2mla_core.arch import ArchSpec, arch_spec
 from mha2mla_core.config import MLAConfig
 from mha2mla_core.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
 from mha2mla_core.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
-from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads
+from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads, small_lapack
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ def build_attention(
 def spectrum(src: SourceAttention, whitening: Whitening | None) -> torch.Tensor:
     """Singular values of all K_nope/V rows of a layer (whitened if `whitening`), for the spectrum plot."""
     w = interleave_heads(src.k_nope, src.v).double()
-    return torch.linalg.svdvals(w if whitening is None else w @ whitening.s).cpu()
+    with small_lapack():
+        return torch.linalg.svdvals(w if whitening is None else w @ whitening.s).cpu()
 
 
 def assemble(model: PreTrainedModel, mla_config: MLALlamaConfig, attentions: list[MLAAttention]) -> MLAForCausalLM:

@@ -7,9 +7,22 @@ Rc latent dims per group, E hidden size. Up-projection rows are laid out per KV 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+
+@contextmanager
+def small_lapack():
+    """Run small CPU decompositions (E x E) single-threaded: multi-threaded LAPACK on matrices this small is
+    slower, and pathologically so (seconds per call) when cores are oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -21,7 +34,8 @@ class Whitening:
 
     @classmethod
     def from_second_moment(cls, second_moment: torch.Tensor, rel_eps: float = 1e-6) -> "Whitening":
-        evals, evecs = torch.linalg.eigh(second_moment.double())
+        with small_lapack():
+            evals, evecs = torch.linalg.eigh(second_moment.double())
         evals = evals.clamp_min(evals.max() * rel_eps)  # damping: never divide by a null direction
         root = evals.sqrt()
         return cls(s=evecs * root, s_inv=(evecs / root).T)
@@ -35,7 +49,8 @@ def low_rank(w: torch.Tensor, rank: int, whitening: Whitening | None = None) -> 
     """
     w = w.double()
     m = w if whitening is None else w @ whitening.s
-    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    with small_lapack():
+        u, sv, vh = torch.linalg.svd(m, full_matrices=False)
     root = sv[:rank].sqrt()
     b = u[:, :rank] * root  # (out, rank)
     a = root[:, None] * vh[:rank]  # (rank, E)
