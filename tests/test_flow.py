@@ -1,0 +1,316 @@
+"""The convert and catalog flows on a tiny seeded Llama: tracking, caching, retries, faults, resumption.
+
+Prefect runs on one test server for the session, MLflow on sqlite in a temp dir, artifacts in a temp dir or
+on moto's S3 server over HTTP (fixtures in pipeline_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from infra.artifacts import DigestMismatchError, StoreCheckError
+from infra.tracking import lineage
+
+pytest_plugins = ["pipeline_fixtures"]
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+STAGES = ("sample-calibration", "score-rope", "svd-init", "evaluate[original]", "evaluate[mla]")
+
+
+def run_convert(params):
+    from flows.convert import convert
+
+    return convert(params)
+
+
+def stage_runs(parent_run_id: str) -> dict[str, object]:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {run.info.run_name: run for run in runs if run.info.status == "FINISHED"}
+
+
+def flow_runs() -> list:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "tags.`mha2mla.flow` = 'convert'")
+
+
+def stage_output(parent_run_id: str, stage: str) -> tuple[str, str]:
+    tags = stage_runs(parent_run_id)[stage].data.tags
+    return tags["mha2mla.output_uri"], tags["mha2mla.output_sha256"]
+
+
+def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin, tiny_source, executions, tiny_params):
+    from tasks.inputs import resolve_model
+
+    outcome = run_convert(tiny_params(tiny_source))
+    assert outcome.cache == dict.fromkeys(STAGES, "miss")
+    assert dict(executions) == {"sample-calibration": 1, "score-rope": 1, "svd-init": 1, "evaluate": 2}
+
+    client = MlflowClient()
+    parent = client.get_run(outcome.run_id)
+    assert parent.data.params["mla.kv_rank"] == "4" and parent.data.params["calibration.seed"] == "0"
+    stored = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/config.json")
+    assert stored["params"]["calibration"]["num_tokens"] == 512 and stored["sources"]["model"]["digest"]
+    model_digest = resolve_model(str(tiny_source)).digest
+    assert parent.data.tags["mha2mla.model_digest"] == model_digest
+    assert parent.data.tags["mha2mla.code_version"] and parent.data.tags["mha2mla.version.torch"]
+    assert {"config.json", "eval_table.md", "eval_table.json"} <= {a.path for a in client.list_artifacts(outcome.run_id)}
+    runs = stage_runs(outcome.run_id)
+    assert set(runs) == set(STAGES)
+    assert [a.path for a in client.list_artifacts(runs["score-rope"].info.run_id)] == ["rope_scores.png"]
+    assert [a.path for a in client.list_artifacts(runs["svd-init"].info.run_id)] == ["svd_spectrum.png"]
+    assert runs["svd-init"].data.params["svd"] == "aware"
+    calibration = runs["sample-calibration"].inputs.dataset_inputs[0]
+    assert calibration.dataset.name == "calibration"
+
+    # every stored object hashes to the digest its stage recorded
+    bucket = s3_env.artifact_root.removeprefix("s3://").split("/")[0]
+    for stage in STAGES:
+        uri, sha = stage_output(outcome.run_id, stage)
+        key = uri.removeprefix(f"s3://{bucket}/")
+        if stage == "svd-init":
+            key += "/_manifest.json"
+        body = s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == sha, stage
+    manifest = json.loads(s3_admin.get_object(Bucket=bucket, Key=f"{outcome.checkpoint.uri.removeprefix(f's3://{bucket}/')}/_manifest.json")["Body"].read())
+    for rel, entry in manifest["files"].items():
+        key = f"{outcome.checkpoint.uri.removeprefix(f's3://{bucket}/')}/{rel}"
+        assert hashlib.sha256(s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest() == entry["sha256"]
+
+    [version] = client.search_model_versions(f"name = '{outcome.model_version.split('/')[0]}'")
+    assert version.source == outcome.checkpoint.uri
+
+    found = lineage(outcome.checkpoint.uri)
+    assert found.flow.run.tags["mha2mla.model_digest"] == model_digest
+    assert found.flow.run.params["mla.rope_dims"] == "4"
+    datasets = [d for stage in found.flow.stages for d in stage.datasets]
+    assert [d.name for d in datasets] == ["calibration"] and len(datasets[0].sha256) == 64
+
+    executions.clear()
+    again = run_convert(tiny_params(tiny_source))
+    assert again.cache == dict.fromkeys(STAGES, "hit") and not executions
+    assert again.checkpoint == outcome.checkpoint and again.rows == outcome.rows
+    assert set(stage_runs(again.run_id)) == set(STAGES)  # cached stages are still recorded per flow run
+
+
+def test_config_change_reruns_that_stage_and_downstream_only(local_env, tiny_source, executions, tiny_params):
+    run_convert(tiny_params(tiny_source))
+    executions.clear()
+    outcome = run_convert(tiny_params(tiny_source, kv_rank=2))
+    assert outcome.cache == {"sample-calibration": "hit", "score-rope": "hit", "svd-init": "miss",
+                             "evaluate[original]": "hit", "evaluate[mla]": "miss"}  # fmt: skip
+    assert dict(executions) == {"svd-init": 1, "evaluate": 1}
+
+
+def test_transient_fault_is_retried(local_env, tiny_source, executions, tiny_params):
+    executions.fail("svd-init", ConnectionResetError("connection reset by peer"))
+    outcome = run_convert(tiny_params(tiny_source))
+    assert executions["svd-init"] == 2 and outcome.cache["svd-init"] == "miss"
+
+
+def test_permanent_failure_keeps_earlier_stages_and_rerun_starts_at_it(local_env, tiny_source, executions, tiny_params):
+    from tasks.common import context
+
+    executions.fail("score-rope", ValueError("bad input, no retry"))
+    with pytest.raises(ValueError, match="bad input"):
+        run_convert(tiny_params(tiny_source))
+    assert dict(executions) == {"sample-calibration": 1, "score-rope": 1}  # not retried
+    executions.clear()
+    outcome = run_convert(tiny_params(tiny_source))
+    assert outcome.cache["sample-calibration"] == "hit" and executions["sample-calibration"] == 0
+    assert dict(executions) == {"score-rope": 1, "svd-init": 1, "evaluate": 2}
+    assert context().store.verify(outcome.checkpoint)
+
+
+def _fail_s3_requests(client, operation: str, count: int) -> list[str]:
+    """Answer the next `count` `operation` requests with HTTP 500 without sending them."""
+    from botocore.awsrequest import AWSResponse
+
+    class Body:
+        def stream(self, **_):
+            yield b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+
+    failed: list[str] = []
+
+    def inject(request, **_):
+        if len(failed) < count:
+            failed.append(request.url)
+            return AWSResponse(request.url, 500, {}, Body())
+        return None
+
+    client.meta.events.register(f"before-send.s3.{operation}", inject)
+    return failed
+
+
+def test_s3_server_errors_are_retried_with_nothing_lost(s3_env, tiny_source, executions, tiny_params):
+    from tasks.common import context
+
+    store = context().store
+    # 4 failures outlast botocore's 3 attempts once: one request fails for good, the stage's retry recovers
+    puts, gets = _fail_s3_requests(store.client, "PutObject", 4), _fail_s3_requests(store.client, "GetObject", 2)
+    outcome = run_convert(tiny_params(tiny_source))
+    assert len(puts) == 4 and len(gets) == 2 and executions["sample-calibration"] == 2
+    assert store.verify(outcome.checkpoint)
+    for stage in STAGES:
+        uri, sha = stage_output(outcome.run_id, stage)
+        if stage != "svd-init":
+            store.get_bytes(uri, sha256=sha)
+
+
+def test_corrupted_artifact_is_a_cache_miss(local_env, tiny_source, executions, tiny_params):
+    from tasks.common import context
+
+    first = run_convert(tiny_params(tiny_source))
+    calib_uri, calib_sha = stage_output(first.run_id, "sample-calibration")
+    path = Path(calib_uri.removeprefix("file://"))
+    path.write_bytes(path.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(DigestMismatchError, match="digest mismatch"):
+        context().store.get_bytes(calib_uri, sha256=calib_sha)
+    (Path(first.checkpoint.uri.removeprefix("file://")) / "model.safetensors").unlink()
+
+    executions.clear()
+    second = run_convert(tiny_params(tiny_source))
+    assert second.cache["sample-calibration"] == "miss" and second.cache["svd-init"] == "miss"
+    assert executions["sample-calibration"] == 1 and executions["svd-init"] == 1
+    assert context().store.verify(second.checkpoint)
+    executions.clear()
+    assert set(run_convert(tiny_params(tiny_source)).cache.values()) == {"hit"} and not executions
+
+
+KILLED_FLOW = """
+import sys, time
+from pathlib import Path
+import tasks.svd_init as stage
+from pipeline_fixtures import make_tiny_params
+
+def hang(*args, **kwargs):
+    Path(sys.argv[2]).touch()
+    time.sleep(600)
+
+stage.convert_to_mla_with_report = hang
+from flows.convert import convert
+convert(make_tiny_params(sys.argv[1]))
+"""
+
+
+def test_killed_flow_is_resumed(local_env, prefect_api, tiny_source, tmp_path, executions):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    script, marker = tmp_path / "killed.py", tmp_path / "svd-init-started"
+    script.write_text(textwrap.dedent(KILLED_FLOW))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd()])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_source), str(marker)], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the flow ended before svd-init started"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    [killed] = flow_runs()
+    assert killed.info.status == "RUNNING"  # SIGKILL left no chance to close it
+    result = CliRunner().invoke(app, ["resume", killed.info.run_id])
+    assert result.exit_code == 0, result.output
+    assert dict(executions) == {"svd-init": 1, "evaluate": 2}  # calibration and scores came from the cache
+    assert "3 ran, 2 cached" in result.output
+
+
+def test_bad_input_fails_before_any_stage(local_env, tiny_source, executions, free_port, s3_admin, s3_endpoint, monkeypatch, tiny_params):
+    from tasks.common import context
+
+    with pytest.raises(ValueError, match="unknown model 'no-such-org/no-such-model'"):
+        run_convert(tiny_params("no-such-org/no-such-model"))
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        run_convert(tiny_params(tiny_source / "missing"))
+    with pytest.raises(ValueError, match="kv_rank"):
+        tiny_params(tiny_source, kv_rank=0)
+    monkeypatch.setenv("MHA2MLA_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port}")
+    monkeypatch.setenv("MHA2MLA_ARTIFACT_ROOT", "s3://mha2mla/artifacts")
+    monkeypatch.setenv("MHA2MLA_AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("MHA2MLA_AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("MHA2MLA_S3_MAX_ATTEMPTS", "1")
+    context.cache_clear()
+    with pytest.raises(StoreCheckError, match="unreachable"):
+        run_convert(tiny_params(tiny_source))
+    monkeypatch.setenv("MHA2MLA_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("MHA2MLA_ARTIFACT_ROOT", "s3://no-such-bucket/artifacts")
+    context.cache_clear()
+    with pytest.raises(StoreCheckError, match="does not exist"):
+        run_convert(tiny_params(tiny_source))
+    assert not executions
+
+
+def test_catalog_runs_every_entry_and_survives_a_failure(local_env, tiny_source, tmp_path, executions):
+    from flows.catalog import catalog
+
+    file = tmp_path / "tiny.yaml"
+    file.write_text(textwrap.dedent(f"""
+        max_concurrency: 2
+        defaults:
+          mla: {{rope_dims: 4, calib_seq_len: 64}}
+          calibration: {{num_tokens: 512}}
+          evaluation: {{max_tokens: 256, window: 64}}
+        models:
+          - model: {tiny_source}
+            configs:
+              - {{name: k4, mla: {{kv_rank: 4}}}}
+              - {{name: k60, mla: {{kv_rank: 60, svd: joint}}}}
+    """))  # k60 > 2*16-4 = 28 rows per KV head: fails in svd-init
+    outcome = catalog(str(file))
+    rows = {row["entry"].rsplit("-", 1)[1]: row for row in outcome.rows}
+    assert outcome.failed == 1 and rows["k4"]["status"] == "ok" and rows["k60"]["status"] == "failed"
+    assert "kv_rank=60" in rows["k60"]["error"]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
+    assert {"catalog_summary.md", "catalog.json"} <= artifacts
+
+
+def test_catalog_typo_is_a_clear_error(tmp_path):
+    from flows.catalog import load_catalog
+
+    file = tmp_path / "typo.yaml"
+    file.write_text("models:\n  - model: smollm2-135m\n    configs:\n      - name: a\n        mla: {kv_rnak: 8}\n")
+    with pytest.raises(ValueError, match=r"(?s)models\.0\.configs\.0 \('a'\).*kv_rnak"):
+        load_catalog(file)
+    file.write_text("max_concurency: 2\nmodels: []\n")
+    with pytest.raises(ValueError, match="max_concurency"):
+        load_catalog(file)
+
+
+def test_deployments_match_prefect_yaml_and_apply_to_a_work_pool(prefect_api):
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deploy import CATALOG_CRON, WORK_POOL, deployments
+
+    spec = yaml.safe_load(Path("prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["catalog-nightly"]["schedules"][0]["cron"] == CATALOG_CRON
+    assert {d["work_pool"]["name"] for d in by_name.values()} == {WORK_POOL}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"), overwrite=True)
+        for deployment in deployments():
+            assert deployment.name in by_name
+            deployment.apply(work_pool_name=WORK_POOL)
+        stored = client.read_deployment_by_name("catalog/catalog-nightly")
+    assert stored.work_pool_name == WORK_POOL and stored.schedules[0].schedule.cron == CATALOG_CRON
+    assert stored.parameters == {"file": "catalog.example.yaml"}
