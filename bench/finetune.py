@@ -261,7 +261,7 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
                          kd_weight=variant.kd_weight, trainable=variant.trainable, compile=True, log_every=25,
                          eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
-                         checkpoint_every=max(1, steps // 8), keep_last=1)
+                         checkpoint_every=max(1, steps // 4), keep_last=1)
     curve = [{"tokens": 0, "ppl": stages.get("reconstructed_ppl", stages["converted_ppl"])}]
 
     def on_event(event: TrainEvent) -> None:
@@ -284,9 +284,11 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     flops = train_flops_per_token(student, SEQ_LEN) + (
         train_flops_per_token(ctx.teacher, SEQ_LEN, False) if variant.kd_weight > 0 else 0)
     evals = [h for h in fit.history if h["kind"] == "eval"]
+    windows = [h["tokens_per_s"] for h in fit.history if h["kind"] == "log"][1:]  # the first one compiles
+    tok_s = statistics.median(windows) if windows else fit.tokens_per_s
     return {**result, "finished": True, "final_ppl": evals[-1]["ppl"], "tokens_trained": fit.tokens,
             "curve": [{"tokens": 0, "ppl": curve[0]["ppl"]}] + [{"tokens": h["tokens"], "ppl": h["ppl"]} for h in evals],
-            "tokens_per_s": round(fit.tokens_per_s), "mfu": round(fit.tokens_per_s * flops / H100_BF16_PEAK, 4),
+            "tokens_per_s": round(tok_s), "mfu": round(tok_s * flops / H100_BF16_PEAK, 4),
             "train_seconds": round(fit.seconds, 1), "resumed_from_step": fit.resumed_from_step,
             "loss_curve": [{"tokens": h["tokens"], "loss": h["loss"]} for h in fit.history if h["kind"] == "log"]}, student
 
@@ -308,7 +310,7 @@ def save_and_reload(ctx: _Context, path: Path, student: nn.Module) -> dict:
 
 # ---- report --------------------------------------------------------------------------------------------------------
 @app.command()
-def report(results: Path = Path("bench/results/finetune")) -> None:
+def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> None:
     """A markdown table of every <name>.json and ppl_vs_tokens.png."""
     import matplotlib
 
