@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from infra.artifacts import StoreCheckError
 from infra.settings import Settings
 from mha2mla_core.config import MLAConfig
 
@@ -38,7 +39,7 @@ app.add_typer(catalog_app, name="catalog")
 console = Console()
 _MLA = MLAConfig()
 # errors that are the user's to fix: printed as one message, no traceback
-USER_ERRORS = (ValueError, FileNotFoundError, LookupError, OSError)
+USER_ERRORS = (ValueError, LookupError, OSError, StoreCheckError)
 
 
 @app.callback()

@@ -1,0 +1,86 @@
+"""The `mha2mla` command line on a tiny seeded Llama (in-process typer runner; the reload check is a real
+subprocess), on the session's Prefect test server with MLflow and artifacts in a temp dir."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytest_plugins = ["pipeline_fixtures"]
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+TINY = ["--rope-dims", "4", "--kv-rank", "4", "--calib-tokens", "512", "--eval-tokens", "256"]
+
+
+@pytest.fixture
+def cli(local_env, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps long URIs at the default 80
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == code, result.output
+        return result.output
+
+    return invoke
+
+
+def latest_flow_run():
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "tags.`mha2mla.flow` = 'convert'", order_by=["attributes.start_time DESC"])[0]
+
+
+def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_source):
+    out = cli("convert", str(tiny_source), *TINY)
+    assert "mla, reloaded (fresh process)" in out and "greedy sample (MLAForCausalLM, reloaded)" in out
+    assert "5 ran, 0 cached" in out
+    run = latest_flow_run()
+    checkpoint = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")[0].source
+
+    out = cli("lineage", checkpoint)
+    assert run.data.tags["mha2mla.model_digest"] in out and "dataset calibration" in out
+    assert "config mla.kv_rank" in out and "svd-init" in out
+
+    out = cli("runs")
+    assert run.info.run_id in out and "svd-init: finished (miss)" in out
+
+    out = cli("resume", run.info.run_id)
+    assert "0 ran, 5 cached" in out
+
+
+def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source, tmp_path):
+    file = tmp_path / "catalog.yaml"
+    file.write_text(
+        "max_concurrency: 1\n"
+        "defaults: {mla: {rope_dims: 4, calib_seq_len: 64}, calibration: {num_tokens: 512}, evaluation: {max_tokens: 256, window: 64}}\n"
+        f"models:\n  - model: {tiny_source}\n    configs:\n      - {{name: ok, mla: {{kv_rank: 4}}}}\n"
+        "      - {name: too-big, mla: {kv_rank: 60, svd: joint}}\n"
+    )
+    out = cli("catalog", "run", str(file), code=1)
+    assert "catalog summary" in out and "ok" in out and "kv_rank=60" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("convert", "{tiny}", "--rope-dims", "7"), "rope_dims=7 must be an even number"),
+        (("convert", "{tiny}", "--kv-rank", "sixteen"), "'sixteen': give a rank per KV head"),
+        (("convert", "no-such-org/no-such-model"), "unknown model 'no-such-org/no-such-model'"),
+        (("convert", "{tiny}", "--calib-data", "/no/such/file.jsonl"), "no such file or directory"),
+        (("lineage", "file:///no/such/checkpoint"), "no run logged output"),
+        (("resume", "0123456789abcdef0123456789abcdef"), "no MLflow run"),
+    ],
+)
+def test_bad_input_is_one_clear_line(cli, tiny_source, args, message):
+    out = cli(*(a.format(tiny=tiny_source) for a in args), code=2)
+    assert message in out and "Traceback" not in out
+
+
+def test_catalog_typo_is_reported_before_anything_runs(cli, tmp_path):
+    file = tmp_path / "typo.yaml"
+    file.write_text("models:\n  - model: smollm2-135m\n    configs:\n      - name: a\n        mla: {kv_rnak: 8}\n")
+    out = cli("catalog", "run", str(file), code=2)
+    assert "kv_rnak" in out and "Unexpected keyword argument" in out
