@@ -1,0 +1,162 @@
+"""Evaluate the original SmolLM2-135M and MLA candidates side by side: PPL, zero-shot MC, needle grid, KV, speed.
+
+    .venv/bin/python bench/evaluate.py --limit 100                       # the original only, CPU
+    .venv/bin/python bench/evaluate.py --limit 100 \
+        --candidate mla-ft=runs/finetuned                                 # a saved MLA checkpoint
+        --convert mla-default=rope_dims=8,kv_rank=16,svd=aware,layout=shared   # converted here (calibration
+                                                                          # as bench/zero_shot.py)
+    .venv/bin/python bench/evaluate.py --device cuda --needle-lengths 1024,2048,4096,8000   # full runs on a GPU
+
+Stages (see mha2mla_core.evaluation): wikitext-2 PPL on the project protocol; lm-eval zero-shot MC on the local
+tasks (`--limit` items per task, per subject for MMLU); needle-in-a-haystack in the Gutenberg books (lengths x
+depths); KV bytes/token from the cache, peak memory and prefill/decode/generate tokens/s. Writes table.md,
+comparison.json, <name>.json per model and PNGs (needle heatmaps, decode speed, KV bytes) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mha2mla_core import MLAConfig, convert_to_mla, load_model
+from mha2mla_core.evaluation import (
+    EvalConfig,
+    EvalResult,
+    InferenceConfig,
+    MCConfig,
+    NeedleConfig,
+    compare,
+    evaluate_model,
+    plots,
+)
+from mha2mla_core.evaluation.multiple_choice import TASK_FILES
+from mha2mla_core.evaluation.paths import MC_DATA_DIR
+
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def named(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def mla_config(spec: str) -> MLAConfig:
+    """`rope_dims=8,kv_rank=16,svd=aware,layout=shared` (kv_rank=none: partial RoPE only)."""
+    fields: dict[str, object] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key in ("rope_dims", "kv_rank", "calib_seq_len"):
+            fields[key] = None if value.lower() == "none" else int(value)
+        else:
+            fields[key] = value
+    return MLAConfig(**fields)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="the original model (load_model name)")
+    p.add_argument("--candidate", type=named, action="append", default=[], help="NAME=PATH of a saved model")
+    p.add_argument("--convert", type=named, action="append", default=[], help="NAME=MLAConfig fields, k=v,...")
+    p.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip", default="", help="stages to skip: comma list of ppl,mc,needle,inference")
+    p.add_argument("--tasks", default=",".join(TASK_FILES))
+    p.add_argument("--limit", type=int, default=None, help="MC items per task (per subject for MMLU)")
+    p.add_argument("--mmlu-limit", type=int, default=None, help="items per MMLU subject (default: --limit)")
+    p.add_argument("--mc-data-dir", type=Path, default=MC_DATA_DIR)
+    p.add_argument("--mc-source", choices=("local", "hub"), default="local")
+    p.add_argument("--mc-batch-size", type=int, default=8)
+    p.add_argument("--needle-lengths", type=ints, default=(1024, 2048, 4096))
+    p.add_argument("--needle-depths", type=floats, default=(0.0, 0.25, 0.5, 0.75, 1.0))
+    p.add_argument("--needle-trials", type=int, default=1)
+    p.add_argument("--contexts", type=ints, default=(512, 2048))
+    p.add_argument("--batch-sizes", type=ints, default=(1, 4))
+    p.add_argument("--decode-steps", type=int, default=32)
+    return p.parse_args()
+
+
+def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
+    """The suite, split in two when MMLU has its own limit (lm-eval's limit is per task)."""
+    skip = set(filter(None, args.skip.split(",")))
+    tasks = tuple(filter(None, args.tasks.split(",")))
+    mc = dict(data_dir=args.mc_data_dir, source=args.mc_source, batch_size=args.mc_batch_size)
+    base = EvalConfig(
+        perplexity=EvalConfig().perplexity if "ppl" not in skip else None,
+        multiple_choice=MCConfig(tasks=tasks, limit=args.limit, **mc) if "mc" not in skip else None,
+        needle=None
+        if "needle" in skip
+        else NeedleConfig(lengths=args.needle_lengths, depths=args.needle_depths, trials=args.needle_trials),
+        inference=None
+        if "inference" in skip
+        else InferenceConfig(contexts=args.contexts, batch_sizes=args.batch_sizes, decode_steps=args.decode_steps),
+    )
+    if "mc" in skip or args.mmlu_limit is None or "mmlu" not in tasks or tasks == ("mmlu",):
+        return [base]
+    others = tuple(t for t in tasks if t != "mmlu")
+    return [
+        replace(base, multiple_choice=MCConfig(tasks=others, limit=args.limit, **mc)),
+        EvalConfig(None, MCConfig(tasks=("mmlu",), limit=args.mmlu_limit, **mc), None, None),
+    ]
+
+
+def evaluate(model, tokenizer, configs: list[EvalConfig], name: str) -> EvalResult:
+    """evaluate_model per config, the MC scores and stage seconds of the later parts merged into the first."""
+    result, *rest = [evaluate_model(model, tokenizer, cfg, name) for cfg in configs]
+    for part in rest:
+        seconds = {k: result.seconds.get(k, 0) + part.seconds.get(k, 0) for k in {*result.seconds, *part.seconds}}
+        result = replace(result, multiple_choice={**result.multiple_choice, **part.multiple_choice}, seconds=seconds)
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lists every MMLU subtask
+    configs = eval_configs(args)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model, device=args.device)
+    results = {"original": evaluate(model, tokenizer, configs, "original")}
+    for name, path in args.candidate:
+        candidate, candidate_tokenizer = load_model(path, device=args.device)
+        results[name] = evaluate(candidate, candidate_tokenizer, configs, name)
+        del candidate
+    if args.convert:
+        from bench.zero_shot import calibration_ids
+
+        calib, _ = calibration_ids(tokenizer)
+        for name, spec in args.convert:
+            results[name] = evaluate(convert_to_mla(model, mla_config(spec), calib), tokenizer, configs, name)
+    write(results, args.out)
+
+
+def write(results: dict[str, EvalResult], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare(results)
+    for name, result in results.items():
+        (out / f"{name}.json").write_text(result.to_json())
+        if result.needle:
+            (out / f"needle_{name}.png").write_bytes(plots.needle_heatmap(result.needle, f"needle: {name}"))
+    if any(r.inference for r in results.values()):
+        (out / "decode_speed.png").write_bytes(plots.decode_speed(results))
+    if any(r.kv_bytes_per_token is not None for r in results.values()):
+        (out / "kv_cache.png").write_bytes(plots.kv_cache(results))
+    (out / "comparison.json").write_text(table.to_json())
+    (out / "table.md").write_text(table.to_markdown())
+    print(table.to_markdown())
+    print(f"wrote {out}/")
+
+
+if __name__ == "__main__":
+    main()
