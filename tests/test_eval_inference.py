@@ -56,7 +56,11 @@ def test_speed_grid_covers_every_point(source):
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(contexts=()), "contexts="), (dict(batch_sizes=(0,)), "batch_sizes="), (dict(decode_steps=0), "decode_steps=0")],
+    [
+        (dict(contexts=()), "contexts="),
+        (dict(batch_sizes=(0,)), "batch_sizes="),
+        (dict(decode_steps=0), "decode_steps=0"),
+    ],
 )
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

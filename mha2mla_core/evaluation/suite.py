@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mha2mla_core.evaluation.inference import InferenceConfig, check_inference, reported_kv_bytes_per_token, run_inference
+from mha2mla_core.evaluation.inference import (
+    InferenceConfig,
+    check_inference,
+    reported_kv_bytes_per_token,
+    run_inference,
+)
 from mha2mla_core.evaluation.multiple_choice import MCConfig, check_mc_data, run_multiple_choice
 from mha2mla_core.evaluation.needle import NeedleConfig, check_context, haystack_files, run_needle
 from mha2mla_core.evaluation.paths import read_text
@@ -64,6 +69,8 @@ def evaluate_model(
     mc = timed("multiple_choice", lambda c: run_multiple_choice(model, tokenizer, c), cfg.multiple_choice)
     needle = timed("needle", lambda c: run_needle(model, tokenizer, c), cfg.needle)
     inference = timed("inference", lambda c: run_inference(model, c), cfg.inference)
+    reported = reported_kv_bytes_per_token(model)
+    _cross_check_kv(name, inference, reported)
     return EvalResult(
         name=name,
         model_type=model.config.model_type,
@@ -74,6 +81,15 @@ def evaluate_model(
         multiple_choice=mc or {},
         needle=needle,
         inference=inference or (),
-        kv_bytes_per_token_reported=reported_kv_bytes_per_token(model),
+        kv_bytes_per_token_reported=reported,
         seconds=seconds,
     )
+
+
+def _cross_check_kv(name: str, inference: tuple | None, reported: float | None) -> None:
+    """Warn when the cache measured after prefill disagrees with the model's own kv_bytes_per_token()."""
+    if inference and reported is not None and inference[0].kv_bytes_per_token != reported:
+        logger.warning(
+            "%s: KV bytes/token measured from the cache (%s) differ from model.kv_bytes_per_token() (%s)",
+            name, inference[0].kv_bytes_per_token, reported,
+        )  # fmt: skip
