@@ -5,19 +5,14 @@
     results = {"original": evaluate_model(model, tok, cfg, "original"), "mla": evaluate_model(mla, tok, cfg, "mla")}
     print(compare(results).to_markdown())
 
-Works on any HF causal LM; lm-eval, matplotlib and psutil are imported only by the stages that use them.
+Works on any HF causal LM; lm-eval, matplotlib and psutil are imported only by the stages that use them. The
+submodules keep their names (`perplexity.perplexity(model, tok, text)` is the raw-text entry point).
 """
 
 from mha2mla_core.evaluation.inference import InferenceConfig, InferencePoint, cache_bytes_per_token, run_inference
 from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, MCScore, run_multiple_choice
 from mha2mla_core.evaluation.needle import NeedleConfig, NeedleResult, run_needle
-from mha2mla_core.evaluation.perplexity import (
-    WIKITEXT2_PROTOCOL,
-    PerplexityConfig,
-    PerplexityResult,
-    perplexity,
-    run_perplexity,
-)
+from mha2mla_core.evaluation.perplexity import WIKITEXT2_PROTOCOL, PerplexityConfig, PerplexityResult, run_perplexity
 from mha2mla_core.evaluation.report import Comparison, EvalResult, compare
 from mha2mla_core.evaluation.suite import EvalConfig, evaluate_model
 
@@ -38,7 +33,6 @@ __all__ = [
     "cache_bytes_per_token",
     "compare",
     "evaluate_model",
-    "perplexity",
     "run_inference",
     "run_multiple_choice",
     "run_needle",
