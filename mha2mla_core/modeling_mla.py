@@ -306,6 +306,10 @@ class MLAForCausalLM(LlamaForCausalLM):
         self.post_init()
 
     def make_cache(self) -> Cache:
+        if self.config.kv_cache_quant:
+            from mha2mla_core.quant_cache import QuantizedLatentCache  # imports LatentCache from this module
+
+            return QuantizedLatentCache.from_model_config(self.config)
         return LatentCache()
 
     def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoModelForCausalLM
 
 from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
 from mha2mla_core.kernels import (
@@ -109,15 +109,16 @@ def mla():
     return convert_to_mla(tiny_model("llama-gqa"), cfg, calib_ids())
 
 
-def test_quant_config_survives_save_and_load(mla, tmp_path):
+def test_saved_model_reloads_with_the_same_quantized_cache(mla, tmp_path):
     quant = KVCacheQuantConfig(nbits=2, group_size=32, residual_length=64, backend="quanto")
     mla.config.kv_cache_quant = quant.to_dict()
     try:
-        mla.config.save_pretrained(tmp_path)
+        mla.save_pretrained(tmp_path)
     finally:
         mla.config.kv_cache_quant = None
-    cache = QuantizedLatentCache.from_model_config(AutoConfig.from_pretrained(tmp_path))
-    assert cache.quant_config == quant
+    assert isinstance(mla.make_cache(), LatentCache) and not isinstance(mla.make_cache(), QuantizedLatentCache)
+    cache = AutoModelForCausalLM.from_pretrained(tmp_path).make_cache()
+    assert isinstance(cache, QuantizedLatentCache) and cache.quant_config == quant
 
 
 def test_generate_with_quantized_cache(mla):

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from mha2mla_core.kernels.latent_decode import QuantizedLatentKV
 
@@ -346,10 +347,29 @@ def _combine(o_part: torch.Tensor, ml_part: torch.Tensor, out: torch.Tensor) -> 
     return out
 
 
+def _with_smaller_tiles_on_overflow(run, cfg: LaunchConfig) -> torch.Tensor:
+    """run(cfg); if the kernel needs more shared memory than the GPU has (fp32 operands take about twice the
+    estimate of the default configs), retry with fewer pipeline stages, then with half the tokens per tile."""
+    while True:
+        try:
+            return run(cfg)
+        except OutOfResources:
+            if cfg.num_stages > 1:
+                cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+            elif cfg.block_t > 16:
+                cfg = replace(cfg, block_t=cfg.block_t // 2)
+            else:
+                raise
+
+
 def decode(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, cfg: LaunchConfig | None = None) -> torch.Tensor:
     """Triton `latent_decode_attention`: flash-decoding split over T, then a combine when split."""
     _check_last_dim_contiguous(q_lat=q_lat, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe)
-    cfg = cfg or default_config(q_lat, c_kv, k_pe)
+    run = functools.partial(_decode, q_lat, q_pe, c_kv, k_pe, scale, kv_start)
+    return _with_smaller_tiles_on_overflow(run, cfg or default_config(q_lat, c_kv, k_pe))
+
+
+def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg: LaunchConfig) -> torch.Tensor:
     B, H, Rc = q_lat.shape
     splits, _ = _num_splits(B, c_kv.shape[1], c_kv.shape[2], cfg, c_kv.device)
     if splits == 1:
@@ -370,7 +390,12 @@ def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None,
     _check_last_dim_contiguous(q_lat=q_lat, q_pe=q_pe, c_codes=cq.codes, c_scale=cq.scale, k_codes=kq.codes, k_scale=kq.scale)
     if cq.scale.stride() != cq.zero.stride() or kq.scale.stride() != kq.zero.stride() or cq.group_size != kq.group_size:
         raise ValueError("int4 kernel needs scale and zero with equal strides and one group_size for c_kv and k_pe")
-    cfg = cfg or default_config_int4(q_lat, kv)
+    run = functools.partial(_decode_int4, q_lat, q_pe, kv, scale, kv_start)
+    return _with_smaller_tiles_on_overflow(run, cfg or default_config_int4(q_lat, kv))
+
+
+def _decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale, kv_start, cfg: LaunchConfig) -> torch.Tensor:
+    cq, kq = kv.c_kv, kv.k_pe
     if cq.group_size % cfg.block_t:
         raise ValueError(f"block_t={cfg.block_t} must divide group_size={cq.group_size}")
     B, H, Rc = q_lat.shape
@@ -392,8 +417,7 @@ def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None,
         HAS_START=kv_start is not None, DOT_PREC=_dot_precision(q_lat.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if n_res:
-        res_cfg = default_config(q_lat, kv.c_kv_residual, kv.k_pe_residual)
+    if n_res:  # at most residual_length + group_size tokens: the int4 tiles suit them too
         res_parts = _Partials(o_part, ml_part, base=splits, splits=1)
-        _launch_split(q_lat, q_pe, kv.c_kv_residual, kv.k_pe_residual, scale, kv_start, res_cfg, res_parts, Tq)
+        _launch_split(q_lat, q_pe, kv.c_kv_residual, kv.k_pe_residual, scale, kv_start, cfg, res_parts, Tq)
     return _combine(o_part, ml_part, torch.empty_like(q_lat))
