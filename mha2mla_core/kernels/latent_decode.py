@@ -14,6 +14,7 @@ ones in full precision; `QuantizedLatentKV` is one layer's worth of that state.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -98,6 +99,7 @@ def dequantize_group(q: GroupQuant) -> torch.Tensor:
     return (codes - zero) * scale
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
