@@ -87,7 +87,9 @@ def window_spans(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
 
 
 @torch.inference_mode()
-def perplexity_of_ids(model: PreTrainedModel, ids: torch.Tensor, window: int, stride: int | None = None) -> tuple:
+def perplexity_of_ids(
+    model: PreTrainedModel, ids: torch.Tensor, window: int, stride: int | None = None
+) -> tuple[float, int, int]:
     """(mean NLL, predicted tokens, windows) of a 1-D id tensor; see the module docstring for the blocks."""
     check_windows(window, stride)
     if ids.numel() < 2:
