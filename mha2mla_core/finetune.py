@@ -39,6 +39,8 @@ from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
 from mha2mla_core.training.params import check_not_shared, set_trainable, trainable_names
 from mha2mla_core.training.schedule import wsd_lr
 
+__all__ = ["FinetuneConfig", "FinetuneResult", "TrainEvent", "finetune", "pack_texts", "set_trainable"]
+
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[TrainEvent], None]
@@ -64,7 +66,7 @@ def finetune(
     Sets `requires_grad` on the student's parameters per `cfg.trainable`; puts the teacher in eval mode.
     """
     world = current_world()
-    total_steps = cfg.total_steps(world.size)
+    cfg.total_steps(world.size)  # raises if the budget is less than one step
     _check_inputs(student, teacher, rows, cfg)
     arch = architecture_of(student)
     data_id = fingerprint_rows(rows)
@@ -74,8 +76,7 @@ def finetune(
         _check_resumable(resume, arch, data_id, cfg, world)
     set_trainable(student, cfg.trainable)
     model = shard_model(student, cfg.bf16) if world.size > 1 else student
-    trainer = _Trainer(model, teacher, rows, cfg, world)
-    trainer.meta = {"arch": arch, "data_id": data_id}
+    trainer = _Trainer(model, teacher, rows, cfg, world, meta={"arch": arch, "data_id": data_id})
     if resume is not None:
         trainer.restore(resume)
     return trainer.train(ckpt_dir, callbacks, evaluate)
@@ -146,7 +147,7 @@ class _Trainer:
     """The loop's state: step, metric window, history; one method per thing a step does."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, rows: torch.Tensor, cfg: FinetuneConfig,
-                 world: World) -> None:
+                 world: World, meta: dict) -> None:
         self.model, self.rows, self.cfg, self.world = model, rows, cfg, world
         self.device = next(model.parameters()).device
         self.total_steps = cfg.total_steps(world.size)
@@ -156,7 +157,7 @@ class _Trainer:
         self.forward = torch.compile(model) if cfg.compile else model
         self.teacher_forward = torch.compile(self.teacher) if cfg.compile and self.teacher else self.teacher
         self.optimizer = _make_optimizer(model, cfg, self.device)
-        self.step, self.history, self.resumed_from, self.meta = 0, [], None, {}
+        self.step, self.history, self.resumed_from, self.meta = 0, [], None, meta  # meta: saved in checkpoints
         self.window = torch.zeros(3, dtype=torch.float64, device=self.device)  # summed loss, lm, kd
         self.window_micro_steps, self.train_seconds = 0, 0.0  # train_seconds: this process's, for throughput
 
@@ -297,6 +298,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-__all__ = ["FinetuneConfig", "FinetuneResult", "TrainEvent", "finetune", "pack_texts", "set_trainable"]
