@@ -45,10 +45,12 @@ USER_ERRORS = (ValueError, LookupError, OSError, StoreCheckError)
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
     """Set up logging and the embedded Prefect home before any flow module is imported."""
-    settings = Settings()
-    os.environ.setdefault("PREFECT_HOME", str(Path(settings.prefect_home).resolve()))
+    prefect_home = Path(Settings().prefect_home).resolve()
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # first start migrates its db
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     progress = logging.getLogger("mha2mla.progress")

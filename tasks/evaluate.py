@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.tracking import stage_run
+from mha2mla_core.evaluation.perplexity import perplexity
 from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, stage_task
 from tasks.inputs import DataSource, ModelSource, load_model_input, read_text
 
@@ -26,22 +24,6 @@ class EvalParams(BaseModel):
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, max_tokens: int, window: int) -> dict[str, float]:
-    """PPL of the first `max_tokens` tokens: block k predicts tokens [1 + k*window, 1 + (k+1)*window) from
-    the `window` tokens before each; logits in fp32 (the evaluation module's protocol)."""
-    ids = torch.tensor(tokenizer(text)["input_ids"][:max_tokens], device=model.device)
-    if ids.numel() < 2:
-        raise ValueError(f"the evaluation text has {ids.numel()} token(s); perplexity needs at least 2")
-    nll, predicted = 0.0, 0
-    for start in range(0, ids.numel() - 1, window):
-        block = ids[start : start + window + 1][None]  # (1, L + 1)
-        logits = model(input_ids=block[:, :-1], use_cache=False).logits.float()  # (1, L, V)
-        nll += F.cross_entropy(logits[0], block[0, 1:], reduction="sum").item()
-        predicted += block.shape[1] - 1
-    return {"ppl": math.exp(nll / predicted), "nll": nll / predicted, "predicted_tokens": predicted}
-
-
-@torch.no_grad()
 def kv_bytes_per_token(model, probe_tokens: int = 8) -> float:
     """Cache bytes per token per sequence, read from the cache's own tensors after a short forward."""
     if hasattr(model, "kv_bytes_per_token"):
@@ -51,14 +33,15 @@ def kv_bytes_per_token(model, probe_tokens: int = 8) -> float:
     return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)) / probe_tokens
 
 
-@stage_task(STAGE, code=("mha2mla_core.modeling_mla",))
+@stage_task(STAGE, code=("mha2mla_core.evaluation.perplexity", "mha2mla_core.modeling_mla"))
 def evaluate(model: ModelSource | StageResult, slug: str, text: DataSource, config: EvalParams, run: RunLink) -> StageResult:
     """PPL (fp32 logits) of the first `max_tokens` tokens of `text`, and measured KV bytes/token."""
     params = {**config.model_dump(mode="json"), "source": text.source}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
         network, tokenizer = load_model_input(model)
-        metrics = perplexity(network, tokenizer, read_text(text), config.max_tokens, config.window)
-        metrics["kv_bytes_per_token"] = kv_bytes_per_token(network)
+        ppl = perplexity(network, tokenizer, read_text(text), window=config.window, max_tokens=config.max_tokens)
+        metrics = {"ppl": ppl.ppl, "nll": ppl.nll, "predicted_tokens": ppl.predicted_tokens,
+                   "kv_bytes_per_token": kv_bytes_per_token(network)}  # fmt: skip
         output = context().store.put_json(metrics, artifact_key(slug, STAGE, f"{run.label or 'model'}.json"))
         return finish_stage(STAGE, output, params=params, metrics=metrics)
 
