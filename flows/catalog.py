@@ -9,15 +9,18 @@ Catalog format (see catalog.example.yaml): every level rejects unknown fields, s
 names it before anything runs.
 
     max_concurrency: 2           # entries converted at the same time
-    defaults:                    # applied to every config, which may override any part
+    defaults:                    # sections of ConvertParams, merged key by key under each config's
       calibration: {num_tokens: 8192}
       evaluation: {max_tokens: 4096}
     models:
       - model: smollm2-135m
         configs:
           - name: r8-k16         # unique per model; the run and registry name is MODEL-NAME
-          - name: r8-k8
+          - name: r8-k8-int4
             mla: {kv_rank: 8}
+            quantize_kv: {nbits: 4}
+          - name: r8-k16-kd
+            finetune: {data: ./train.jsonl, train: {max_tokens: 20000000}}
 """
 
 from __future__ import annotations
@@ -42,23 +45,25 @@ logger = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.json"
 
 
-class EntryConfig(BaseModel):
-    """One config of a model: `convert` parameters minus the model, over the catalog's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    mla: dict[str, Any] = {}
-    calibration: dict[str, Any] = {}
-    evaluation: dict[str, Any] = {}
+SECTIONS = ("mla", "calibration", "evaluation", "finetune", "quantize_kv")
 
 
 class Defaults(BaseModel):
+    """Sections of `convert` parameters (see ConvertParams); an absent finetune / quantize_kv skips the stage."""
+
     model_config = ConfigDict(extra="forbid")
 
-    mla: dict[str, Any] = {}
-    calibration: dict[str, Any] = {}
-    evaluation: dict[str, Any] = {}
+    mla: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
+    quantize_kv: dict[str, Any] | None = None
+
+
+class EntryConfig(Defaults):
+    """One config of a model; each section is merged key by key over the catalog's defaults."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class CatalogModel(BaseModel):
@@ -89,8 +94,9 @@ class Catalog(BaseModel):
         for i, item in enumerate(self.models):
             for j, config in enumerate(item.configs):
                 sections = {
-                    part: {**getattr(self.defaults, part), **getattr(config, part)}
-                    for part in ("mla", "calibration", "evaluation")
+                    part: {**(getattr(self.defaults, part) or {}), **(getattr(config, part) or {})}
+                    for part in SECTIONS
+                    if getattr(self.defaults, part) is not None or getattr(config, part) is not None
                 }
                 name = f"{model_slug(item.model).replace('/', '--')}-{config.name}"
                 try:

@@ -32,6 +32,7 @@ from rich.table import Table
 from infra.artifacts import StoreCheckError
 from infra.settings import Settings
 from mha2mla_core.config import MLAConfig
+from mha2mla_core.training.config import FinetuneConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Convert MHA/GQA models to MLA, cached and tracked.")
 catalog_app = typer.Typer(no_args_is_help=True, help="Run a YAML catalog of models x configs.")
@@ -117,6 +118,9 @@ def convert(
     calib_tokens: int = typer.Option(8192, help="calibration tokens sampled"),
     eval_text: Optional[str] = typer.Option(None, envvar="MHA2MLA_EVAL_TEXT", help="held-out text (default: packaged books)"),
     eval_tokens: int = typer.Option(4096, help="evaluation tokens scored"),
+    finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
+    finetune_tokens: int = typer.Option(FinetuneConfig.max_tokens, help="fine-tuning token budget"),
+    kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
     check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
 ) -> None:
@@ -130,6 +134,8 @@ def convert(
             mla=dict(rope_strategy=rope_strategy, rope_dims=rope_dims, kv_rank=_kv_rank(kv_rank), svd=svd, layout=layout),
             calibration=dict(data=calib_data, num_tokens=calib_tokens),
             evaluation=dict(text=eval_text, max_tokens=eval_tokens),
+            finetune=dict(data=finetune_data, train=dict(max_tokens=finetune_tokens)) if finetune_data else None,
+            quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
         )  # fmt: skip
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")

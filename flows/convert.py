@@ -1,6 +1,7 @@
 """The `convert` flow: one model, one MLA config, stage by stage, each stage cached on its inputs' digests.
 
-    sample-calibration -> score-rope (2-norm only) -> svd-init -> evaluate[original], evaluate[mla]
+    sample-calibration -> score-rope (2-norm only) -> svd-init -> [finetune] -> [quantize-kv]
+    evaluate[original], evaluate[mla], [evaluate[finetuned]], [evaluate[int4]]
 
 One MLflow parent run per flow run (params = the resolved config, tags = model source and digest, code and
 library versions; artifacts = `config.json` and the evaluation table) and one nested run per stage, also for
@@ -22,9 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from infra.artifacts import ArtifactRef
 from infra.tracking import log_table_markdown, parent_run, stage_run
 from mha2mla_core import MLAConfig
+from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
 from tasks.evaluate import EvalParams, comparison_rows, evaluate
+from tasks.finetune import FinetuneParams, finetune
 from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
+from tasks.quantize_kv import quantize_kv
 from tasks.sample_calibration import CalibrationParams, sample_calibration
 from tasks.score_rope import score_rope
 from tasks.svd_init import svd_init
@@ -45,6 +49,8 @@ class ConvertParams(BaseModel):
     mla: MLAConfig = MLAConfig()
     calibration: CalibrationParams = CalibrationParams()
     evaluation: EvalParams = EvalParams()
+    finetune: FinetuneParams | None = None  # None: no fine-tuning
+    quantize_kv: KVCacheQuantConfig | None = None  # None: the latent cache stays in the model's dtype
     name: str | None = None  # MLflow run name and registry model name; None = "<model>-mla"
 
 
@@ -102,6 +108,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
     model = resolve_model(params.model)
     calib_data = resolve_data(params.calibration.data, DEFAULT_CALIBRATION)
     eval_text = resolve_data(params.evaluation.text, DEFAULT_EVAL_TEXT)
+    train_data = resolve_data(params.finetune.data, DEFAULT_CALIBRATION) if params.finetune else None
     flow_run = FlowRunContext.get().flow_run
     tags = {FLOW_TAG: "convert", "mha2mla.model_source": model.name, "mha2mla.model_digest": model.digest,
             "mha2mla.prefect_flow_run": str(flow_run.id)}  # fmt: skip
@@ -115,11 +122,18 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         seq_len = params.mla.calib_seq_len
         calib = stage(sample_calibration, model, calib_data, params.calibration, seq_len)
         scores = stage(score_rope, model, calib, seq_len) if params.mla.rope_strategy == "2-norm" else None
-        mla = stage(svd_init, model, calib, scores, params.mla)
+        checkpoints = {"mla": stage(svd_init, model, calib, scores, params.mla)}
+        if params.finetune:
+            checkpoints["finetuned"] = stage(finetune, model, checkpoints["mla"], train_data, params.finetune)
+        if params.quantize_kv:
+            last = list(checkpoints.values())[-1]
+            checkpoints[f"int{params.quantize_kv.nbits}"] = stage(quantize_kv, last, model.slug, params.quantize_kv)
         before = stage(evaluate, model, model.slug, eval_text, params.evaluation, label="original")
-        after = stage(evaluate, mla, model.slug, eval_text, params.evaluation, label="mla")
-        rows = comparison_rows(before, {"mla": after})
+        after = {label: stage(evaluate, ckpt, model.slug, eval_text, params.evaluation, label=label)
+                 for label, ckpt in checkpoints.items()}  # fmt: skip
+        rows = comparison_rows(before, after)
         log_table_markdown(rows, "eval_table.md")
         mlflow.log_dict(rows, "eval_table.json")
-        version = register_once(name, mla.output, run_id)
-    return ConvertOutcome(run_id=run_id, checkpoint=mla.output, model_version=version, rows=rows, cache=stage.cache)
+        final = list(checkpoints.values())[-1].output
+        version = register_once(name, final, run_id)
+    return ConvertOutcome(run_id=run_id, checkpoint=final, model_version=version, rows=rows, cache=stage.cache)

@@ -25,12 +25,12 @@ import importlib.util
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import anyio.to_thread
 from prefect import task
@@ -275,14 +275,22 @@ def stage_task(name: str, code: tuple[str, ...]) -> Callable:
 
 # ------------------------------------------------------------------------------------------- writing
 
-StageKind = Literal["sample-calibration", "score-rope", "svd-init", "finetune", "quantize-kv", "evaluate"]
+def _call_key() -> str:
+    txn = get_transaction()
+    return txn.key[:16] if txn is not None and txn.key else "uncached"
 
 
 def artifact_key(slug: str, stage: str, name: str) -> str:
     """`stages/SLUG/STAGE/KEY16/NAME`: one folder per cache key, so a rerun of the same call rewrites it."""
-    txn = get_transaction()
-    run_key = txn.key[:16] if txn is not None and txn.key else "uncached"
-    return safe_key(STAGES_PREFIX, slug, stage, run_key, name)
+    return safe_key(STAGES_PREFIX, slug, stage, _call_key(), name)
+
+
+def work_dir(stage: str) -> Path:
+    """A local folder for this stage call's scratch state that outlives the process (training checkpoints):
+    `<prefect_home>/../work/STAGE/KEY16`."""
+    path = Path(context().settings.prefect_home).resolve().parent / "work" / stage / _call_key()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextmanager
@@ -315,19 +323,3 @@ def finish_stage(
     result = StageResult(stage=stage, output=output, params=dict(params or {}), **fields)
     log_stage(result, cached=False)
     return result
-
-
-def params_of(*configs: Any) -> dict[str, Any]:
-    """Flat JSON-able params from pydantic models, dataclasses and mappings (later ones win)."""
-    merged: dict[str, Any] = {}
-    for config in configs:
-        if isinstance(config, BaseModel):
-            config = config.model_dump(mode="json")
-        elif is_dataclass(config) and not isinstance(config, type):
-            config = asdict(config)
-        merged.update(config or {})
-    return merged
-
-
-def refs_of(results: Iterable[StageResult]) -> list[ArtifactRef]:
-    return [ref for result in results for ref in result.refs()]

@@ -21,11 +21,13 @@ class EvalParams(BaseModel):
     text: str | None = None  # local file, s3:// URI or HF dataset id; None = the packaged held-out books
     max_tokens: int = Field(4096, ge=2)  # first tokens of the tokenized text scored
     window: int = Field(512, ge=1)  # context per prediction; non-overlapping blocks of predicted tokens
+    kv_probe_tokens: int = Field(1024, ge=1)  # context at which KV bytes/token are read from the cache
 
 
 @torch.no_grad()
-def kv_bytes_per_token(model, probe_tokens: int = 8) -> float:
-    """Cache bytes per token per sequence, read from the cache's own tensors after a short forward."""
+def kv_bytes_per_token(model, probe_tokens: int) -> float:
+    """Cache bytes per token per sequence, read from the cache's own tensors after a `probe_tokens` forward
+    (long enough for a quantized cache to hold codes beyond its full-precision residual window)."""
     if hasattr(model, "kv_bytes_per_token"):
         return model.kv_bytes_per_token(probe_tokens)
     out = model(input_ids=torch.zeros(1, probe_tokens, dtype=torch.long, device=model.device), use_cache=True)
@@ -41,7 +43,7 @@ def evaluate(model: ModelSource | StageResult, slug: str, text: DataSource, conf
         network, tokenizer = load_model_input(model)
         ppl = perplexity(network, tokenizer, read_text(text), window=config.window, max_tokens=config.max_tokens)
         metrics = {"ppl": ppl.ppl, "nll": ppl.nll, "predicted_tokens": ppl.predicted_tokens,
-                   "kv_bytes_per_token": kv_bytes_per_token(network)}  # fmt: skip
+                   "kv_bytes_per_token": kv_bytes_per_token(network, config.kv_probe_tokens)}  # fmt: skip
         output = context().store.put_json(metrics, artifact_key(slug, STAGE, f"{run.label or 'model'}.json"))
         return finish_stage(STAGE, output, params=params, metrics=metrics)
 

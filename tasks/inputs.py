@@ -16,7 +16,6 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -135,7 +134,9 @@ def resolve_data(spec: str | None, default: str) -> DataSource:
 
 
 def _package_file(spec: str) -> Path:
-    return Path(str(resources.files("mha2mla_core").joinpath("data", spec.removeprefix(PACKAGE_PREFIX))))
+    from mha2mla_core.calibration import packaged_text_path
+
+    return Path(str(packaged_text_path(spec.removeprefix(PACKAGE_PREFIX))))
 
 
 def _s3_parts(uri: str) -> tuple[str, str]:
@@ -223,8 +224,11 @@ def load_source(source: ModelSource):
     return MODELS.get(source.digest, lambda: load_model(source.name))
 
 
-def load_checkpoint(result: StageResult):
-    """(model, tokenizer) of a model directory written by a stage, every file's digest checked."""
+def load_checkpoint(result: StageResult, shared: bool = True):
+    """(model, tokenizer) of a model directory written by a stage, every file's digest checked.
+
+    `shared=False` loads a private copy, for a stage that changes the model (training, config edits).
+    """
     from mha2mla_core import load_model
 
     def fetch():
@@ -232,7 +236,7 @@ def load_checkpoint(result: StageResult):
             directory = context().store.get_dir(result.uri, tmp / "model", sha256=result.sha256)
             return load_model(str(directory))
 
-    return MODELS.get(result.sha256, fetch)
+    return MODELS.get(result.sha256, fetch) if shared else fetch()
 
 
 def load_model_input(model: ModelSource | StageResult):

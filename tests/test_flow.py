@@ -116,6 +116,31 @@ def test_config_change_reruns_that_stage_and_downstream_only(local_env, tiny_sou
     assert dict(executions) == {"svd-init": 1, "evaluate": 1}
 
 
+def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_params):
+    from mha2mla_core import load_model
+    from tasks.common import context
+
+    train = tmp_path / "train.txt"
+    train.write_text("the river ran past the old mill and the children watched the boats go by . " * 200)
+    base = tiny_params(tiny_source)
+    params = type(base).model_validate({
+        **base.model_dump(mode="json"),
+        "finetune": {"data": str(train), "train": {"max_tokens": 2048, "seq_len": 64, "micro_batch_size": 4,
+                                                   "bf16": False, "lr": 1e-3, "log_every": 2}},
+        "quantize_kv": {"nbits": 4, "group_size": 16, "residual_length": 16},
+    })  # fmt: skip
+    outcome = run_convert(params)
+    assert [row["model"] for row in outcome.rows] == ["original", "mla", "finetuned", "int4"]
+    assert outcome.cache["finetune"] == outcome.cache["quantize-kv"] == "miss"
+    int4, mla = outcome.rows[-1], outcome.rows[1]
+    assert int4["kv_bytes_per_token"] < mla["kv_bytes_per_token"] / 2
+    finetune_run = stage_runs(outcome.run_id)["finetune"]
+    assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
+    assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]
+    final, _ = load_model(str(context().store.get_dir(outcome.checkpoint.uri, tmp_path / "final", outcome.checkpoint.sha256)))
+    assert final.config.kv_cache_quant["nbits"] == 4
+
+
 def test_transient_fault_is_retried(local_env, tiny_source, executions, tiny_params):
     executions.fail("svd-init", ConnectionResetError("connection reset by peer"))
     outcome = run_convert(tiny_params(tiny_source))

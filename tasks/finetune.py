@@ -1,0 +1,48 @@
+"""Stage `finetune`: distil the original model into the converted one on packed text, then save it.
+
+Training checkpoints go to a local work folder named by the stage's cache key, so a killed run of the same
+call resumes from its last checkpoint; the finished model goes to the artifact store.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from infra.tracking import log_metrics, stage_run
+from mha2mla_core.finetune import finetune as train
+from mha2mla_core.training.config import FinetuneConfig
+from mha2mla_core.training.packing import pack_texts
+from tasks.common import DatasetInput, RunLink, StageResult, artifact_key, finish_stage, stage_task, work_dir
+from tasks.inputs import DataSource, ModelSource, load_checkpoint, load_source, read_documents, save_checkpoint
+
+STAGE = "finetune"
+
+
+class FinetuneParams(BaseModel):
+    """Which text trains the converted model, and the core's training config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str  # HF dataset id, local txt/jsonl/parquet (file or dir), s3:// URI; never the evaluation text
+    text_field: str = "text"
+    split: str = "train"
+    limit_chars: int | None = None
+    train: FinetuneConfig = FinetuneConfig()
+
+
+@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.packing", "mha2mla_core.training.losses"))
+def finetune(
+    model: ModelSource, checkpoint: StageResult, data: DataSource, config: FinetuneParams, run: RunLink
+) -> StageResult:
+    """Train a private copy of `checkpoint` with the original `model` as teacher; metrics every log step."""
+    params = {**config.model_dump(mode="json"), "source": data.source}
+    with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
+        teacher = load_source(model)[0] if config.train.kd_weight > 0 else None
+        student, tokenizer = load_checkpoint(checkpoint, shared=False)
+        rows = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars), config.train.seq_len)
+        result = train(student, teacher, rows, config.train, checkpoint_dir=work_dir(STAGE),
+                       callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
+        output = save_checkpoint(student.eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
+        dataset = DatasetInput(name="finetune", digest=data.digest, source=data.source)
+        metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
+        return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
