@@ -18,10 +18,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
-import transformers
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -31,21 +31,19 @@ from rich.table import Table
 
 from infra.artifacts import StoreCheckError
 from infra.settings import Settings
-from mha2mla_core.config import MLAConfig
-from mha2mla_core.training.config import FinetuneConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Convert MHA/GQA models to MLA, cached and tracked.")
 catalog_app = typer.Typer(no_args_is_help=True, help="Run a YAML catalog of models x configs.")
 app.add_typer(catalog_app, name="catalog")
 console = Console()
-_MLA = MLAConfig()
+FLOW_COMMANDS = {"convert", "catalog", "resume"}
 # errors that are the user's to fix: printed as one message, no traceback
 USER_ERRORS = (ValueError, LookupError, OSError, StoreCheckError)
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
-    """Set up logging and the embedded Prefect home before any flow module is imported."""
+def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
+    """Set up logging and the embedded Prefect home before torch, transformers or a flow is imported."""
     prefect_home = Path(Settings().prefect_home).resolve()
     prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
@@ -58,7 +56,33 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO f
     progress.setLevel(logging.INFO)
     progress.propagate = False  # shown by StageProgress only
     if not verbose:
-        transformers.logging.disable_progress_bar()
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows it too
+    if ctx.invoked_subcommand in FLOW_COMMANDS:
+        ctx.obj = boot_prefect_api()
+
+
+def boot_prefect_api() -> threading.Thread | None:
+    """Start booting Prefect's ephemeral API server (a subprocess that takes seconds) while the command goes on
+    to import torch, transformers and the flows; `run_with_progress` waits for it.
+
+    Only on the embedded default (no PREFECT_API_URL in the environment or the Prefect profile). The flow's
+    client finds the same server (Prefect keeps one per process); a failed boot is retried by the flow itself.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def boot() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception as exc:  # the flow's own start raises it again, with Prefect's message
+            logging.getLogger(__name__).debug("early Prefect API start failed: %s", exc)
+
+    thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
+    thread.start()
+    return thread
 
 
 class StageProgress(logging.Handler):
@@ -80,8 +104,11 @@ class StageProgress(logging.Handler):
             self.progress.update(self.rows[stage], completed=1, outcome=self.DONE.get(event, event))
 
 
-def run_with_progress(fn, *args, **kwargs):
-    """Call a flow with a rich line per stage; user errors exit with their message."""
+def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
+    """Call a flow with a rich line per stage (once Prefect's API is up); user errors exit with their message."""
+    boot = ctx.find_root().obj
+    if boot is not None:
+        boot.join()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), TextColumn("{task.fields[outcome]}"),
                         TimeElapsedColumn(), console=console)  # fmt: skip
     handler = StageProgress(progress)
@@ -97,6 +124,11 @@ def run_with_progress(fn, *args, **kwargs):
         logger.removeHandler(handler)
 
 
+def given(**options: Any) -> dict[str, Any]:
+    """The options set on the command line; the others keep their config class's default."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _kv_rank(value: str) -> int | None:
     if value.lower() == "none":
         return None
@@ -108,18 +140,19 @@ def _kv_rank(value: str) -> int | None:
 
 @app.command()
 def convert(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="hub id, local HF directory, .gguf file, or smollm2-135m"),
-    rope_strategy: str = typer.Option(_MLA.rope_strategy, help="high | low | uniform | 2-norm"),
-    rope_dims: int = typer.Option(_MLA.rope_dims, help="RoPE dims kept per head (even)"),
-    kv_rank: str = typer.Option(str(_MLA.kv_rank), help="latent rank per KV head, or 'none'"),
-    svd: str = typer.Option(_MLA.svd, help="split | joint | aware"),
-    layout: str = typer.Option(_MLA.layout, help="shared | per_head"),
+    rope_strategy: Optional[str] = typer.Option(None, help="high | low | uniform | 2-norm  [default: MLAConfig's]"),
+    rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even  [default: MLAConfig's]"),
+    kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none'  [default: MLAConfig's]"),
+    svd: Optional[str] = typer.Option(None, help="split | joint | aware  [default: MLAConfig's]"),
+    layout: Optional[str] = typer.Option(None, help="shared | per_head  [default: MLAConfig's]"),
     calib_data: Optional[str] = typer.Option(None, envvar="MHA2MLA_CALIB_DATA", help="HF dataset, local txt/jsonl/parquet, or s3:// URI"),
     calib_tokens: int = typer.Option(8192, help="calibration tokens sampled"),
     eval_text: Optional[str] = typer.Option(None, envvar="MHA2MLA_EVAL_TEXT", help="held-out text (default: packaged books)"),
     eval_tokens: int = typer.Option(4096, help="evaluation tokens scored"),
     finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
-    finetune_tokens: int = typer.Option(FinetuneConfig.max_tokens, help="fine-tuning token budget"),
+    finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget  [default: FinetuneConfig's]"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
     check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
@@ -128,19 +161,21 @@ def convert(
     from flows.convert import ConvertParams
     from flows.convert import convert as convert_flow
 
+    mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout)
+    if kv_rank is not None:
+        mla["kv_rank"] = _kv_rank(kv_rank)
     try:
         params = ConvertParams(
-            model=model, name=name,
-            mla=dict(rope_strategy=rope_strategy, rope_dims=rope_dims, kv_rank=_kv_rank(kv_rank), svd=svd, layout=layout),
+            model=model, name=name, mla=mla,
             calibration=dict(data=calib_data, num_tokens=calib_tokens),
             evaluation=dict(text=eval_text, max_tokens=eval_tokens),
-            finetune=dict(data=finetune_data, train=dict(max_tokens=finetune_tokens)) if finetune_data else None,
+            finetune=dict(data=finetune_data, train=given(max_tokens=finetune_tokens)) if finetune_data else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
         )  # fmt: skip
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    outcome = run_with_progress(convert_flow, params)
+    outcome = run_with_progress(ctx, convert_flow, params)
     report_conversion(outcome, reload_report(outcome, params) if check else None)
 
 
@@ -182,7 +217,7 @@ def report_conversion(outcome, reloaded: dict[str, Any] | None) -> None:
 
 
 @catalog_app.command("run")
-def catalog_run(file: Path = typer.Argument(..., help="catalog YAML (see catalog.example.yaml)")) -> None:
+def catalog_run(ctx: typer.Context, file: Path = typer.Argument(..., help="catalog YAML (see catalog.example.yaml)")) -> None:
     """Run every entry; exit status 1 if any entry failed."""
     from flows.catalog import catalog, load_catalog
 
@@ -191,7 +226,7 @@ def catalog_run(file: Path = typer.Argument(..., help="catalog YAML (see catalog
     except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    outcome = run_with_progress(catalog, str(file))
+    outcome = run_with_progress(ctx, catalog, str(file))
     report_catalog(outcome)
     if outcome.failed:
         raise typer.Exit(1)
@@ -212,7 +247,7 @@ def report_catalog(outcome) -> None:
 
 
 @app.command()
-def resume(run_id: str = typer.Argument(..., help="MLflow run id of a convert or catalog flow run (see `mha2mla runs`)")) -> None:
+def resume(ctx: typer.Context, run_id: str = typer.Argument(..., help="MLflow run id of a convert or catalog flow run (see `mha2mla runs`)")) -> None:
     """Rerun a flow run with the parameters stored with it; its completed stages are cache hits."""
     import mlflow
 
@@ -229,12 +264,12 @@ def resume(run_id: str = typer.Argument(..., help="MLflow run id of a convert or
         raise typer.Exit(2) from None
     if stored["flow"] == "convert":
         params = ConvertParams.model_validate(stored["params"])
-        report_conversion(run_with_progress(convert_flow, params), None)
+        report_conversion(run_with_progress(ctx, convert_flow, params), None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / Path(stored["params"]["file"]).name
         file.write_text(json.dumps(stored["catalog"]))  # JSON is YAML
-        outcome = run_with_progress(catalog, str(file))
+        outcome = run_with_progress(ctx, catalog, str(file))
     report_catalog(outcome)
     if outcome.failed:
         raise typer.Exit(1)

@@ -1,0 +1,96 @@
+"""Orchestration overhead of the pipeline on the real SmolLM2-135M, and the wall time of a fully cached rerun.
+
+    .venv/bin/python bench/pipeline.py
+
+Three runs, each in a fresh interpreter (start-up and imports count in all three):
+- direct: the core calls of the flow's stages in one script (load, sample calibration ids, score RoPE pairs,
+  convert, save_pretrained, PPL and KV bytes/token of the original and the converted model);
+- flow:   `mha2mla convert smollm2-135m --no-check` on an empty embedded store (Prefect's ephemeral API,
+  MLflow on sqlite, local artifacts; their databases are created beforehand, as after a first use);
+- cached: the same command again: every stage a cache hit.
+
+Prints wall and CPU seconds (user + sys of the process tree) of each, the flow's overhead over direct, and
+appends one JSON line to bench/results/pipeline.jsonl. Targets: overhead < 5%, cached rerun < 15 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+CALIB_TOKENS, EVAL_TOKENS, WINDOW, PROBE = 8192, 4096, 512, 1024  # the CLI's defaults
+
+
+def direct() -> None:
+    """The flow's core calls, nothing else."""
+    import tempfile
+
+    from mha2mla_core import MLAConfig, default_calibration_texts, load_model, sample_calibration, score_rope
+    from mha2mla_core.convert import convert_to_mla_with_report
+    from mha2mla_core.evaluation.perplexity import perplexity
+    from tasks.evaluate import kv_bytes_per_token
+    from tasks.inputs import DEFAULT_EVAL_TEXT, DataSource, read_text
+
+    cfg = MLAConfig()
+    model, tokenizer = load_model(MODEL)
+    sample = sample_calibration(default_calibration_texts(), tokenizer, CALIB_TOKENS, cfg.calib_seq_len, 0)
+    scores = score_rope(model, sample.input_ids, cfg.calib_seq_len)
+    mla, _ = convert_to_mla_with_report(model, cfg, sample.input_ids, scores)
+    with tempfile.TemporaryDirectory() as tmp:
+        mla.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    text = read_text(DataSource(source=DEFAULT_EVAL_TEXT, digest=""))
+    for network in (model, mla):
+        ppl = perplexity(network, tokenizer, text, window=WINDOW, max_tokens=EVAL_TOKENS)
+        print(f"ppl {ppl.ppl:.2f}  kv bytes/token {kv_bytes_per_token(network, PROBE):.0f}")
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall s, CPU s of the process tree) of a command, which must succeed."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main() -> None:
+    python, cli = sys.executable, str(Path(sys.executable).with_name("mha2mla"))
+    with tempfile.TemporaryDirectory(prefix="mha2mla-bench-") as tmp:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MHA2MLA_ARTIFACT_ROOT": f"{tmp}/artifacts",
+               "MHA2MLA_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MHA2MLA_PREFECT_HOME": f"{tmp}/prefect"}  # fmt: skip
+        # create both databases first (a one-time cost of any new installation)
+        timed([cli, "runs"], env)
+        timed([python, "-c", "from flows.cli import main; main(verbose=False); from prefect import flow; flow(name=\"warm-up\")(lambda: None)()"], env)
+        runs = {"direct": timed([python, __file__, "--direct"], env)}
+        runs["flow"] = timed([cli, "convert", MODEL, "--no-check"], env)
+        runs["cached"] = timed([cli, "convert", MODEL, "--no-check"], env)
+    overhead = 100 * (runs["flow"][0] / runs["direct"][0] - 1)
+    cpu_overhead = 100 * (runs["flow"][1] / runs["direct"][1] - 1)
+    for name, (wall, cpu) in runs.items():
+        print(f"{name:<7} wall {wall:7.1f} s   cpu {cpu:7.1f} s")
+    print(f"orchestration overhead: {overhead:+.1f}% wall, {cpu_overhead:+.1f}% cpu (target < 5%)")
+    print(f"fully cached rerun: {runs['cached'][0]:.1f} s wall incl. interpreter start (target < 15 s)")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+              **{f"{k}_wall_s": round(v[0], 2) for k, v in runs.items()},
+              **{f"{k}_cpu_s": round(v[1], 2) for k, v in runs.items()},
+              "overhead_wall_pct": round(overhead, 2), "overhead_cpu_pct": round(cpu_overhead, 2)}  # fmt: skip
+    out = REPO / "bench" / "results" / "pipeline.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    direct() if sys.argv[1:] == ["--direct"] else main()
