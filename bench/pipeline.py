@@ -26,7 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
-CALIB_TOKENS, EVAL_TOKENS, WINDOW, PROBE = 8192, 4096, 512, 1024  # the CLI's defaults
 
 
 def direct() -> None:
@@ -36,12 +35,13 @@ def direct() -> None:
     from mha2mla_core import MLAConfig, default_calibration_texts, load_model, sample_calibration, score_rope
     from mha2mla_core.convert import convert_to_mla_with_report
     from mha2mla_core.evaluation.perplexity import perplexity
-    from tasks.evaluate import kv_bytes_per_token
+    from tasks.evaluate import EvalParams, kv_bytes_per_token
     from tasks.inputs import DEFAULT_EVAL_TEXT, DataSource, read_text
+    from tasks.sample_calibration import CalibrationParams
 
-    cfg = MLAConfig()
+    cfg, calib, evaluation = MLAConfig(), CalibrationParams(), EvalParams()  # the CLI's defaults
     model, tokenizer = load_model(MODEL)
-    sample = sample_calibration(default_calibration_texts(), tokenizer, CALIB_TOKENS, cfg.calib_seq_len, 0)
+    sample = sample_calibration(default_calibration_texts(), tokenizer, calib.num_tokens, cfg.calib_seq_len, calib.seed)
     scores = score_rope(model, sample.input_ids, cfg.calib_seq_len)
     mla, _ = convert_to_mla_with_report(model, cfg, sample.input_ids, scores)
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,8 +49,8 @@ def direct() -> None:
         tokenizer.save_pretrained(tmp)
     text = read_text(DataSource(source=DEFAULT_EVAL_TEXT, digest=""))
     for network in (model, mla):
-        ppl = perplexity(network, tokenizer, text, window=WINDOW, max_tokens=EVAL_TOKENS)
-        print(f"ppl {ppl.ppl:.2f}  kv bytes/token {kv_bytes_per_token(network, PROBE):.0f}")
+        ppl = perplexity(network, tokenizer, text, window=evaluation.window, max_tokens=evaluation.max_tokens)
+        print(f"ppl {ppl.ppl:.2f}  kv bytes/token {kv_bytes_per_token(network, evaluation.kv_probe_tokens):.0f}")
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:

@@ -142,17 +142,17 @@ def _kv_rank(value: str) -> int | None:
 def convert(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="hub id, local HF directory, .gguf file, or smollm2-135m"),
-    rope_strategy: Optional[str] = typer.Option(None, help="high | low | uniform | 2-norm  [default: MLAConfig's]"),
-    rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even  [default: MLAConfig's]"),
-    kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none'  [default: MLAConfig's]"),
-    svd: Optional[str] = typer.Option(None, help="split | joint | aware  [default: MLAConfig's]"),
-    layout: Optional[str] = typer.Option(None, help="shared | per_head  [default: MLAConfig's]"),
+    rope_strategy: Optional[str] = typer.Option(None, help="high | low | uniform | 2-norm (default: MLAConfig's)"),
+    rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
+    kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
+    svd: Optional[str] = typer.Option(None, help="split | joint | aware (default: MLAConfig's)"),
+    layout: Optional[str] = typer.Option(None, help="shared | per_head (default: MLAConfig's)"),
     calib_data: Optional[str] = typer.Option(None, envvar="MHA2MLA_CALIB_DATA", help="HF dataset, local txt/jsonl/parquet, or s3:// URI"),
-    calib_tokens: int = typer.Option(8192, help="calibration tokens sampled"),
+    calib_tokens: Optional[int] = typer.Option(None, help="calibration tokens sampled (default: CalibrationParams')"),
     eval_text: Optional[str] = typer.Option(None, envvar="MHA2MLA_EVAL_TEXT", help="held-out text (default: packaged books)"),
-    eval_tokens: int = typer.Option(4096, help="evaluation tokens scored"),
+    eval_tokens: Optional[int] = typer.Option(None, help="evaluation tokens scored (default: EvalParams')"),
     finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
-    finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget  [default: FinetuneConfig's]"),
+    finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget (default: FinetuneConfig's)"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
     check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
@@ -167,8 +167,8 @@ def convert(
     try:
         params = ConvertParams(
             model=model, name=name, mla=mla,
-            calibration=dict(data=calib_data, num_tokens=calib_tokens),
-            evaluation=dict(text=eval_text, max_tokens=eval_tokens),
+            calibration=given(data=calib_data, num_tokens=calib_tokens),
+            evaluation=given(text=eval_text, max_tokens=eval_tokens),
             finetune=dict(data=finetune_data, train=given(max_tokens=finetune_tokens)) if finetune_data else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
         )  # fmt: skip
@@ -181,10 +181,8 @@ def convert(
 
 def reload_report(outcome, params) -> dict[str, Any]:
     """Run flows.reload in a fresh interpreter on the stored checkpoint; its JSON report."""
-    eval_text = params.evaluation.text or "package:heldout_books.txt"
     command = [sys.executable, "-m", "flows.reload", outcome.checkpoint.uri, outcome.checkpoint.sha256,
-               "--eval-text", eval_text, "--max-tokens", str(params.evaluation.max_tokens),
-               "--window", str(params.evaluation.window)]  # fmt: skip
+               params.evaluation.model_dump_json()]  # fmt: skip
     with console.status("reloading the checkpoint with from_pretrained in a fresh process"):
         done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
