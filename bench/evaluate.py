@@ -84,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--contexts", type=ints, default=(512, 2048))
     p.add_argument("--batch-sizes", type=ints, default=(1, 4))
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="measurements per speed point; the best is kept")
     return p.parse_args()
 
 
@@ -100,7 +101,7 @@ def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
         else NeedleConfig(lengths=args.needle_lengths, depths=args.needle_depths, trials=args.needle_trials),
         inference=None
         if "inference" in skip
-        else InferenceConfig(contexts=args.contexts, batch_sizes=args.batch_sizes, decode_steps=args.decode_steps),
+        else InferenceConfig(args.contexts, args.batch_sizes, args.decode_steps, args.repeats),
     )
     if "mc" in skip or args.mmlu_limit is None or "mmlu" not in tasks or tasks == ("mmlu",):
         return [base]

@@ -45,7 +45,7 @@ def test_speed_grid_covers_every_point(source):
     model = tiny_model("llama-gqa")
     if source == "mla":
         model = convert_to_mla(model, MLAConfig(rope_dims=4, kv_rank=8), calib_ids())
-    cfg = InferenceConfig(contexts=(16, 64), batch_sizes=(1, 2), decode_steps=4)
+    cfg = InferenceConfig(contexts=(16, 64), batch_sizes=(1, 2), decode_steps=4, repeats=2)
     points = run_inference(model, cfg)
     assert [(p.batch, p.context) for p in points] == [(1, 16), (2, 16), (1, 64), (2, 64)]
     assert len({p.kv_bytes_per_token for p in points}) == 1
@@ -60,6 +60,7 @@ def test_speed_grid_covers_every_point(source):
         (dict(contexts=()), "contexts="),
         (dict(batch_sizes=(0,)), "batch_sizes="),
         (dict(decode_steps=0), "decode_steps=0"),
+        (dict(repeats=0), "repeats=0"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):
@@ -70,3 +71,11 @@ def test_bad_config_is_refused(kwargs, message):
 def test_context_beyond_the_model_is_refused():
     with pytest.raises(ValueError, match="max_position_embeddings=512"):
         run_inference(tiny_model(), InferenceConfig(contexts=(500,), decode_steps=32))
+
+
+def test_best_of_keeps_the_fastest_speeds_and_the_largest_memory():
+    from mha2mla_core.evaluation.inference import InferencePoint, best_of
+
+    slow = InferencePoint(1, 8, 10.0, 5.0, 4.0, 64.0, 100, "rss_delta")
+    fast = InferencePoint(1, 8, 20.0, 3.0, 6.0, 64.0, 50, "rss_delta")
+    assert best_of([slow, fast]) == InferencePoint(1, 8, 20.0, 5.0, 6.0, 64.0, 100, "rss_delta")
