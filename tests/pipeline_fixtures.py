@@ -15,6 +15,7 @@ import pytest
 
 from eval_tiny import tiny_lm, tiny_tokenizer
 
+S3_SECRET = "s3cr3t-that-must-never-be-logged"
 TINY_MLA = {"rope_dims": 4, "kv_rank": 4, "calib_seq_len": 64}
 # stage -> (task module, name of the core function it calls)
 CORE_CALLS = {
@@ -94,7 +95,7 @@ def s3_env(local_env, s3_settings, monkeypatch):
     monkeypatch.setenv("MHA2MLA_S3_ENDPOINT_URL", s3_settings.s3_endpoint_url)
     monkeypatch.setenv("MHA2MLA_S3_REGION", "us-east-1")
     monkeypatch.setenv("MHA2MLA_AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("MHA2MLA_AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("MHA2MLA_AWS_SECRET_ACCESS_KEY", S3_SECRET)  # moto accepts any secret
     _reset_process_state()
     return s3_settings
 

@@ -91,6 +91,11 @@ def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin,
         key = f"{outcome.checkpoint.uri.removeprefix(f's3://{bucket}/')}/{rel}"
         assert hashlib.sha256(s3_admin.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest() == entry["sha256"]
 
+    secret = os.environ["MHA2MLA_AWS_SECRET_ACCESS_KEY"]
+    for run in [parent, *runs.values()]:  # no secret in any param, tag or logged config
+        logged = json.dumps([run.data.params, run.data.tags, mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/config.json")])
+        assert secret not in logged
+
     [version] = client.search_model_versions(f"name = '{outcome.model_version.split('/')[0]}'")
     assert version.source == outcome.checkpoint.uri
 
