@@ -286,6 +286,29 @@ def _stored_config(mlflow, run_id: str, names: tuple[str, ...]) -> dict:
     raise LookupError(f"run {run_id} is not a convert or catalog flow run (no {' or '.join(names)} stored with it)")
 
 
+def _stored_params(run) -> dict[str, Any]:
+    """The flow's parameters from its stored config.json (complete), else its MLflow params."""
+    import mlflow
+
+    from flows.convert import CONFIG_FILE
+
+    try:
+        stored = mlflow.artifacts.load_dict(f"{mlflow.get_run(run.run_id).info.artifact_uri}/{CONFIG_FILE}")
+    except Exception:  # a run without the file (not a convert flow): fall back
+        return run.params
+    return _flat(stored["params"])
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 @app.command()
 def runs(limit: int = typer.Option(10, min=1, help="how many flow runs")) -> None:
     """Recent flow runs (newest first) with each stage's status and cache outcome."""
@@ -298,10 +321,10 @@ def runs(limit: int = typer.Option(10, min=1, help="how many flow runs")) -> Non
     for flow_run in recent_runs(limit):
         run = flow_run.run
         stages = "\n".join(
-            f"{s.name}: {s.status.lower()}" + (f" ({s.tags['mha2mla.cache']})" if "mha2mla.cache" in s.tags else "")
+            escape(f"{s.name}: {s.status.lower()}") + (f" ({s.tags['mha2mla.cache']})" if "mha2mla.cache" in s.tags else "")
             for s in flow_run.stages
         )
-        table.add_row(run.run_id, run.name, run.tags.get("mha2mla.flow", ""), run.status.lower(),
+        table.add_row(run.run_id, escape(run.name), run.tags.get("mha2mla.flow", ""), run.status.lower(),
                       run.start_time.strftime("%Y-%m-%d %H:%M:%S"), stages)  # fmt: skip
     console.print(table)
 
@@ -321,7 +344,7 @@ def lineage(uri: str = typer.Argument(..., help="artifact URI of a checkpoint (f
     flow = found.flow.run if found.flow else found.producer
     table = Table(title=f"lineage of {uri}", show_header=False)
     table.add_row("sha256", found.sha256)
-    table.add_row("produced by", f"{found.producer.name} (run {found.producer.run_id})")
+    table.add_row("produced by", escape(f"{found.producer.name} (run {found.producer.run_id})"))
     table.add_row("flow run", f"{flow.name} (run {flow.run_id})")
     table.add_row("model", f"{flow.tags.get('mha2mla.model_source', '?')}")
     table.add_row("model digest", f"{flow.tags.get('mha2mla.model_digest', '?')}")
@@ -332,7 +355,7 @@ def lineage(uri: str = typer.Argument(..., help="artifact URI of a checkpoint (f
     for stage in stages:
         for dataset in stage.datasets:
             table.add_row(f"dataset {dataset.name}", f"sha256 {dataset.sha256}\nsource {dataset.source}")
-    for key, value in sorted(flow.params.items()):
-        table.add_row(f"config {key}", value)
+    for key, value in sorted(_stored_params(flow).items()):
+        table.add_row(f"config {key}", str(value))
     table.add_row("registered as", ", ".join(found.model_versions) or "-")
     console.print(table)

@@ -43,6 +43,6 @@ def finetune(
         result = train(student, teacher, rows, config.train, checkpoint_dir=work_dir(STAGE),
                        callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
         output = save_checkpoint(student.eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
-        dataset = DatasetInput(name="finetune", digest=data.digest, source=data.source)
+        dataset = DatasetInput(name="finetune", digest=data.digest, source=data.uri)
         metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
         return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))

@@ -63,6 +63,13 @@ class DataSource(BaseModel):
     def cache_token(self) -> str:
         return self.digest
 
+    @property
+    def uri(self) -> str:
+        """The source as a URI for MLflow's dataset record: file:// for package and local files."""
+        if self.source.startswith(PACKAGE_PREFIX):
+            return _package_file(self.source).resolve().as_uri()
+        return Path(self.source).as_uri() if Path(self.source).is_absolute() else self.source
+
 
 def model_slug(name: str) -> str:
     """A store-safe folder name for a model: its id, or a local path's last part; odd characters -> '-'."""

@@ -37,7 +37,7 @@ def sample_calibration(
         sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
         key = artifact_key(model.slug, STAGE, "calibration.safetensors")
         output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
-        dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.source)
+        dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.uri)
         return finish_stage(
             STAGE, output, params=params, metrics={"num_tokens": sample.num_tokens}, datasets=(dataset,)
         )
