@@ -55,8 +55,10 @@ def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-
     progress = logging.getLogger("mha2mla.progress")
     progress.setLevel(logging.INFO)
     progress.propagate = False  # shown by StageProgress only
-    if not verbose:
+    if not verbose:  # before torch, transformers or mlflow are imported, which read these once
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows it too
+        os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization bar
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if ctx.invoked_subcommand in FLOW_COMMANDS:
         ctx.obj = boot_prefect_api()
 
@@ -208,7 +210,8 @@ def report_conversion(outcome, reloaded: dict[str, Any] | None) -> None:
     console.print(table)
     hits = sum(v == "hit" for v in outcome.cache.values())
     console.print(f"stages: {len(outcome.cache) - hits} ran, {hits} cached")
-    console.print(f"checkpoint: {outcome.checkpoint.uri}\nregistered: {outcome.model_version}   MLflow run: {outcome.run_id}")
+    console.print(f"checkpoint: {outcome.checkpoint.uri}", soft_wrap=True)
+    console.print(f"registered: {outcome.model_version}   MLflow run: {outcome.run_id}")
     if reloaded is not None:
         console.print(f"[bold]greedy sample[/bold] ({reloaded['model_class']}, reloaded):\n"
                       f"[dim]{reloaded['prompt']}[/dim]{reloaded['sample']}")  # fmt: skip
