@@ -69,10 +69,12 @@ def main() -> None:
     python, cli = sys.executable, str(Path(sys.executable).with_name("mha2mla"))
     with tempfile.TemporaryDirectory(prefix="mha2mla-bench-") as tmp:
         env = {**os.environ, "PYTHONPATH": str(REPO), "MHA2MLA_ARTIFACT_ROOT": f"{tmp}/artifacts",
-               "MHA2MLA_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MHA2MLA_PREFECT_HOME": f"{tmp}/prefect"}  # fmt: skip
+               "MHA2MLA_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MHA2MLA_PREFECT_HOME": f"{tmp}/prefect",
+               "PREFECT_HOME": f"{tmp}/prefect", "PREFECT_LOGGING_LEVEL": "WARNING"}  # fmt: skip
         # create both databases first (a one-time cost of any new installation)
+        Path(tmp, "prefect").mkdir()
         timed([cli, "runs"], env)
-        timed([python, "-c", "from flows.cli import main; main(verbose=False); from prefect import flow; flow(name=\"warm-up\")(lambda: None)()"], env)
+        timed([python, "-c", "from prefect import flow; flow(name='warm-up')(lambda: None)()"], env)
         runs = {"direct": timed([python, __file__, "--direct"], env)}
         runs["flow"] = timed([cli, "convert", MODEL, "--no-check"], env)
         runs["cached"] = timed([cli, "convert", MODEL, "--no-check"], env)
