@@ -18,6 +18,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_FILE = "calibration_books.txt"
+HELDOUT_FILE = "heldout_books.txt"  # the default evaluation text: never calibrated or trained on
+
+
+def packaged_text_path(name: str):
+    """A text file shipped in mha2mla_core/resources (see its README.md)."""
+    return resources.files("mha2mla_core").joinpath("resources", name)
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,8 @@ class CalibrationSample:
 
 
 def default_calibration_texts() -> list[str]:
-    """The public-domain passages shipped with the package (see mha2mla_core/data/README.md)."""
-    text = resources.files("mha2mla_core").joinpath("data", DEFAULT_CALIBRATION_FILE).read_text(encoding="utf-8")
+    """The public-domain passages shipped with the package (see mha2mla_core/resources/README.md)."""
+    text = packaged_text_path(DEFAULT_CALIBRATION_FILE).read_text(encoding="utf-8")
     return [part.strip() for part in text.split("\f") if part.strip()]
 
 
