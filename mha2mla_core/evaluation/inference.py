@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
+from mha2mla_core.evaluation.paths import check_fits_context
 
 logger = logging.getLogger(__name__)
 
@@ -167,13 +168,7 @@ def measure_point(model: PreTrainedModel, batch: int, context: int, cfg: Inferen
 
 
 def check_inference(model: PreTrainedModel, cfg: InferenceConfig) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    need = max(cfg.contexts) + cfg.decode_steps
-    if limit is not None and need > limit:
-        raise ValueError(
-            f"contexts up to {max(cfg.contexts)} + decode_steps={cfg.decode_steps} = {need} tokens exceed the "
-            f"model's max_position_embeddings={limit}; use contexts <= {limit - cfg.decode_steps}"
-        )
+    check_fits_context(model, max(cfg.contexts), cfg.decode_steps, ("contexts", "decode_steps"))
 
 
 def run_inference(model: PreTrainedModel, cfg: InferenceConfig) -> tuple[InferencePoint, ...]:

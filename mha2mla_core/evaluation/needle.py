@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from mha2mla_core.evaluation.paths import GUTENBERG_DIR, read_text
+from mha2mla_core.evaluation.paths import GUTENBERG_DIR, check_fits_context, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,7 @@ class NeedlePrompts:
 
 
 def check_context(model: PreTrainedModel, cfg: NeedleConfig) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    need = max(cfg.lengths) + cfg.max_new_tokens
-    if limit is not None and need > limit:
-        raise ValueError(
-            f"lengths up to {max(cfg.lengths)} + max_new_tokens={cfg.max_new_tokens} = {need} tokens exceed the "
-            f"model's max_position_embeddings={limit}; use lengths <= {limit - cfg.max_new_tokens}"
-        )
+    check_fits_context(model, max(cfg.lengths), cfg.max_new_tokens, ("lengths", "max_new_tokens"))
 
 
 @torch.inference_mode()

@@ -24,3 +24,17 @@ def read_text(path: str | Path, what: str, fix: str) -> str:
         raise FileNotFoundError(f"{what} {path} does not exist; {fix}")
     with open(path, encoding="utf-8", newline="") as f:
         return f.read()
+
+
+def check_fits_context(model, longest: int, extra: int, names: tuple[str, str]) -> None:
+    """Raise if `longest` prompt tokens + `extra` generated tokens exceed the model's max_position_embeddings.
+
+    `names` = (what the prompt lengths are called, what the extra tokens are called), for the message.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    need = longest + extra
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"{names[0]} up to {longest} + {names[1]}={extra} = {need} tokens exceed the "
+            f"model's max_position_embeddings={limit}; use {names[0]} <= {limit - extra}"
+        )
