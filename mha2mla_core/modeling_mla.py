@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -192,15 +192,17 @@ class MLAAttention(nn.Module):
         cos, sin = rope_pair_cos_sin(*position_embeddings, self.rope_pairs)  # (B, Hkv, S, Dr)
         c_kv, k_pe = self.project_latent(hidden_states, cos, sin)
         q_pe, q_nope = self.project_query(hidden_states, cos, sin)
-        past_len = 0
-        if past_key_values is not None:
-            past_len = past_key_values.get_seq_length(self.layer_idx)
-            c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
-        if past_len > 0 and self.config.mla_decode == "absorbed":
-            out = self.absorbed_attention(q_pe, q_nope, c_kv, k_pe, attention_mask)
-        else:
-            out = self.expanded_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs)
         b, s = hidden_states.shape[:2]
+        # a decode step (S == 1) never reads the cache length on the host, so it can be captured in a CUDA graph
+        prefill = past_key_values is None or (s > 1 and int(past_key_values.get_seq_length(self.layer_idx)) == 0)
+        if past_key_values is not None:
+            cached = past_key_values.update(c_kv, k_pe, self.layer_idx)
+            if not prefill:  # a prefill from an empty cache attends to its own tokens, not a static cache's slots
+                c_kv, k_pe = cached
+        if prefill or self.config.mla_decode != "absorbed":
+            out = self.expanded_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs)
+        else:
+            out = self.absorbed_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, past_key_values)
         return self.o_proj(out.reshape(b, s, -1)), None
 
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +218,8 @@ class MLAAttention(nn.Module):
         b, _, _, s, _ = q_pe.shape
         q = torch.cat([q_pe, q_nope], dim=-1).reshape(b, self.num_heads, s, self.head_dim)  # (B, H, S, D)
         k, v = self.expand_kv(c_kv, k_pe)
+        if attention_mask is not None and attention_mask.shape[-1] > k.shape[2]:  # a static cache's mask spans its slots
+            attention_mask = attention_mask[..., : k.shape[2]]
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -231,15 +235,19 @@ class MLAAttention(nn.Module):
         )
         return out  # (B, S, H, D)
 
-    def absorbed_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask) -> torch.Tensor:
+    def absorbed_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask, cache: Cache) -> torch.Tensor:
         """Attention computed in latent space against the cache as stored; returns (B, S, H, D)."""
         w_uk, w_uv, b_v = self.up_weights()
         b, g, r, s, _ = q_pe.shape
         q_lat = torch.einsum("bgrsd,gdc->bgrsc", q_nope, w_uk.to(q_nope.dtype))  # (B, Hkv, n_rep, S, Rc)
-        if s == 1 and q_lat.is_cuda and attention_mask is None:
-            o_lat = latent_decode_attention(  # fused Triton decode kernel
+        static = isinstance(cache, StaticLatentCache)
+        if s == 1 and (static or (q_lat.is_cuda and attention_mask is None)):
+            kv_start, kv_end = None, None
+            if static:  # slots past the written length hold nothing; the mask only carries the left padding
+                kv_start, kv_end = left_padding(attention_mask), cache.layers[self.layer_idx].cumulative_length
+            o_lat = latent_decode_attention(  # the fused Triton decode kernel on CUDA
                 q_lat.reshape(b, self.num_heads, self.latent_dim), q_pe.reshape(b, self.num_heads, self.rope_dim),
-                c_kv, k_pe, self.scaling,
+                c_kv, k_pe, self.scaling, kv_start, kv_end,
             ).view(b, g, r, 1, self.latent_dim)  # fmt: skip
         else:
             o_lat = self.latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)
@@ -276,6 +284,15 @@ def _additive_mask(mask: torch.Tensor | None, s: int, t: int, device: torch.devi
     return mask.float()[:, :, None]  # (B, 1, 1, S, T)
 
 
+def left_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) int32 index of each row's first attended key, from a decode step's (B, 1, 1, T) bool or additive mask;
+    None without a mask. Computed on the device: no host sync."""
+    if mask is None:
+        return None
+    allowed = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] == 0  # (B, T)
+    return allowed.to(torch.int32).argmax(dim=-1).to(torch.int32)
+
+
 class LatentCache(DynamicCache):
     """A DynamicCache whose per-layer "keys" are the latent c_kv (B, Hc, T, Rc) and "values" the RoPE'd
     kept key dims k_pe (B, Hkv, T, Dr): nothing else is cached."""
@@ -292,6 +309,37 @@ class LatentCache(DynamicCache):
         total = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
         batch, tokens = layers[0].keys.shape[0], layers[0].get_seq_length()
         return total / (batch * tokens)
+
+
+class StaticLatentLayer(StaticLayer):
+    """A StaticLayer whose keys (the latent c_kv, Hc groups) and values (k_pe, Hkv groups) differ in head count."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        self.keys = key_states.new_zeros(key_states.shape[:2] + (self.max_cache_len, key_states.shape[3]))
+        self.values = value_states.new_zeros(value_states.shape[:2] + (self.max_cache_len, value_states.shape[3]))
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for t in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+
+class StaticLatentCache(LatentCache):
+    """The latent cache preallocated for `max_cache_len` tokens and written in place, so that the tensors a decode
+    step reads and writes keep their addresses (CUDA graphs). Same contents and byte count per token as LatentCache;
+    what is allocated beyond the written tokens is not counted."""
+
+    def __init__(self, num_layers: int, max_cache_len: int):
+        Cache.__init__(self, layers=[StaticLatentLayer(max_cache_len) for _ in range(num_layers)])
+
+    def kv_bytes_per_token(self) -> float:
+        layer = self.layers[0]
+        if not layer.is_initialized or int(layer.cumulative_length) == 0:
+            raise ValueError("the cache is empty: run a forward pass with use_cache=True first")
+        slots = sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+        return slots / (layer.batch_size * layer.max_cache_len)
 
 
 class MLAForCausalLM(LlamaForCausalLM):
@@ -319,8 +367,13 @@ class MLAForCausalLM(LlamaForCausalLM):
         return super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.cache_implementation in (None, "dynamic"):
-            model_kwargs["past_key_values"] = self.make_cache()
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get("past_key_values") is None and implementation in (None, "dynamic", "static"):
+            if implementation == "static":
+                max_len = generation_config.max_length  # prompt + new tokens, resolved by generate()
+                model_kwargs["past_key_values"] = StaticLatentCache(self.config.num_hidden_layers, max_len)
+            else:
+                model_kwargs["past_key_values"] = self.make_cache()
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

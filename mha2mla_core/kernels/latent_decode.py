@@ -104,7 +104,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
-def latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None) -> torch.Tensor:
+def latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, kv_end=None) -> torch.Tensor:
     """One decode step of absorbed MLA attention.
 
     q_lat: (B, H, Rc)      query already multiplied by W_uk (latent space); head h reads latent group h // (H // Hc)
@@ -112,14 +112,16 @@ def latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None
     c_kv:  (B, Hc, T, Rc)  latent cache (Hc = Hkv for the per-head layout, 1 for the shared layout)
     k_pe:  (B, Hkv, T, Dr) RoPE'd kept key dims
     kv_start: optional (B,) int32: positions t < kv_start[b] are masked (left padding)
+    kv_end:   optional one-element int tensor: positions t >= kv_end are masked (the unwritten tail of a static cache);
+              a tensor, not an int, so that a CUDA graph replays the step at every length
     returns o_lat: (B, H, Rc) = softmax(scale * (q_lat.c_kv + q_pe.k_pe)) @ c_kv, fp32 accumulation, output in q's dtype
     """
-    _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start)
+    _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start, kv_end)
     if c_kv.is_cuda and c_kv.dtype in _TRITON_DTYPES and triton_available():
         from mha2mla_core.kernels import triton_latent
 
-        return triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
-    return latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
+        return triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
+    return latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
 
 
 def latent_decode_attention_quantized(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None):
@@ -135,7 +137,7 @@ def latent_decode_attention_quantized(q_lat, q_pe, kv: QuantizedLatentKV, scale:
     return latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
 
 
-def latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None) -> torch.Tensor:
+def latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, kv_end=None):
     """Plain-torch `latent_decode_attention`: fp32 scores and softmax, output in q's dtype."""
     B, H, Rc = q_lat.shape
     Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
@@ -144,16 +146,18 @@ def latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale: float, kv_
     s_lat = torch.einsum("bcgr,bctr->bcgt", q_lat_g, c_kv.float()).reshape(B, H, T)  # (B, H, T)
     s_pe = torch.einsum("bkgd,bktd->bkgt", q_pe_g, k_pe.float()).reshape(B, H, T)  # (B, H, T)
     scores = (s_lat + s_pe) * scale  # (B, H, T)
+    positions = torch.arange(T, device=c_kv.device)  # (T,)
     if kv_start is not None:
-        positions = torch.arange(T, device=c_kv.device)  # (T,)
         masked = positions[None, :] < kv_start.to(c_kv.device)[:, None]  # (B, T)
         scores = scores.masked_fill(masked[:, None, :], float("-inf"))
+    if kv_end is not None:
+        scores = scores.masked_fill(positions >= kv_end.to(c_kv.device).reshape(()), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(B, Hc, H // Hc, T)  # (B, Hc, G, T)
     o_lat = torch.einsum("bcgt,bctr->bcgr", probs, c_kv.float())  # (B, Hc, G, Rc)
     return o_lat.reshape(B, H, Rc).to(q_lat.dtype)
 
 
-def _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start) -> None:
+def _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start, kv_end=None) -> None:
     if q_lat.dim() != 3 or q_pe.dim() != 3 or c_kv.dim() != 4 or k_pe.dim() != 4:
         raise ValueError(
             f"expected q_lat (B, H, Rc), q_pe (B, H, Dr), c_kv (B, Hc, T, Rc), k_pe (B, Hkv, T, Dr); got "
@@ -176,3 +180,5 @@ def _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start) -> None:
         )
     if kv_start is not None and tuple(kv_start.shape) != (B,):
         raise ValueError(f"kv_start must have shape ({B},), got {tuple(kv_start.shape)}")
+    if kv_end is not None and kv_end.numel() != 1:
+        raise ValueError(f"kv_end must hold one length (shared by the batch), got shape {tuple(kv_end.shape)}")

@@ -40,7 +40,7 @@ def _online_softmax_step(s, m_i, l_i):
 
 @triton.jit
 def _split_kernel(
-    Q_lat, Q_pe, C, K, Start, Out, O_part, ML_part,
+    Q_lat, Q_pe, C, K, Start, End, Out, O_part, ML_part,
     stride_qb, stride_qh, stride_pb, stride_ph,
     stride_cb, stride_ch, stride_ct, stride_kb, stride_kh, stride_kt,
     stride_ob, stride_oh,
@@ -48,7 +48,7 @@ def _split_kernel(
     G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
     RC: tl.constexpr, RC_PAD: tl.constexpr, DR: tl.constexpr, P_PAD: tl.constexpr, P_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_START: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_END: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     split = tl.program_id(0)
     c = tl.program_id(1)
@@ -74,6 +74,8 @@ def _split_kernel(
 
     lo = split * split_tokens
     hi = tl.minimum(lo + split_tokens, T)
+    if HAS_END:  # a static cache: slots from End on are not written yet; splits past it only write m = -inf
+        hi = tl.minimum(hi, tl.load(End).to(tl.int32))
     start = 0
     if HAS_START:
         start = tl.load(Start + b).to(tl.int32) - pos_offset
@@ -314,8 +316,9 @@ class _Partials:
         return _Partials(o, ml, 0, S)
 
 
-def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partials | None, pos_offset=0):
-    """Run `_split_kernel` over all of c_kv/k_pe: into `parts`, or straight to the output when parts is None."""
+def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partials | None, pos_offset=0, kv_end=None):
+    """Run `_split_kernel` over c_kv/k_pe (up to kv_end when given): into `parts`, or straight to the output when
+    parts is None."""
     B, H, Rc = q_lat.shape
     Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
     G, KPC = H // Hc, Hkv // Hc
@@ -325,14 +328,16 @@ def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partial
     out = torch.empty_like(q_lat) if parts is None else q_lat  # Out is unused with partials
     o_part, ml_part = (out, out) if parts is None else (parts.o, parts.ml)
     _split_kernel[(splits, Hc, B)](
-        q_lat, q_pe, c_kv, k_pe, kv_start if kv_start is not None else q_lat, out, o_part, ml_part,
+        q_lat, q_pe, c_kv, k_pe, kv_start if kv_start is not None else q_lat, kv_end if kv_end is not None else q_lat,
+        out, o_part, ml_part,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         c_kv.stride(0), c_kv.stride(1), c_kv.stride(2), k_pe.stride(0), k_pe.stride(1), k_pe.stride(2),
         out.stride(0), out.stride(1),
         T, pos_offset, split_tokens, 0 if parts is None else parts.base, o_part.shape[2], scale * LOG2E,
         G=G, HPG=H // Hkv, KPC=KPC, RC=Rc, RC_PAD=_pow2(Rc), DR=Dr, P_PAD=p_pad, P_CHUNK=min(p_pad, 128),
         BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t,
-        HAS_START=kv_start is not None, DIRECT=parts is None, DOT_PREC=_dot_precision(q_lat.dtype),
+        HAS_START=kv_start is not None, HAS_END=kv_end is not None, DIRECT=parts is None,
+        DOT_PREC=_dot_precision(q_lat.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -362,20 +367,25 @@ def _with_smaller_tiles_on_overflow(run, cfg: LaunchConfig) -> torch.Tensor:
                 raise
 
 
-def decode(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, cfg: LaunchConfig | None = None) -> torch.Tensor:
-    """Triton `latent_decode_attention`: flash-decoding split over T, then a combine when split."""
+def decode(
+    q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, kv_end=None, cfg: LaunchConfig | None = None
+) -> torch.Tensor:
+    """Triton `latent_decode_attention`: flash-decoding split over T, then a combine when split.
+
+    The grid depends only on the shapes, never on kv_start/kv_end's values, so a step can be captured in a CUDA graph.
+    """
     _check_last_dim_contiguous(q_lat=q_lat, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe)
-    run = functools.partial(_decode, q_lat, q_pe, c_kv, k_pe, scale, kv_start)
+    run = functools.partial(_decode, q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
     return _with_smaller_tiles_on_overflow(run, cfg or default_config(q_lat, c_kv, k_pe))
 
 
-def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg: LaunchConfig) -> torch.Tensor:
+def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig) -> torch.Tensor:
     B, H, Rc = q_lat.shape
     splits, _ = _num_splits(B, c_kv.shape[1], c_kv.shape[2], cfg, c_kv.device)
     if splits == 1:
-        return _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts=None)
+        return _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts=None, kv_end=kv_end)
     parts = _Partials.empty(B, H, splits, Rc, q_lat.device)
-    _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts)
+    _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts, kv_end=kv_end)
     return _combine(parts.o, parts.ml, torch.empty_like(q_lat))
 
 

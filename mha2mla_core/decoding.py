@@ -1,0 +1,138 @@
+"""Greedy decoding over a static cache, each decode step replayed from one CUDA graph.
+
+Legend: B batch, P prompt tokens, N new tokens, T = P + N cache slots, V vocabulary.
+
+HF's eager `generate()` spends most of a small model's decode step in Python (30 layers of launches); captured once
+and replayed, a step costs only its GPU work, which is where MLA's smaller cache pays. The same decoder runs the
+original model (transformers' `StaticCache`) and the MLA model (`StaticLatentCache`), so the two are compared on
+equal terms. Everything a step changes lives in device tensors updated inside the step: the cache slots and lengths,
+the last token, the positions, the attention mask and the output. Without CUDA the step runs eagerly (tested on CPU).
+
+    ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, StaticCache
+from transformers.cache_utils import Cache
+
+from mha2mla_core.modeling_mla import MLAForCausalLM, StaticLatentCache
+
+
+def static_cache_for(model: PreTrainedModel, max_cache_len: int) -> Cache:
+    """The model's own kind of static cache: latent for MLA models, full K/V for the originals."""
+    if isinstance(model, MLAForCausalLM):
+        return StaticLatentCache(model.config.num_hidden_layers, max_cache_len)
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
+@dataclass
+class DecodeState:
+    """The device tensors one decode step reads and updates in place (their addresses never change)."""
+
+    cache: Cache
+    tokens: torch.Tensor  # (B, 1) last token of each row
+    positions: torch.Tensor  # (B, 1) its RoPE position (left padding makes rows differ)
+    mask: torch.Tensor  # (B, 1, 1, T) bool: keys each row may attend to
+    slot: torch.Tensor  # (1,) cache slot the next token is written to
+    out: torch.Tensor  # (B, N) generated tokens
+    step: torch.Tensor  # (1,) column of `out` the next token goes to
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self._tensors()]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self._tensors(), saved, strict=True):
+            t.copy_(s)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        lengths = [layer.cumulative_length for layer in self.cache.layers]
+        return [self.tokens, self.positions, self.mask, self.slot, self.out, self.step, *lengths]
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None
+) -> DecodeState:
+    """Run the prompt through a fresh static cache of P + N slots; the state holds the first new token."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: give at least 1")
+    b, p = input_ids.shape  # (B, P)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate() numbers left-padded rows
+    cache = static_cache_for(model, p + max_new_tokens)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+        use_cache=True, logits_to_keep=1,
+    ).logits  # (B, 1, V)  # fmt: skip
+    mask = torch.zeros(b, 1, 1, p + max_new_tokens, dtype=torch.bool, device=input_ids.device)  # (B, 1, 1, T)
+    mask[:, 0, 0, :p] = attention_mask.bool()
+    out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=input_ids.device)  # (B, N)
+    tokens = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    out[:, :1] = tokens
+    one = torch.ones(1, dtype=torch.long, device=input_ids.device)
+    return DecodeState(cache, tokens, positions[:, -1:] + 1, mask, one * p, out, one.clone())
+
+
+class GreedyDecoder:
+    """Decodes from a prefilled `DecodeState`, one replay of a captured CUDA graph per token (eager off CUDA)."""
+
+    def __init__(self, model: PreTrainedModel, state: DecodeState, cuda_graph: bool | None = None):
+        self.model, self.state = model, state
+        self.graph = None
+        if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
+            self.graph = self._capture()
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        s = self.state
+        s.mask.index_fill_(3, s.slot, True)  # the slot written this step becomes visible
+        logits = self.model(
+            input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache, use_cache=True
+        ).logits  # (B, 1, V)
+        s.tokens.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        s.out.index_copy_(1, s.step, s.tokens)
+        s.positions.add_(1)
+        s.slot.add_(1)
+        s.step.add_(1)
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        saved = self.state.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles kernels and sets up cuBLAS outside the capture
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.state.restore(saved)  # warm-up slots are rewritten before they are read
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.state.restore(saved)
+        return graph
+
+    def run(self, steps: int) -> torch.Tensor:
+        """Decode `steps` more tokens; returns all tokens generated so far, (B, 1 + steps so far)."""
+        room = self.state.out.shape[1] - int(self.state.step)
+        if steps > room:
+            raise ValueError(f"steps={steps} but the cache has room for {room} more tokens; prefill with more")
+        for _ in range(steps):
+            self.graph.replay() if self.graph is not None else self._step()
+        return self.state.out[:, : int(self.state.step)]
+
+
+def generate_static(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    cuda_graph: bool | None = None,
+) -> torch.Tensor:
+    """Greedy `generate()` for exactly max_new_tokens (no early stop): (B, P + N) ids, the prompt included."""
+    state = prefill(model, input_ids, max_new_tokens, attention_mask)
+    new = GreedyDecoder(model, state, cuda_graph).run(max_new_tokens - 1)
+    return torch.cat([input_ids, new], dim=1)

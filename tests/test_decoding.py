@@ -1,0 +1,86 @@
+"""Static-cache decoding: StaticLatentCache in generate(), and the CUDA-graph greedy decoder (eager on CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
+from mha2mla_core.decoding import GreedyDecoder, generate_static, prefill
+from mha2mla_core.kernels import latent_decode_attention_reference
+from mha2mla_core.modeling_mla import StaticLatentCache
+from tests.tiny_models import calib_ids, tiny_model
+
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=["per_head", "shared"])
+def mla(request):
+    cfg = MLAConfig(rope_dims=4, kv_rank=6, svd="aware", layout=request.param, calib_seq_len=64)
+    return convert_to_mla(tiny_model("qwen2-bias"), cfg, calib_ids())
+
+
+def _left_padded_batch():
+    short = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    long = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])  # (2, 9)
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()  # (2, 9)
+    return batch, mask
+
+
+def test_generate_with_a_static_cache_equals_the_dynamic_cache(mla):
+    batch, mask = _left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, **GREEDY)
+    dynamic = mla.generate(batch, **kw)
+    static = mla.generate(batch, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+
+
+def test_static_cache_holds_the_same_bytes_per_token_as_the_latent_cache(mla):
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(6))
+    static, dynamic = StaticLatentCache(mla.config.num_hidden_layers, 16), LatentCache()
+    with torch.no_grad():
+        a = mla(ids, past_key_values=static, use_cache=True).logits
+        b = mla(ids, past_key_values=dynamic, use_cache=True).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert static.kv_bytes_per_token() == dynamic.kv_bytes_per_token()
+    assert static.layers[0].keys.shape[2] == 16 and int(static.layers[0].cumulative_length) == 6
+
+
+@pytest.mark.parametrize("source", ["original", "mla"])
+def test_greedy_decoder_equals_generate_with_left_padding(mla, source):
+    model = tiny_model("qwen2-bias") if source == "original" else mla
+    batch, mask = _left_padded_batch()
+    expected = model.generate(batch, attention_mask=mask, max_new_tokens=9, min_new_tokens=9, **GREEDY)
+    assert torch.equal(generate_static(model, batch, 9, attention_mask=mask, cuda_graph=False), expected)
+
+
+def test_decoder_runs_in_chunks_and_refuses_to_overrun_its_cache(mla):
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(7))
+    decoder = GreedyDecoder(mla, prefill(mla, ids, 6), cuda_graph=False)
+    first = decoder.run(2).clone()  # (1, 3): the prefill's token and two decoded
+    assert torch.equal(decoder.run(3)[:, :3], first)
+    with pytest.raises(ValueError, match="room for 0 more tokens"):
+        decoder.run(1)
+
+
+def test_reference_decode_ignores_slots_past_kv_end():
+    g = torch.Generator().manual_seed(8)
+    q_lat, q_pe = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 2, generator=g)
+    c_kv, k_pe = torch.randn(2, 1, 12, 6, generator=g), torch.randn(2, 2, 12, 2, generator=g)
+    end = torch.tensor([7])
+    garbage = c_kv.clone()
+    garbage[:, :, 7:] = 1e4  # unwritten slots of a static cache
+    full = latent_decode_attention_reference(q_lat, q_pe, garbage, k_pe, 0.3, kv_end=end)
+    sliced = latent_decode_attention_reference(q_lat, q_pe, c_kv[:, :, :7], k_pe[:, :, :7], 0.3)
+    torch.testing.assert_close(full, sliced)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("source", ["original", "mla"])
+def test_cuda_graph_replay_equals_eager_decoding(mla, source):
+    model = (tiny_model("qwen2-bias") if source == "original" else copy.deepcopy(mla)).cuda()
+    batch, mask = (t.cuda() for t in _left_padded_batch())
+    eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=False)
+    assert torch.equal(generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True), eager)
