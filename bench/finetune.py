@@ -43,6 +43,8 @@ from mha2mla_core.modeling_mla import GroupedLinear
 from mha2mla_core.training import ReconstructConfig, TrainEvent
 from mha2mla_core.training.reconstruct import reconstruct_attention
 
+from bench.shapes import SMOLLM2_135M
+
 logger = logging.getLogger("bench.finetune")
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -54,12 +56,6 @@ EVAL_TOKENS, EVAL_WINDOW = 16_384, 512
 SEQ_LEN, MICRO_BATCH = 1024, 16  # 16,384 tokens per optimizer step, as the independent probe
 RECON_ROWS, RECON_SEQ = 128, 512  # calibration rows the attention layers are fitted on
 H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
-SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,21 @@ def test_cuda_graph_replay_equals_eager_decoding(mla, source):
     batch, mask = (t.cuda() for t in _left_padded_batch())
     eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=False)
     assert torch.equal(generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("end", [1, 700, 4096])
+def test_triton_decode_reads_only_up_to_kv_end(end):
+    from mha2mla_core.kernels import latent_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q_lat, q_pe = (torch.randn(2, 9, d, generator=g, device="cuda", dtype=torch.bfloat16) for d in (48, 8))
+    c_kv = torch.randn(2, 1, 4096, 48, generator=g, device="cuda", dtype=torch.bfloat16)  # split over T
+    k_pe = torch.randn(2, 3, 4096, 8, generator=g, device="cuda", dtype=torch.bfloat16)
+    start = torch.tensor([0, min(5, end - 1)], device="cuda", dtype=torch.int32)
+    garbage = c_kv.clone()
+    garbage[:, :, end:] = 100.0
+    fused = latent_decode_attention(q_lat, q_pe, garbage, k_pe, 0.125, start, torch.tensor([end], device="cuda"))
+    expected = latent_decode_attention_reference(q_lat, q_pe, c_kv[:, :, :end], k_pe[:, :, :end], 0.125, start)
+    torch.testing.assert_close(fused.float(), expected.float(), atol=2e-2, rtol=2e-2)
