@@ -3,22 +3,28 @@
 from mha2mla_core.calibration import CalibrationSample, default_calibration_texts, sample_calibration
 from mha2mla_core.config import MLAConfig
 from mha2mla_core.convert import ConversionReport, convert_to_mla, convert_to_mla_with_report, score_rope
+from mha2mla_core.decoding import generate_static
 from mha2mla_core.loading import load_model
-from mha2mla_core.modeling_mla import LatentCache, MLAAttention, MLAForCausalLM, MLALlamaConfig
+from mha2mla_core.modeling_mla import LatentCache, MLAAttention, MLAForCausalLM, MLALlamaConfig, StaticLatentCache
+from mha2mla_core.quant_cache import KVCacheQuantConfig, QuantizedLatentCache
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationSample",
     "ConversionReport",
+    "KVCacheQuantConfig",
     "LatentCache",
     "MLAAttention",
     "MLAConfig",
     "MLAForCausalLM",
     "MLALlamaConfig",
+    "QuantizedLatentCache",
+    "StaticLatentCache",
     "convert_to_mla",
     "convert_to_mla_with_report",
     "default_calibration_texts",
+    "generate_static",
     "load_model",
     "sample_calibration",
     "score_rope",

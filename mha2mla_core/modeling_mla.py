@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from mha2mla_core.kernels import latent_decode_attention
+from mha2mla_core.kernels import QuantizedLatentKV, latent_decode_attention, latent_decode_attention_quantized
 
 MLA_MODEL_TYPE = "mla_llama"
 
@@ -195,14 +195,19 @@ class MLAAttention(nn.Module):
         b, s = hidden_states.shape[:2]
         # a decode step (S == 1) never reads the cache length on the host, so it can be captured in a CUDA graph
         prefill = past_key_values is None or (s > 1 and int(past_key_values.get_seq_length(self.layer_idx)) == 0)
-        if past_key_values is not None:
+        absorbed = not prefill and self.config.mla_decode == "absorbed"
+        latents: tuple[torch.Tensor, torch.Tensor] | QuantizedLatentKV = (c_kv, k_pe)
+        if absorbed and s == 1 and attention_mask is None and hasattr(past_key_values, "quantized_state"):
+            past_key_values.append(c_kv, k_pe, self.layer_idx)  # a quantized cache is read as stored, never expanded
+            latents = past_key_values.quantized_state(self.layer_idx)
+        elif past_key_values is not None:
             cached = past_key_values.update(c_kv, k_pe, self.layer_idx)
             if not prefill:  # a prefill from an empty cache attends to its own tokens, not a static cache's slots
-                c_kv, k_pe = cached
-        if prefill or self.config.mla_decode != "absorbed":
-            out = self.expanded_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs)
+                latents = cached
+        if absorbed:
+            out = self.absorbed_attention(q_pe, q_nope, latents, attention_mask, past_key_values)
         else:
-            out = self.absorbed_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, past_key_values)
+            out = self.expanded_attention(q_pe, q_nope, *latents, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, s, -1)), None
 
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,22 +240,26 @@ class MLAAttention(nn.Module):
         )
         return out  # (B, S, H, D)
 
-    def absorbed_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask, cache: Cache) -> torch.Tensor:
-        """Attention computed in latent space against the cache as stored; returns (B, S, H, D)."""
+    def absorbed_attention(self, q_pe, q_nope, latents, attention_mask, cache: Cache) -> torch.Tensor:
+        """Attention computed in latent space against the cache as stored; returns (B, S, H, D).
+
+        latents: (c_kv, k_pe) full-precision tensors, or a quantized cache layer's codes (decode steps only)."""
         w_uk, w_uv, b_v = self.up_weights()
         b, g, r, s, _ = q_pe.shape
         q_lat = torch.einsum("bgrsd,gdc->bgrsc", q_nope, w_uk.to(q_nope.dtype))  # (B, Hkv, n_rep, S, Rc)
-        static = isinstance(cache, StaticLatentCache)
-        if s == 1 and (static or (q_lat.is_cuda and attention_mask is None)):
+        if s == 1:  # the decode kernels' layout: (B, H, Rc) and (B, H, Dr)
+            heads = (q_lat.reshape(b, self.num_heads, self.latent_dim), q_pe.reshape(b, self.num_heads, self.rope_dim))
+        if isinstance(latents, QuantizedLatentKV):  # int4 codes are dequantized inside the fused kernel on CUDA
+            o_lat = latent_decode_attention_quantized(*heads, latents, self.scaling).view(b, g, r, 1, self.latent_dim)
+        elif s == 1 and (isinstance(cache, StaticLatentCache) or (q_lat.is_cuda and attention_mask is None)):
             kv_start, kv_end = None, None
-            if static:  # slots past the written length hold nothing; the mask only carries the left padding
+            if isinstance(cache, StaticLatentCache):  # unwritten slots are cut by kv_end; the mask gives left padding
                 kv_start, kv_end = left_padding(attention_mask), cache.layers[self.layer_idx].cumulative_length
             o_lat = latent_decode_attention(  # the fused Triton decode kernel on CUDA
-                q_lat.reshape(b, self.num_heads, self.latent_dim), q_pe.reshape(b, self.num_heads, self.rope_dim),
-                c_kv, k_pe, self.scaling, kv_start, kv_end,
-            ).view(b, g, r, 1, self.latent_dim)  # fmt: skip
+                *heads, *latents, self.scaling, kv_start, kv_end
+            ).view(b, g, r, 1, self.latent_dim)
         else:
-            o_lat = self.latent_attention(q_lat, q_pe, c_kv, k_pe, attention_mask)
+            o_lat = self.latent_attention(q_lat, q_pe, *latents, attention_mask)
         out = torch.einsum("bgrsc,gdc->bgrsd", o_lat, w_uv.to(o_lat.dtype))  # (B, Hkv, n_rep, S, D)
         if b_v is not None:
             out = out + b_v[None, :, None, None, :].to(out.dtype)
