@@ -59,7 +59,11 @@ OUTPUT_SHA256_TAG = "mha2mla.output_sha256"
 DATASET_SHA256_TAG = "mha2mla.sha256"  # MLflow keeps only 36 chars of a dataset digest
 CODE_VERSION_TAG = "mha2mla.code_version"
 LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "boto3")
-_SECRET_KEY = re.compile(r"secret|passw|token|credential|api_?key|access_key|private_key", re.I)
+# a key naming a secret; "token" only as a whole key or with a credential prefix (hf_token), not max_tokens
+_SECRET_KEY = re.compile(
+    r"secret|passw|credential|api_?key|access_key|private_key|^token$|(hf|auth|access|refresh|bearer|session|gh)_token$",
+    re.I,
+)
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 

@@ -47,12 +47,15 @@ def test_flatten_params_drops_secrets():
         _env_file=None, aws_secret_access_key=SECRET, tracking_uri="postgresql://u:hunter2@db/m"
     )
     flat = flatten_params(
-        {"mla": _MLAConfig(), "settings": settings, "hf_token": "hf_abc", "note": "x" * 7000}
-    )
+        {"mla": _MLAConfig(), "settings": settings, "hf_token": "hf_abc", "note": "x" * 7000,
+         "eval": {"max_tokens": 4096, "token": "t0", "aws_session_token": "t1", "kv_bytes_per_token": 4320}}
+    )  # fmt: skip
     assert flat["mla.kv_lora_rank"] == "8" and flat["mla.rope_dims"] == "[0, 1]"
     assert flat["settings.tracking_uri"] == "postgresql://u:***@db/m"
     assert not any(SECRET in v or "hunter2" in v for v in flat.values())
-    assert "hf_token" not in flat and "settings.aws_secret_access_key" not in flat
+    assert "hf_token" not in flat and "settings.aws_secret_access_key" not in flat and "eval.token" not in flat
+    assert "eval.aws_session_token" not in flat
+    assert flat["eval.max_tokens"] == "4096" and flat["eval.kv_bytes_per_token"] == "4320"  # counts, not secrets
     assert len(flat["note"]) == 6000
 
 
