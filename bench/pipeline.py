@@ -35,7 +35,8 @@ def direct() -> None:
     from mha2mla_core import MLAConfig, default_calibration_texts, load_model, sample_calibration, score_rope
     from mha2mla_core.convert import convert_to_mla_with_report
     from mha2mla_core.evaluation.perplexity import perplexity
-    from tasks.evaluate import EvalParams, kv_bytes_per_token
+    from mha2mla_core.evaluation.inference import probe_kv_bytes_per_token
+    from tasks.evaluate import EvalParams
     from tasks.inputs import DEFAULT_EVAL_TEXT, DataSource, read_text
     from tasks.sample_calibration import CalibrationParams
 
@@ -50,7 +51,7 @@ def direct() -> None:
     text = read_text(DataSource(source=DEFAULT_EVAL_TEXT, digest=""))
     for network in (model, mla):
         ppl = perplexity(network, tokenizer, text, window=evaluation.window, max_tokens=evaluation.max_tokens)
-        print(f"ppl {ppl.ppl:.2f}  kv bytes/token {kv_bytes_per_token(network, evaluation.kv_probe_tokens):.0f}")
+        print(f"ppl {ppl.ppl:.2f}  kv bytes/token {probe_kv_bytes_per_token(network, evaluation.kv_probe_tokens):.0f}")
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:

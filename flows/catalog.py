@@ -11,7 +11,7 @@ names it before anything runs.
     max_concurrency: 2           # entries converted at the same time
     defaults:                    # sections of ConvertParams, merged key by key under each config's
       calibration: {num_tokens: 8192}
-      evaluation: {max_tokens: 4096}
+      evaluation: {max_tokens: 4096, mc_tasks: [arc_easy, piqa], mc_limit: 100}
     models:
       - model: smollm2-135m
         configs:
@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flows.convert import FLOW_TAG, ConvertParams, convert
 from infra.tracking import log_table_markdown, parent_run
+from mha2mla_core.evaluation.report import Comparison
 from tasks.common import context, ensure_result_storage
 from tasks.inputs import model_slug
 
@@ -133,13 +134,14 @@ def convert_entry(params: ConvertParams, catalog_run_id: str) -> dict:
 
 
 def summary_row(params: ConvertParams, state) -> dict:
-    """The entry's name, status, PPL and KV figures of the converted model, or the error."""
+    """The entry's name, status, PPL and KV saving of its last model (the final checkpoint), or the error."""
     row = {"entry": params.name, "model": params.model, "status": "failed"}
     if state.is_completed():
         outcome = state.result()
-        original, mla = outcome["rows"][0], outcome["rows"][-1]
-        row.update(status="ok", ppl_original=original["ppl"], ppl_mla=mla["ppl"],
-                   kv_saving_pct=mla["kv_saving_pct"], checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
+        table = Comparison.from_dict(outcome["table"])
+        last, ppl, kv = table.models[-1], table.row("ppl"), table.row("kv_bytes_per_token")
+        row.update(status="ok", ppl_original=ppl.values[table.baseline], ppl_mla=ppl.values[last],
+                   kv_saving_pct=-kv.deltas[last], checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
     else:
         error = state.result(raise_on_failure=False)
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]

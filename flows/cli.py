@@ -12,6 +12,7 @@ Everything runs on the embedded default unless `MHA2MLA_*` / `PREFECT_API_URL` p
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -30,9 +31,36 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from infra.artifacts import StoreCheckError
+from infra.prefect_api import EphemeralAPI
 from infra.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Convert MHA/GQA models to MLA, cached and tracked.")
+
+class ConsoleApp(typer.Typer):
+    """The app as the `mha2mla` script runs it (`sys.exit(app())`): the process ends as soon as the command has."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as exc:
+            exit_now(exc.code)
+
+
+def exit_now(code: Any) -> NoReturn:
+    """Exit as the interpreter does (join the non-daemon threads, run the atexit handlers: MLflow, Prefect,
+    logging, the ephemeral API's stop; flush the output), minus its teardown of every imported module, which
+    takes seconds once torch, transformers, MLflow and a model are loaded."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what the interpreter's own exit runs after the threads
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+app = ConsoleApp(no_args_is_help=True, add_completion=False, help="Convert MHA/GQA models to MLA, cached and tracked.")
 catalog_app = typer.Typer(no_args_is_help=True, help="Run a YAML catalog of models x configs.")
 app.add_typer(catalog_app, name="catalog")
 console = Console()
@@ -59,32 +87,33 @@ def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows it too
         os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization bar
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about being handed a model instance
     if ctx.invoked_subcommand in FLOW_COMMANDS:
         ctx.obj = boot_prefect_api()
 
 
-def boot_prefect_api() -> threading.Thread | None:
-    """Start booting Prefect's ephemeral API server (a subprocess that takes seconds) while the command goes on
-    to import torch, transformers and the flows; `run_with_progress` waits for it.
+def boot_prefect_api() -> EphemeralAPI | None:
+    """Start Prefect's ephemeral API server (a subprocess that takes seconds to boot) while the command goes on
+    to import torch, transformers and the flows, and point this process's Prefect at it; `run_with_progress`
+    waits for it.
 
-    Only on the embedded default (no PREFECT_API_URL in the environment or the Prefect profile). The flow's
-    client finds the same server (Prefect keeps one per process); a failed boot is retried by the flow itself.
+    Only on the embedded default (no PREFECT_API_URL in the environment or the Prefect profile).
     """
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, get_current_settings
 
     if PREFECT_API_URL.value():
         return None
-    from prefect.server.api.server import SubprocessASGIServer
+    api = EphemeralAPI.start({**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)})
+    use_api(api.url)
+    return api
 
-    def boot() -> None:
-        try:
-            SubprocessASGIServer().start()
-        except Exception as exc:  # the flow's own start raises it again, with Prefect's message
-            logging.getLogger(__name__).debug("early Prefect API start failed: %s", exc)
 
-    thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
-    thread.start()
-    return thread
+def use_api(url: str) -> None:
+    """Point this process's Prefect client (and the subprocesses it starts) at `url`."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
 
 
 class StageProgress(logging.Handler):
@@ -108,9 +137,12 @@ class StageProgress(logging.Handler):
 
 def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
     """Call a flow with a rich line per stage (once Prefect's API is up); user errors exit with their message."""
-    boot = ctx.find_root().obj
-    if boot is not None:
-        boot.join()
+    api = ctx.find_root().obj
+    if api is not None:
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        use_api(api.url)  # a port taken meanwhile gives a new one
     progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), TextColumn("{task.fields[outcome]}"),
                         TimeElapsedColumn(), console=console)  # fmt: skip
     handler = StageProgress(progress)
@@ -156,6 +188,13 @@ def convert(
     finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
     finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget (default: FinetuneConfig's)"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
+    mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
+    mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),
+    mc_data_dir: Optional[str] = typer.Option(None, help="directory of the normalized MC JSONL files (default: shared/data/mc)"),
+    needle: bool = typer.Option(False, "--needle", help="needle-in-a-haystack test (grid: NeedleParams')"),
+    needle_lengths: Optional[str] = typer.Option(None, help="needle prompt lengths in tokens, comma list (implies --needle)"),
+    speed: bool = typer.Option(False, "--speed", help="prefill/decode tokens/s and peak memory (grid: SpeedParams')"),
+    speed_contexts: Optional[str] = typer.Option(None, help="speed-test context lengths, comma list (implies --speed)"),
     name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
     check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
 ) -> None:
@@ -170,7 +209,10 @@ def convert(
         params = ConvertParams(
             model=model, name=name, mla=mla,
             calibration=given(data=calib_data, num_tokens=calib_tokens),
-            evaluation=given(text=eval_text, max_tokens=eval_tokens),
+            evaluation=given(text=eval_text, max_tokens=eval_tokens, mc_tasks=_items(mc_tasks), mc_limit=mc_limit,
+                             mc_data_dir=mc_data_dir,
+                             needle=given(lengths=_items(needle_lengths)) if needle or needle_lengths else None,
+                             speed=given(contexts=_items(speed_contexts)) if speed or speed_contexts else None),
             finetune=dict(data=finetune_data, train=given(max_tokens=finetune_tokens)) if finetune_data else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
         )  # fmt: skip
@@ -193,20 +235,25 @@ def reload_report(outcome, params) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _items(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list (the config classes parse and check each item)."""
+    return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+
+
 def report_conversion(outcome, reloaded: dict[str, Any] | None) -> None:
-    table = Table(title=f"original vs MLA ({outcome.model_version})")
-    for column in ("model", "PPL", "PPL change", "KV bytes/token", "KV saving"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    rows = list(outcome.rows)
+    """The side-by-side evaluation (a row per metric, a column per model, change against the original)."""
+    from mha2mla_core.evaluation.report import Comparison
+
+    comparison = Comparison.from_dict(outcome.table)
     if reloaded is not None:
-        original = rows[0]
-        rows.append({"model": "mla, reloaded (fresh process)", "ppl": reloaded["ppl"],
-                     "ppl_change_pct": 100 * (reloaded["ppl"] / original["ppl"] - 1),
-                     "kv_bytes_per_token": reloaded["kv_bytes_per_token"],
-                     "kv_saving_pct": 100 * (1 - reloaded["kv_bytes_per_token"] / original["kv_bytes_per_token"])})  # fmt: skip
-    for row in rows:
-        table.add_row(row["model"], f"{row['ppl']:.2f}", f"{row['ppl_change_pct']:+.1f}%",
-                      f"{row['kv_bytes_per_token']:,.0f}", f"{row['kv_saving_pct']:.2f}%")  # fmt: skip
+        figures = {key: reloaded[key] for key in ("ppl", "kv_bytes_per_token")}
+        comparison = comparison.with_model(f"{comparison.models[-1]}, reloaded (fresh process)", figures)
+    header, *body = comparison.cells()
+    table = Table(title=f"original vs MLA ({outcome.model_version}); change against the original in brackets")
+    for i, column in enumerate(header):
+        table.add_column(escape(column), justify="left" if i == 0 else "right")
+    for cells in body:
+        table.add_row(*(escape(cell) for cell in cells))
     console.print(table)
     hits = sum(v == "hit" for v in outcome.cache.values())
     console.print(f"stages: {len(outcome.cache) - hits} ran, {hits} cached")

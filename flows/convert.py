@@ -4,14 +4,15 @@
     evaluate[original], evaluate[mla], [evaluate[finetuned]], [evaluate[int4]]
 
 One MLflow parent run per flow run (params = the resolved config, tags = model source and digest, code and
-library versions; artifacts = `config.json` and the evaluation table) and one nested run per stage, also for
-a stage served from the cache (tagged `mha2mla.cache=hit`). The checkpoint is registered in the MLflow model
-registry (once per artifact URI). `config.json` holds the flow's parameters, so `mha2mla resume RUN` reruns
-exactly this call; completed stages are cache hits.
+library versions; artifacts = `config.json`, the side-by-side evaluation table `eval_table.md` / `.json` and its
+plots) and one nested run per stage, also for a stage served from the cache (tagged `mha2mla.cache=hit`). The
+checkpoint is registered in the MLflow model registry (once per artifact URI). `config.json` holds the flow's
+parameters, so `mha2mla resume RUN` reruns exactly this call; completed stages are cache hits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import mlflow
@@ -21,11 +22,11 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict
 
 from infra.artifacts import ArtifactRef
-from infra.tracking import log_table_markdown, parent_run, stage_run
+from infra.tracking import parent_run, stage_run
 from mha2mla_core import MLAConfig
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
-from tasks.evaluate import EvalParams, comparison_rows, evaluate
+from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.finetune import FinetuneParams, finetune
 from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
 from tasks.quantize_kv import quantize_kv
@@ -58,7 +59,7 @@ class ConvertOutcome(BaseModel):
     run_id: str  # MLflow parent run
     checkpoint: ArtifactRef
     model_version: str  # "registry name/version"
-    rows: list[dict]  # evaluation table
+    table: dict  # side-by-side evaluation (Comparison JSON): a row per metric, a value and delta per model
     cache: dict[str, str]  # stage run name -> "hit" | "miss"
 
 
@@ -109,6 +110,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
     calib_data = resolve_data(params.calibration.data, DEFAULT_CALIBRATION)
     eval_text = resolve_data(params.evaluation.text, DEFAULT_EVAL_TEXT)
     train_data = resolve_data(params.finetune.data, DEFAULT_CALIBRATION) if params.finetune else None
+    check_eval_inputs(model, params.evaluation)
     flow_run = FlowRunContext.get().flow_run
     tags = {FLOW_TAG: "convert", "mha2mla.model_source": model.name, "mha2mla.model_digest": model.digest,
             "mha2mla.prefect_flow_run": str(flow_run.id)}  # fmt: skip
@@ -131,9 +133,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         before = stage(evaluate, model, model.slug, eval_text, params.evaluation, label="original")
         after = {label: stage(evaluate, ckpt, model.slug, eval_text, params.evaluation, label=label)
                  for label, ckpt in checkpoints.items()}  # fmt: skip
-        rows = comparison_rows(before, after)
-        log_table_markdown(rows, "eval_table.md")
-        mlflow.log_dict(rows, "eval_table.json")
+        table = json.loads(log_comparison(before, after).to_json())
         final = list(checkpoints.values())[-1].output
         version = register_once(name, final, run_id)
-    return ConvertOutcome(run_id=run_id, checkpoint=final, model_version=version, rows=rows, cache=stage.cache)
+    return ConvertOutcome(run_id=run_id, checkpoint=final, model_version=version, table=table, cache=stage.cache)

@@ -20,8 +20,9 @@ import torch
 from infra.artifacts import open_store
 from infra.settings import Settings
 from mha2mla_core import load_model
+from mha2mla_core.evaluation.inference import probe_kv_bytes_per_token
 from mha2mla_core.evaluation.perplexity import perplexity
-from tasks.evaluate import EvalParams, kv_bytes_per_token
+from tasks.evaluate import EvalParams
 from tasks.inputs import DEFAULT_EVAL_TEXT, read_text, resolve_data
 
 PROMPT = "The old house at the end of the lane had been empty for years, until"
@@ -41,7 +42,7 @@ def reload(uri: str, sha256: str, evaluation: EvalParams) -> dict:
     return {
         "model_class": type(model).__name__,
         "ppl": ppl.ppl,
-        "kv_bytes_per_token": kv_bytes_per_token(model, evaluation.kv_probe_tokens),
+        "kv_bytes_per_token": probe_kv_bytes_per_token(model, evaluation.kv_probe_tokens),
         "prompt": PROMPT,
         "sample": tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True),
     }

@@ -1,20 +1,79 @@
-"""Stage `evaluate`: perplexity on a held-out text and KV-cache bytes per token, for one model."""
+"""Stage `evaluate`: one model's figures on the enabled suites, and the side-by-side table of a flow's models.
+
+Always: perplexity of a held-out text and KV-cache bytes per token read from the cache's own tensors. On
+request (EvalParams): zero-shot multiple choice through lm-eval on the local task files, needle-in-a-haystack
+retrieval (with a heatmap PNG), and prefill / decode tokens/s and peak memory at several context lengths and
+batch sizes. The evaluation is mha2mla_core.evaluation's; this module maps the pipeline's parameters onto its
+configs, stores the results and logs them.
+"""
 
 from __future__ import annotations
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+import json
+from pathlib import Path
 
+import mlflow
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from infra.artifacts import ArtifactRef
 from infra.tracking import stage_run
-from mha2mla_core.evaluation.perplexity import perplexity
-from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, stage_task
-from tasks.inputs import DataSource, ModelSource, load_model_input, read_text
+from mha2mla_core.evaluation import plots
+from mha2mla_core.evaluation.inference import InferenceConfig
+from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, short_task_name
+from mha2mla_core.evaluation.needle import NeedleConfig
+from mha2mla_core.evaluation.perplexity import PerplexityConfig
+from mha2mla_core.evaluation.report import Comparison, EvalResult, compare, flat_metrics
+from mha2mla_core.evaluation.suite import EvalConfig, check_files, check_lengths, evaluate_model
+from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
+from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_input, read_text
 
 STAGE = "evaluate"
+CODE = tuple(f"mha2mla_core.evaluation.{m}" for m in ("suite", "perplexity", "multiple_choice", "needle",
+             "inference", "report", "plots")) + ("mha2mla_core.modeling_mla",)  # fmt: skip
+KNOWN_TASKS = ", ".join(TASK_FILES)
+
+
+class NeedleParams(BaseModel):
+    """The needle-in-a-haystack grid (NeedleConfig), smaller by default than the core's, for a CPU run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lengths: tuple[int, ...] = (512, 1024, 2048)  # prompt tokens
+    depths: tuple[float, ...] = (0.0, 0.5, 1.0)  # where the needle sits: 0 = first, 1 = last in the haystack
+    trials: int = 1  # passkeys per (length, depth) cell
+    haystack: str | None = None  # a local text file; None = the Gutenberg books of shared/data/text_calib
+
+    @model_validator(mode="after")
+    def _valid(self) -> NeedleParams:
+        self.core()  # NeedleConfig's checks, with its messages
+        return self
+
+    def core(self) -> NeedleConfig:
+        paths = (Path(self.haystack),) if self.haystack else ()
+        return NeedleConfig(haystack_paths=paths, lengths=self.lengths, depths=self.depths, trials=self.trials)
+
+
+class SpeedParams(BaseModel):
+    """Prefill / decode tokens/s and peak memory per (batch, context) point (InferenceConfig), sized for a CPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    contexts: tuple[int, ...] = (256, 1024)  # prompt tokens per sequence
+    batch_sizes: tuple[int, ...] = (1, 4)
+    decode_steps: int = 16  # new tokens per sequence
+    repeats: int = 1  # measurements per point; the fastest is kept
+
+    @model_validator(mode="after")
+    def _valid(self) -> SpeedParams:
+        self.core()
+        return self
+
+    def core(self) -> InferenceConfig:
+        return InferenceConfig(self.contexts, self.batch_sizes, self.decode_steps, self.repeats)
 
 
 class EvalParams(BaseModel):
-    """The held-out text and how much of it is scored."""
+    """The held-out text and how much of it is scored; the optional suites (all off by default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -22,44 +81,95 @@ class EvalParams(BaseModel):
     max_tokens: int = Field(4096, ge=2)  # first tokens of the tokenized text scored
     window: int = Field(512, ge=1)  # context per prediction; non-overlapping blocks of predicted tokens
     kv_probe_tokens: int = Field(1024, ge=1)  # context at which KV bytes/token are read from the cache
+    mc_tasks: tuple[str, ...] = ()  # zero-shot multiple choice (lm-eval, local files): KNOWN_TASKS or "all"
+    mc_limit: int | None = None  # items per task (per subject for MMLU); None = every item
+    mc_data_dir: str | None = None  # the normalized MC JSONL files; None = shared/data/mc
+    needle: NeedleParams | None = None  # None = no needle test
+    speed: SpeedParams | None = None  # None = no speed and memory grid
+
+    @field_validator("mc_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        if tasks == ("all",):
+            return tuple(TASK_FILES)
+        return tuple(dict.fromkeys(short_task_name(t) for t in tasks))  # raises naming the known tasks
+
+    @field_validator("mc_limit")
+    @classmethod
+    def _positive_limit(cls, limit: int | None) -> int | None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"mc_limit={limit}: give at least 1 item per task, or leave it out to score every item")
+        return limit
+
+    @model_validator(mode="after")
+    def _tasks_for_mc_options(self) -> EvalParams:
+        if not self.mc_tasks and (self.mc_limit is not None or self.mc_data_dir is not None):
+            raise ValueError(f"mc_limit / mc_data_dir are set but mc_tasks is empty; name the tasks to score "
+                             f"(--mc-tasks arc_easy,piqa), from: {KNOWN_TASKS}, or all")  # fmt: skip
+        return self
+
+    def suite(self) -> EvalConfig:
+        """The core config; the perplexity text itself is passed to evaluate_model by the stage."""
+        data = {"data_dir": Path(self.mc_data_dir)} if self.mc_data_dir else {}
+        return EvalConfig(
+            perplexity=PerplexityConfig(window=self.window, max_tokens=self.max_tokens),
+            multiple_choice=MCConfig(tasks=self.mc_tasks, limit=self.mc_limit, **data) if self.mc_tasks else None,
+            needle=self.needle.core() if self.needle else None,
+            inference=self.speed.core() if self.speed else None,
+            kv_probe_tokens=self.kv_probe_tokens,
+        )
 
 
-@torch.no_grad()
-def kv_bytes_per_token(model, probe_tokens: int) -> float:
-    """Cache bytes per token per sequence, read from the cache's own tensors after a `probe_tokens` forward
-    (long enough for a quantized cache to hold codes beyond its full-precision residual window)."""
-    if hasattr(model, "kv_bytes_per_token"):
-        return model.kv_bytes_per_token(probe_tokens)
-    out = model(input_ids=torch.zeros(1, probe_tokens, dtype=torch.long, device=model.device), use_cache=True)
-    layers = out.past_key_values.layers
-    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)) / probe_tokens
+def check_eval_inputs(model: ModelSource, config: EvalParams) -> None:
+    """Before any stage: the suites' data files exist and their lengths fit the model (read from its config,
+    only when the needle or speed suite is on)."""
+    suite = config.suite()
+    check_files(suite, perplexity_file=False)
+    if suite.needle or suite.inference:
+        check_lengths(load_model_config(model), suite)
 
 
-@stage_task(STAGE, code=("mha2mla_core.evaluation.perplexity", "mha2mla_core.modeling_mla"))
+@stage_task(STAGE, code=CODE)
 def evaluate(model: ModelSource | StageResult, slug: str, text: DataSource, config: EvalParams, run: RunLink) -> StageResult:
-    """PPL (fp32 logits) of the first `max_tokens` tokens of `text`, and measured KV bytes/token."""
+    """PPL (fp32 logits) of the first `max_tokens` tokens of `text`, measured KV bytes/token, and the enabled
+    suites; the full result as JSON, the needle heatmap as PNG, every figure as a metric."""
     params = {**config.model_dump(mode="json"), "source": text.source}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
         network, tokenizer = load_model_input(model)
-        ppl = perplexity(network, tokenizer, read_text(text), window=config.window, max_tokens=config.max_tokens)
-        metrics = {"ppl": ppl.ppl, "nll": ppl.nll, "predicted_tokens": ppl.predicted_tokens,
-                   "kv_bytes_per_token": kv_bytes_per_token(network, config.kv_probe_tokens)}  # fmt: skip
-        output = context().store.put_json(metrics, artifact_key(slug, STAGE, f"{run.label or 'model'}.json"))
-        return finish_stage(STAGE, output, params=params, metrics=metrics)
+        held_out = read_text(text)
+        result = evaluate_model(network, tokenizer, config.suite(), run.label or "model", perplexity_text=held_out)
+        output, files = store_result(result, slug)
+        return finish_stage(STAGE, output, params=params, files=files, metrics=flat_metrics(result))
 
 
-def comparison_rows(original: StageResult, converted: dict[str, StageResult]) -> list[dict]:
-    """One row per model: PPL, its change against the original, KV bytes/token and the cache saving."""
-    base = original.metrics
-    rows = [{"model": "original", "ppl": base["ppl"], "ppl_change_pct": 0.0,
-             "kv_bytes_per_token": base["kv_bytes_per_token"], "kv_saving_pct": 0.0}]  # fmt: skip
-    for label, result in converted.items():
-        m = result.metrics
-        rows.append({
-            "model": label,
-            "ppl": m["ppl"],
-            "ppl_change_pct": 100 * (m["ppl"] / base["ppl"] - 1),
-            "kv_bytes_per_token": m["kv_bytes_per_token"],
-            "kv_saving_pct": 100 * (1 - m["kv_bytes_per_token"] / base["kv_bytes_per_token"]),
-        })
-    return rows
+def store_result(result: EvalResult, slug: str) -> tuple[ArtifactRef, dict[str, ArtifactRef]]:
+    """The result as JSON (`EvalResult.from_json` reads it back), and its needle heatmap where the test ran."""
+    store = context().store
+    output = store.put_bytes(result.to_json().encode(), artifact_key(slug, STAGE, f"{result.name}.json"))
+    files = {}
+    if result.needle:
+        name = f"needle_{result.name}.png"
+        png = plots.needle_heatmap(result.needle, f"needle: {result.name}")
+        files[name] = store.put_bytes(png, artifact_key(slug, STAGE, name))
+    return output, files
+
+
+def load_result(result: StageResult) -> EvalResult:
+    return EvalResult.from_json(context().store.get_bytes(result.uri, sha256=result.sha256).decode())
+
+
+def log_comparison(original: StageResult, candidates: dict[str, StageResult]) -> Comparison:
+    """The side-by-side table of the original and each candidate (deltas against the original), logged to the
+    active run as eval_table.md / eval_table.json with the KV-cache plot and, where speed ran, decode speed."""
+    results = {"original": load_result(original), **{label: load_result(r) for label, r in candidates.items()}}
+    table = compare(results, baseline="original")
+    mlflow.log_text(table.to_markdown(), "eval_table.md")
+    mlflow.log_dict(json.loads(table.to_json()), "eval_table.json")
+    figures = {"kv_cache.png": plots.kv_cache(results)}
+    if any(r.inference for r in results.values()):
+        figures["decode_speed.png"] = plots.decode_speed(results)
+    with scratch_dir() as tmp:
+        for name, png in figures.items():
+            (tmp / name).write_bytes(png)
+            mlflow.log_artifact(str(tmp / name))
+    return table

@@ -22,7 +22,7 @@ CORE_CALLS = {
     "sample-calibration": ("tasks.sample_calibration", "sample_ids"),
     "score-rope": ("tasks.score_rope", "score_pairs"),
     "svd-init": ("tasks.svd_init", "convert_to_mla_with_report"),
-    "evaluate": ("tasks.evaluate", "perplexity"),
+    "evaluate": ("tasks.evaluate", "evaluate_model"),
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from eval_tiny import write_arc_items
 from flows.cli import app
 
 pytest_plugins = ["pipeline_fixtures"]
@@ -33,9 +34,12 @@ def latest_flow_run():
     return client.search_runs(experiments, "tags.`mha2mla.flow` = 'convert'", order_by=["attributes.start_time DESC"])[0]
 
 
-def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_source):
-    out = cli("convert", str(tiny_source), *TINY)
+def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_source, tmp_path):
+    write_arc_items(tmp_path)
+    suites = ["--mc-tasks", "arc_easy", "--mc-limit", "5", "--mc-data-dir", str(tmp_path), "--speed-contexts", "16,32"]
+    out = cli("convert", str(tiny_source), *TINY, *suites)
     assert "mla, reloaded (fresh process)" in out and "greedy sample (MLAForCausalLM, reloaded)" in out
+    assert "arc_easy acc" in out and "decode tok/s B=4 T=32" in out and "KV bytes/token" in out
     assert "5 ran, 0 cached" in out
     run = latest_flow_run()
     checkpoint = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")[0].source
@@ -70,6 +74,9 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
         (("convert", "{tiny}", "--kv-rank", "sixteen"), "'sixteen': give a rank per KV head"),
         (("convert", "no-such-org/no-such-model"), "unknown model 'no-such-org/no-such-model'"),
         (("convert", "{tiny}", "--calib-data", "/no/such/file.jsonl"), "no such file or directory"),
+        (("convert", "{tiny}", "--mc-tasks", "arc_easy,arc_eazy"), "unknown multiple-choice task 'arc_eazy'; known:"),
+        (("convert", "{tiny}", "--mc-limit", "20"), "mc_tasks is empty; name the tasks to score"),
+        (("convert", "{tiny}", "--needle-lengths", "1024"), "exceed the model's max_position_embeddings=512"),
         (("lineage", "file:///no/such/checkpoint"), "no run logged output"),
         (("resume", "0123456789abcdef0123456789abcdef"), "no MLflow run"),
     ],

@@ -1,12 +1,14 @@
 """The suite end to end on a tiny model and its MLA conversions: results, JSON round trip, table, plots."""
 
 import json
+import re
 
 import pytest
 
 from eval_tiny import HAYSTACK, NEEDLE_TEMPLATES, tiny_lm, tiny_tokenizer, write_arc_items
 from mha2mla_core import MLAConfig, convert_to_mla
 from mha2mla_core.evaluation import (
+    Comparison,
     EvalConfig,
     EvalResult,
     InferenceConfig,
@@ -15,6 +17,7 @@ from mha2mla_core.evaluation import (
     PerplexityConfig,
     compare,
     evaluate_model,
+    flat_metrics,
 )
 from mha2mla_core.evaluation import plots
 from tiny_models import calib_ids
@@ -88,6 +91,42 @@ def test_markdown_table(results):
     assert kv == "| KV bytes/token | 1,024 | 1,024 (+0.0%) | 256 (-75.0%) |"
     assert any(line.startswith("| arc_easy acc |") and "±" in line for line in lines)
     assert results["original"].to_markdown().startswith("| metric | original |")
+
+
+def test_flat_metrics_are_the_table_by_key(results):
+    table = compare(results)
+    flat = flat_metrics(results["mla-r4"])
+    assert {row.key: row.values["mla-r4"] for row in table.rows}.items() <= flat.items()
+    assert flat["mc.arc_easy.samples"] == 10 and 0 < flat["mc.arc_easy.acc_stderr"] < 100
+    assert flat["predicted_tokens"] == 127 and flat["kv_bytes_per_token"] == 256
+    assert {"speed.b2_t16.decode_tok_s", "needle.acc.len40", "seconds.needle"} <= set(flat)
+    assert all(re.fullmatch(r"[/\w.\- :]+", key) for key in flat)  # names MLflow accepts
+
+
+def test_table_round_trips_through_json_and_takes_another_column(results):
+    table = compare(results)
+    back = Comparison.from_dict(json.loads(table.to_json()))
+    assert back == table
+    more = back.with_model("reloaded", {"kv_bytes_per_token": 512.0})
+    assert more.row("kv_bytes_per_token").deltas["reloaded"] == pytest.approx(-50.0)
+    assert more.row("ppl").values["reloaded"] is None and more.row("ppl").values["mla-r4"] == table.row("ppl").values["mla-r4"]
+    header, *body = more.cells()
+    assert header == ["metric", "original", "mla-full", "mla-r4", "reloaded"] and len(body) == len(table.rows)
+    with pytest.raises(KeyError, match="no metric 'nope'"):
+        more.row("nope")
+
+
+def test_kv_probe_reads_the_cache_without_other_stages():
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer, "llama-mha")
+    mla = convert_to_mla(model, LOW_RANK, calib_ids())
+    probe_only = EvalConfig(perplexity=None, multiple_choice=None, needle=None, inference=None, kv_probe_tokens=8)
+    original = evaluate_model(model, tokenizer, probe_only)
+    assert original.kv_bytes_per_token_probe == original.kv_bytes_per_token == 2 * 2 * 4 * 16 * 4
+    assert evaluate_model(mla, tokenizer, probe_only).kv_bytes_per_token == 2 * 4 * (4 + 4) * 4
+    assert EvalResult.from_json(original.to_json()) == original and original.seconds.keys() == {"kv_probe"}
+    with pytest.raises(ValueError, match="kv_probe_tokens=0"):
+        EvalConfig(kv_probe_tokens=0)
 
 
 def test_compare_needs_a_known_baseline(results):

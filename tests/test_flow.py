@@ -108,7 +108,7 @@ def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin,
     executions.clear()
     again = run_convert(tiny_params(tiny_source))
     assert again.cache == dict.fromkeys(STAGES, "hit") and not executions
-    assert again.checkpoint == outcome.checkpoint and again.rows == outcome.rows
+    assert again.checkpoint == outcome.checkpoint and again.table == outcome.table
     assert set(stage_runs(again.run_id)) == set(STAGES)  # cached stages are still recorded per flow run
 
 
@@ -119,6 +119,50 @@ def test_config_change_reruns_that_stage_and_downstream_only(local_env, tiny_sou
     assert outcome.cache == {"sample-calibration": "hit", "score-rope": "hit", "svd-init": "miss",
                              "evaluate[original]": "hit", "evaluate[mla]": "miss"}  # fmt: skip
     assert dict(executions) == {"svd-init": 1, "evaluate": 1}
+
+
+def test_eval_suites_rerun_only_evaluate_and_fill_the_table(local_env, tiny_source, executions, tiny_params, tmp_path):
+    """MC (a 10-item local task), needle and speed on the tiny model, switched on after a plain run."""
+    from eval_tiny import HAYSTACK, write_arc_items
+    from mha2mla_core.evaluation import EvalResult
+    from tasks.common import context
+
+    write_arc_items(tmp_path)
+    (tmp_path / "hay.txt").write_text(HAYSTACK * 8)
+    base = tiny_params(tiny_source)
+    run_convert(base)
+    executions.clear()
+    evaluation = {**base.evaluation.model_dump(), "mc_tasks": ["arc_easy"], "mc_data_dir": str(tmp_path),
+                  "needle": {"lengths": [64, 96], "depths": [0.0, 1.0], "haystack": str(tmp_path / "hay.txt")},
+                  "speed": {"contexts": [16, 32], "batch_sizes": [1, 2], "decode_steps": 2}}  # fmt: skip
+    outcome = run_convert(base.model_copy(update={"evaluation": type(base.evaluation)(**evaluation)}))
+    assert outcome.cache == {**dict.fromkeys(STAGES[:3], "hit"), "evaluate[original]": "miss", "evaluate[mla]": "miss"}
+    assert dict(executions) == {"evaluate": 2}
+
+    runs = stage_runs(outcome.run_id)
+    for label in ("original", "mla"):
+        metrics = runs[f"evaluate[{label}]"].data.metrics
+        assert metrics["mc.arc_easy.samples"] == 10 and 0 <= metrics["mc.arc_easy.acc"] <= 100
+        assert 0 < metrics["mc.arc_easy.acc_stderr"] < 100 and 0 <= metrics["needle.acc.len96"] <= 100
+        assert metrics["speed.b2_t32.prefill_tok_s"] > 0 and metrics["speed.b2_t32.decode_tok_s"] > 0
+        assert metrics["ppl"] > 1 and metrics["kv_bytes_per_token"] > 0
+        artifacts = [a.path for a in MlflowClient().list_artifacts(runs[f"evaluate[{label}]"].info.run_id)]
+        assert artifacts == [f"needle_{label}.png"]
+        uri, sha = stage_output(outcome.run_id, f"evaluate[{label}]")
+        result = EvalResult.from_json(context().store.get_bytes(uri, sha256=sha).decode())
+        assert len(result.needle.trials) == 2 * 2 and len(result.inference) == 4 and result.name == label
+
+    rows = {row["key"]: row for row in outcome.table["rows"]}
+    acc = rows["mc.arc_easy.acc"]
+    assert acc["deltas"]["mla"] == pytest.approx(acc["values"]["mla"] - acc["values"]["original"])
+    kv = rows["kv_bytes_per_token"]
+    assert kv["deltas"]["mla"] == pytest.approx(100 * (kv["values"]["mla"] / kv["values"]["original"] - 1))
+    assert kv["deltas"]["mla"] < 0
+    assert {"needle.acc", "speed.b1_t16.decode_tok_s", "speed.b2_t32.peak_mib"} <= set(rows)
+    parent = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
+    assert {"eval_table.md", "eval_table.json", "kv_cache.png", "decode_speed.png"} <= parent
+    markdown = mlflow.artifacts.load_text(f"{MlflowClient().get_run(outcome.run_id).info.artifact_uri}/eval_table.md")
+    assert "| arc_easy acc |" in markdown and "| needle acc @ 96 tokens |" in markdown
 
 
 def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_params):
@@ -135,10 +179,10 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
         "quantize_kv": {"nbits": 4, "group_size": 16, "residual_length": 16},
     })  # fmt: skip
     outcome = run_convert(params)
-    assert [row["model"] for row in outcome.rows] == ["original", "mla", "finetuned", "int4"]
+    assert outcome.table["models"] == ["original", "mla", "finetuned", "int4"]
     assert outcome.cache["finetune"] == outcome.cache["quantize-kv"] == "miss"
-    int4, mla = outcome.rows[-1], outcome.rows[1]
-    assert int4["kv_bytes_per_token"] < mla["kv_bytes_per_token"] / 2
+    kv = next(row for row in outcome.table["rows"] if row["key"] == "kv_bytes_per_token")["values"]
+    assert kv["int4"] < kv["mla"] / 2
     finetune_run = stage_runs(outcome.run_id)["finetune"]
     assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
     assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]

@@ -9,11 +9,17 @@ Works on any HF causal LM; lm-eval, matplotlib and psutil are imported only by t
 submodules keep their names (`perplexity.perplexity(model, tok, text)` is the raw-text entry point).
 """
 
-from mha2mla_core.evaluation.inference import InferenceConfig, InferencePoint, cache_bytes_per_token, run_inference
+from mha2mla_core.evaluation.inference import (
+    InferenceConfig,
+    InferencePoint,
+    cache_bytes_per_token,
+    probe_kv_bytes_per_token,
+    run_inference,
+)
 from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, MCScore, run_multiple_choice
 from mha2mla_core.evaluation.needle import NeedleConfig, NeedleResult, run_needle
 from mha2mla_core.evaluation.perplexity import WIKITEXT2_PROTOCOL, PerplexityConfig, PerplexityResult, run_perplexity
-from mha2mla_core.evaluation.report import Comparison, EvalResult, compare
+from mha2mla_core.evaluation.report import Comparison, EvalResult, compare, flat_metrics
 from mha2mla_core.evaluation.suite import EvalConfig, evaluate_model
 
 __all__ = [
@@ -33,6 +39,8 @@ __all__ = [
     "cache_bytes_per_token",
     "compare",
     "evaluate_model",
+    "flat_metrics",
+    "probe_kv_bytes_per_token",
     "run_inference",
     "run_multiple_choice",
     "run_needle",

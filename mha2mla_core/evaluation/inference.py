@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+
 from mha2mla_core.evaluation.paths import check_fits_context
 
 logger = logging.getLogger(__name__)
@@ -167,13 +168,13 @@ def measure_point(model: PreTrainedModel, batch: int, context: int, cfg: Inferen
     )
 
 
-def check_inference(model: PreTrainedModel, cfg: InferenceConfig) -> None:
-    check_fits_context(model, max(cfg.contexts), cfg.decode_steps, ("contexts", "decode_steps"))
+def check_inference(config: PretrainedConfig, cfg: InferenceConfig) -> None:
+    check_fits_context(config, max(cfg.contexts), cfg.decode_steps, ("contexts", "decode_steps"))
 
 
 def run_inference(model: PreTrainedModel, cfg: InferenceConfig) -> tuple[InferencePoint, ...]:
     """All (batch, context) points, after one small warm-up point that is not reported."""
-    check_inference(model, cfg)
+    check_inference(model.config, cfg)
     measure_point(model, 1, min(8, min(cfg.contexts)), InferenceConfig(contexts=(8,), decode_steps=2))
     points = []
     for context in cfg.contexts:
@@ -193,6 +194,22 @@ def best_of(points: list[InferencePoint]) -> InferencePoint:
         generate_tok_s=max(p.generate_tok_s for p in points),
         peak_memory_bytes=max(p.peak_memory_bytes for p in points),
     )
+
+
+@torch.inference_mode()
+def probe_kv_bytes_per_token(model: PreTrainedModel, probe_tokens: int) -> float:
+    """Cache bytes per token per sequence, read from the cache's own tensors after one forward of `probe_tokens`
+    tokens (long enough for a quantized cache to hold codes beyond its full-precision residual window).
+
+    MLA models measure their own cache (`kv_bytes_per_token`, the latent cache they make); any other model's
+    cache is the one its forward returns.
+    """
+    if probe_tokens < 1:
+        raise ValueError(f"probe_tokens={probe_tokens} must be >= 1")
+    if hasattr(model, "kv_bytes_per_token"):
+        return float(model.kv_bytes_per_token(probe_tokens))
+    ids = torch.zeros(1, probe_tokens, dtype=torch.long, device=model.device)  # (1, T)
+    return cache_bytes_per_token(model(input_ids=ids, use_cache=True).past_key_values, 1, probe_tokens)
 
 
 def reported_kv_bytes_per_token(model: PreTrainedModel) -> float | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mha2mla_core.evaluation.paths import GUTENBERG_DIR, check_fits_context, read_text
 
@@ -147,8 +147,8 @@ class NeedlePrompts:
         return min(bounds, key=lambda b: (abs(b - target), b))
 
 
-def check_context(model: PreTrainedModel, cfg: NeedleConfig) -> None:
-    check_fits_context(model, max(cfg.lengths), cfg.max_new_tokens, ("lengths", "max_new_tokens"))
+def check_context(config: PretrainedConfig, cfg: NeedleConfig) -> None:
+    check_fits_context(config, max(cfg.lengths), cfg.max_new_tokens, ("lengths", "max_new_tokens"))
 
 
 @torch.inference_mode()
@@ -184,7 +184,7 @@ def first_number(text: str) -> str:
 
 def run_needle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: NeedleConfig) -> NeedleResult:
     """Accuracy over the grid cfg.lengths x cfg.depths, cfg.trials passkeys per cell."""
-    check_context(model, cfg)
+    check_context(model.config, cfg)
     prompts = NeedlePrompts(tokenizer, cfg, load_haystack(cfg.haystack_paths))
     cases = [prompts.case(n, d, t) for n in cfg.lengths for d in cfg.depths for t in range(cfg.trials)]
     answers = generate_answers(model, tokenizer, cases, cfg)

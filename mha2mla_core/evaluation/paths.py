@@ -26,12 +26,13 @@ def read_text(path: str | Path, what: str, fix: str) -> str:
         return f.read()
 
 
-def check_fits_context(model, longest: int, extra: int, names: tuple[str, str]) -> None:
+def check_fits_context(config, longest: int, extra: int, names: tuple[str, str]) -> None:
     """Raise if `longest` prompt tokens + `extra` generated tokens exceed the model's max_position_embeddings.
 
-    `names` = (what the prompt lengths are called, what the extra tokens are called), for the message.
+    `config` is the model's config (`model.config`, or one read without the weights); `names` = (what the prompt
+    lengths are called, what the extra tokens are called), for the message.
     """
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     need = longest + extra
     if limit is not None and need > limit:
         raise ValueError(

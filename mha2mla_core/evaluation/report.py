@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
 
 from mha2mla_core.evaluation.inference import InferencePoint
 from mha2mla_core.evaluation.multiple_choice import MCScore
@@ -36,6 +37,7 @@ class EvalResult:
     needle: NeedleResult | None = None
     inference: tuple[InferencePoint, ...] = ()
     kv_bytes_per_token_reported: float | None = None  # the model's own figure (MLA models), for a cross-check
+    kv_bytes_per_token_probe: float | None = None  # from the cache after a forward of EvalConfig.kv_probe_tokens
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
     def to_json(self) -> str:
@@ -59,6 +61,7 @@ class EvalResult:
             ),
             inference=tuple(InferencePoint(**p) for p in data["inference"]),
             kv_bytes_per_token_reported=data["kv_bytes_per_token_reported"],
+            kv_bytes_per_token_probe=data.get("kv_bytes_per_token_probe"),
         )
 
     def to_markdown(self) -> str:
@@ -66,37 +69,69 @@ class EvalResult:
 
     @property
     def kv_bytes_per_token(self) -> float | None:
-        """Measured from the cache after prefill where the inference stage ran, else the model's own figure."""
+        """Measured from the cache: after the probe forward where one ran, else after the inference stage's first
+        prefill; else the model's own figure."""
+        if self.kv_bytes_per_token_probe is not None:
+            return self.kv_bytes_per_token_probe
         return self.inference[0].kv_bytes_per_token if self.inference else self.kv_bytes_per_token_reported
 
 
-def metrics_of(result: EvalResult) -> list[tuple[str, str, float, float | None]]:
-    """(label, kind, value, stderr) for each figure of the result, in table order; accuracies in percent."""
-    rows: list[tuple[str, str, float, float | None]] = []
+class Metric(NamedTuple):
+    key: str  # stable name, also the MLflow metric name: "ppl", "mc.arc_easy.acc", "speed.b1_t512.decode_tok_s"
+    label: str  # as the table shows it
+    kind: str  # one of KINDS
+    value: float
+    stderr: float | None
+
+
+def metrics_of(result: EvalResult) -> list[Metric]:
+    """Each figure of the result, in table order; accuracies in percent."""
+    rows: list[Metric] = []
     if result.perplexity:
         p = result.perplexity
-        rows.append((f"PPL (window {p.window}, {p.predicted_tokens:,} tokens)", "ppl", p.ppl, None))
+        rows.append(Metric("ppl", f"PPL (window {p.window}, {p.predicted_tokens:,} tokens)", "ppl", p.ppl, None))
     for task, s in result.multiple_choice.items():
-        rows.append((f"{task} acc", "acc", 100 * s.acc, _pct(s.acc_stderr)))
+        rows.append(Metric(f"mc.{task}.acc", f"{task} acc", "acc", 100 * s.acc, _pct(s.acc_stderr)))
         if s.acc_norm is not None:
-            rows.append((f"{task} acc_norm", "acc", 100 * s.acc_norm, _pct(s.acc_norm_stderr)))
+            norm = 100 * s.acc_norm
+            rows.append(Metric(f"mc.{task}.acc_norm", f"{task} acc_norm", "acc", norm, _pct(s.acc_norm_stderr)))
     common = [result.multiple_choice[t].acc for t in COMMONSENSE if t in result.multiple_choice]
     if len(common) == len(COMMONSENSE):
-        rows.append(("commonsense avg acc (6 tasks)", "acc", 100 * sum(common) / len(common), None))
+        average = 100 * sum(common) / len(common)
+        rows.append(Metric("mc.commonsense_avg.acc", "commonsense avg acc (6 tasks)", "acc", average, None))
     if result.needle:
         n = result.needle
-        rows.append(("needle acc (all cells)", "acc", 100 * n.mean_accuracy, None))
+        rows.append(Metric("needle.acc", "needle acc (all cells)", "acc", 100 * n.mean_accuracy, None))
         for length, row in zip(n.lengths, n.accuracy):
-            rows.append((f"needle acc @ {length} tokens", "acc", 100 * sum(row) / len(row), None))
+            accuracy = 100 * sum(row) / len(row)
+            rows.append(Metric(f"needle.acc.len{length}", f"needle acc @ {length} tokens", "acc", accuracy, None))
     if result.kv_bytes_per_token is not None:
-        rows.append(("KV bytes/token", "bytes", result.kv_bytes_per_token, None))
+        rows.append(Metric("kv_bytes_per_token", "KV bytes/token", "bytes", result.kv_bytes_per_token, None))
     for p in result.inference:
-        at = f"B={p.batch} T={p.context}"
-        rows.append((f"prefill tok/s {at}", "tok_s", p.prefill_tok_s, None))
-        rows.append((f"decode tok/s {at}", "tok_s", p.decode_tok_s, None))
-        rows.append((f"generate tok/s {at}", "tok_s", p.generate_tok_s, None))
-        rows.append((f"peak MiB ({p.memory_kind}) {at}", "mib", p.peak_memory_bytes / 2**20, None))
+        key, at = f"speed.b{p.batch}_t{p.context}", f"B={p.batch} T={p.context}"
+        rows.append(Metric(f"{key}.prefill_tok_s", f"prefill tok/s {at}", "tok_s", p.prefill_tok_s, None))
+        rows.append(Metric(f"{key}.decode_tok_s", f"decode tok/s {at}", "tok_s", p.decode_tok_s, None))
+        rows.append(Metric(f"{key}.generate_tok_s", f"generate tok/s {at}", "tok_s", p.generate_tok_s, None))
+        peak = p.peak_memory_bytes / 2**20
+        rows.append(Metric(f"{key}.peak_mib", f"peak MiB ({p.memory_kind}) {at}", "mib", peak, None))
     return rows
+
+
+def flat_metrics(result: EvalResult) -> dict[str, float]:
+    """Every figure of the table by key (accuracies in percent), each stderr as KEY_stderr, and the counts and
+    seconds behind them; the keys are valid MLflow metric names."""
+    flat: dict[str, float] = {}
+    for m in metrics_of(result):
+        flat[m.key] = m.value
+        if m.stderr is not None:
+            flat[f"{m.key}_stderr"] = m.stderr
+    if result.perplexity:
+        flat.update(nll=result.perplexity.nll, predicted_tokens=result.perplexity.predicted_tokens)
+    for task, score in result.multiple_choice.items():
+        flat[f"mc.{task}.samples"] = score.samples
+    for stage, seconds in result.seconds.items():
+        flat[f"seconds.{stage}"] = seconds
+    return flat
 
 
 def _pct(stderr: float | None) -> float | None:
@@ -105,7 +140,8 @@ def _pct(stderr: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class MetricRow:
-    metric: str
+    key: str  # Metric.key
+    metric: str  # Metric.label
     kind: str
     values: dict[str, float | None]
     stderrs: dict[str, float | None]
@@ -126,14 +162,40 @@ class Comparison:
         rows = [{**asdict(r), "delta_unit": r.delta_unit} for r in self.rows]
         return json.dumps({"baseline": self.baseline, "models": list(self.models), "rows": rows}, indent=2)
 
-    def to_markdown(self) -> str:
-        lines = [
-            "| metric | " + " | ".join(self.models) + " |",
-            "|---|" + "---:|" * len(self.models),
-        ]
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Comparison:
+        """The table back from `json.loads(to_json())`."""
+        names = [f.name for f in fields(MetricRow)]
+        rows = tuple(MetricRow(**{k: row[k] for k in names}) for row in data["rows"])
+        return cls(data["baseline"], tuple(data["models"]), rows)
+
+    def row(self, key: str) -> MetricRow:
         for row in self.rows:
-            cells = [_cell(row, model, model == self.baseline) for model in self.models]
-            lines.append(f"| {row.metric} | " + " | ".join(cells) + " |")
+            if row.key == key:
+                return row
+        raise KeyError(f"no metric {key!r} in the table; it has {[r.key for r in self.rows]}")
+
+    def with_model(self, name: str, values: Mapping[str, float]) -> Comparison:
+        """The table with one more column: `values` by metric key (other rows stay empty), deltas vs the baseline."""
+        if name in self.models:
+            raise ValueError(f"model {name!r} is already a column of the table {list(self.models)}")
+        rows = []
+        for r in self.rows:
+            value = values.get(r.key)
+            delta = _delta(r.kind, r.values[self.baseline], value)
+            rows.append(MetricRow(r.key, r.metric, r.kind, {**r.values, name: value}, {**r.stderrs, name: None},
+                                  {**r.deltas, name: delta}))  # fmt: skip
+        return Comparison(self.baseline, (*self.models, name), tuple(rows))
+
+    def cells(self) -> list[list[str]]:
+        """The header (metric, then one column per model) and one row of formatted cells per metric."""
+        body = [[row.metric] + [_cell(row, m, m == self.baseline) for m in self.models] for row in self.rows]
+        return [["metric", *self.models], *body]
+
+    def to_markdown(self) -> str:
+        header, *body = self.cells()
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(self.models)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines) + "\n"
 
 
@@ -159,15 +221,16 @@ def compare(results: dict[str, EvalResult], baseline: str | None = None) -> Comp
         raise ValueError(f"baseline={baseline!r} is not one of the results {list(results)}")
     table: dict[str, dict[str, Any]] = {}
     for name, result in results.items():
-        for label, kind, value, stderr in metrics_of(result):
-            entry = table.setdefault(label, {"kind": kind, "values": {}, "stderrs": {}})
-            entry["values"][name], entry["stderrs"][name] = value, stderr
+        for m in metrics_of(result):
+            entry = table.setdefault(m.key, {"label": m.label, "kind": m.kind, "values": {}, "stderrs": {}})
+            entry["values"][name], entry["stderrs"][name] = m.value, m.stderr
     rows = []
-    for label, entry in table.items():
+    for key, entry in table.items():
         values = {name: entry["values"].get(name) for name in results}
         base = values[baseline]
         deltas = {name: _delta(entry["kind"], base, v) for name, v in values.items()}
-        rows.append(MetricRow(label, entry["kind"], values, {n: entry["stderrs"].get(n) for n in results}, deltas))
+        stderrs = {n: entry["stderrs"].get(n) for n in results}
+        rows.append(MetricRow(key, entry["label"], entry["kind"], values, stderrs, deltas))
     return Comparison(baseline, tuple(results), tuple(rows))
 
 
