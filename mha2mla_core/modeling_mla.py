@@ -386,6 +386,11 @@ class MLAForCausalLM(LlamaForCausalLM):
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """generate() never torch.compiles this model on its own: the decode step calls a Triton kernel, and
+        `mha2mla_core.decoding.generate_static` replays it from a CUDA graph instead (tested, measured)."""
+        return False
+
     @torch.no_grad()
     def kv_bytes_per_token(self, probe_tokens: int = 8) -> float:
         """Measured cache bytes per token per sequence: runs a short forward and reads the cache's tensors."""

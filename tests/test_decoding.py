@@ -102,3 +102,15 @@ def test_triton_decode_reads_only_up_to_kv_end(end):
     fused = latent_decode_attention(q_lat, q_pe, garbage, k_pe, 0.125, start, torch.tensor([end], device="cuda"))
     expected = latent_decode_attention_reference(q_lat, q_pe, c_kv[:, :, :end], k_pe[:, :, :end], 0.125, start)
     torch.testing.assert_close(fused.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_generate_never_compiles_the_mla_model_on_its_own(mla):
+    from transformers import CompileConfig, GenerationConfig, StaticCache
+
+    config = GenerationConfig(compile_config=CompileConfig())
+    config.compile_config._compile_all_devices = True  # what would make transformers compile on this CPU
+    original = tiny_model("qwen2-bias")
+    static = StaticCache(config=original.config, max_cache_len=8)
+    assert original._valid_auto_compile_criteria({"past_key_values": static}, config)  # the original would compile
+    latent = StaticLatentCache(mla.config.num_hidden_layers, 8)
+    assert not mla._valid_auto_compile_criteria({"past_key_values": latent}, config)
