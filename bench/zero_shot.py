@@ -3,14 +3,17 @@
     .venv/bin/python bench/zero_shot.py [--out bench/results/zero_shot] [--grid default|quick]
 
 Protocol: wikitext-2 raw test read as-is (CRLF kept), tokenized whole, the first 16,384 tokens in
-non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.perplexity). Calibration:
-8,192 tokens hash-sampled (seed 0, windows of 512) from the Gutenberg books of ../shared/data/text_calib.
+non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.perplexity). Calibration
+(`--calib`): `books` = 8,192 tokens hash-sampled (seed 0, windows of 512) from the Gutenberg books of
+../shared/data/text_calib; `wikitext-tail` = the last 8,192 tokens of the same wikitext file, as the independent
+reference implementation calibrated (in-domain, and disjoint from the scored first 16,384 tokens).
 Prints one JSON line per configuration and a markdown table; writes both to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 
 from bench.memory import PeakRSS, rss
 from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibration
-from mha2mla_core.evaluation.paths import GUTENBERG_DIR
+from mha2mla_core.evaluation.paths import GUTENBERG_DIR, WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import run_perplexity
 
 GRIDS = {
@@ -45,7 +48,11 @@ GRIDS = {
 }
 
 
-def calibration_ids(tokenizer, num_tokens: int = 8192) -> tuple[torch.Tensor, str]:
+def calibration_ids(tokenizer, source: str, num_tokens: int = 8192) -> tuple[torch.Tensor, str]:
+    if source == "wikitext-tail":
+        text = read_text(WIKITEXT2_TEST, "wikitext-2 test text", "see ../shared/data/README")
+        ids = tokenizer(text, return_tensors="pt").input_ids[0, -num_tokens:]  # (num_tokens,)
+        return ids, hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     books = sorted(GUTENBERG_DIR.glob("*.txt"))
     if not books:
         raise FileNotFoundError(f"no calibration books in {GUTENBERG_DIR} (this benchmark reads ../shared/data)")
@@ -99,12 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
+    parser.add_argument("--calib", choices=("books", "wikitext-tail"), default="books")
     parser.add_argument("--out", type=Path, default=Path("bench/results/zero_shot"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
-    calib, digest = calibration_ids(tokenizer)
-    print(json.dumps({"model": args.model, "calibration_tokens": calib.numel(), "calibration_sha256": digest}))
+    calib, digest = calibration_ids(tokenizer, args.calib)
+    print(json.dumps({"model": args.model, "calibration": args.calib, "calibration_tokens": calib.numel(),
+                      "calibration_sha256": digest}))  # fmt: skip
     base_kv = original_kv_bytes(model)
     rows = []
     for cfg in [None, *(MLAConfig(**g) for g in GRIDS[args.grid])]:
