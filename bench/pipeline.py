@@ -54,8 +54,8 @@ def direct() -> None:
         print(f"ppl {ppl.ppl:.2f}  kv bytes/token {probe_kv_bytes_per_token(network, evaluation.kv_probe_tokens):.0f}")
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall s, CPU s of the process tree) of a command, which must succeed."""
+def timed(command: list[str], env: dict[str, str], expect: str = "") -> tuple[float, float]:
+    """(wall s, CPU s of the process tree) of a command, which must succeed and print `expect`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -63,6 +63,8 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    if expect not in done.stdout:
+        raise RuntimeError(f"{' '.join(command)} did not print {expect!r} (code changed between runs?):\n{done.stdout[-2000:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -78,7 +80,7 @@ def main() -> None:
         timed([python, "-c", "from prefect import flow; flow(name='warm-up')(lambda: None)()"], env)
         runs = {"direct": timed([python, __file__, "--direct"], env)}
         runs["flow"] = timed([cli, "convert", MODEL, "--no-check"], env)
-        runs["cached"] = timed([cli, "convert", MODEL, "--no-check"], env)
+        runs["cached"] = timed([cli, "convert", MODEL, "--no-check"], env, expect=" 0 ran, ")
     overhead = 100 * (runs["flow"][0] / runs["direct"][0] - 1)
     cpu_overhead = 100 * (runs["flow"][1] / runs["direct"][1] - 1)
     for name, (wall, cpu) in runs.items():
