@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -102,7 +103,7 @@ class ArtifactStore(Protocol):
     def put_file(self, path: str | Path, key: str) -> ArtifactRef: ...
     def put_bytes(self, data: bytes, key: str) -> ArtifactRef: ...
     def put_json(self, obj: Any, key: str) -> ArtifactRef: ...
-    def put_dir(self, directory: str | Path, key: str) -> ArtifactRef: ...
+    def put_dir(self, directory: str | Path, key: str, *, move: bool = False) -> ArtifactRef: ...
     def get_file(self, uri: str, dest: str | Path, sha256: str | None = None) -> Path: ...
     def get_dir(self, uri: str, dest: str | Path, sha256: str | None = None) -> Path: ...
     def get_bytes(self, uri: str, sha256: str | None = None) -> bytes: ...
@@ -196,17 +197,24 @@ class _Store(ABC):
         """Store `obj` as canonical JSON (sorted keys) under `key`."""
         return self.put_bytes(_json_bytes(obj), key)
 
-    def put_dir(self, directory: str | Path, key: str) -> ArtifactRef:
-        """Store every file under `directory`, then its manifest; the digest is the manifest's."""
+    def put_dir(self, directory: str | Path, key: str, *, move: bool = False) -> ArtifactRef:
+        """Store every file under `directory`, then its manifest; the digest is the manifest's.
+
+        `move=True`: the files may be moved rather than copied (a scratch directory the caller drops next).
+        """
         directory, key = Path(directory), safe_key(key)
         files = {}
         for rel in _list_files(directory):
-            ref = self.put_file(directory / rel, f"{key}/{rel}")
+            ref = self._move_file(directory / rel, f"{key}/{rel}") if move else self.put_file(directory / rel, f"{key}/{rel}")
             files[rel] = {"sha256": ref.sha256, "size": ref.size}
         manifest = self.put_json({"files": files}, f"{key}/{MANIFEST_NAME}")
         size = sum(entry["size"] for entry in files.values())
         log.debug("stored %d files (%d bytes) at %s", len(files), size, self.uri(key))
         return ArtifactRef(uri=self.uri(key), sha256=manifest.sha256, size=size, kind="dir")
+
+    def _move_file(self, path: Path, key: str) -> ArtifactRef:
+        """Store `path` under `key`, leaving `path` in any state; a copy unless a store can do better."""
+        return self.put_file(path, key)
 
     def get_file(self, uri: str, dest: str | Path, sha256: str | None = None) -> Path:
         """Download `uri` to `dest`; `dest` appears only once its digest has been checked."""
@@ -362,6 +370,23 @@ class LocalStore(_Store):
             os.replace(tmp, dest)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        return ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
+
+    def _move_file(self, path: Path, key: str) -> ArtifactRef:
+        """Hash and fsync `path` in place, then rename it into the store: one read, no second copy of a
+        checkpoint. Across file systems (EXDEV) it is copied as `put_file` does."""
+        dest = self._path(safe_key(key))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb+") as fh:
+            sha, size = _hash_chunks(iter(lambda: fh.read(_CHUNK), b""))
+            os.fchmod(fh.fileno(), 0o644)
+            os.fsync(fh.fileno())
+        try:
+            os.replace(path, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return self.put_file(path, key)
         return ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
 
     def _fetch(self, key: str, dest: Path) -> None:

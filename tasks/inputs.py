@@ -267,7 +267,7 @@ def save_checkpoint(model, tokenizer, key: str) -> ArtifactRef:
     with scratch_dir() as tmp:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        ref = context().store.put_dir(tmp / "model", key)
+        ref = context().store.put_dir(tmp / "model", key, move=True)
     MODELS.put(ref.sha256, (model, tokenizer))
     return ref
 

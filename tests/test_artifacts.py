@@ -4,6 +4,7 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -93,6 +94,15 @@ def test_dir_round_trip(store, tmp_path):
         "sub/tokenizer.json",
     ]
     assert (out / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
+
+
+def test_dir_moved_in_stores_what_a_copy_stores(store, tmp_path):
+    source = _checkpoint_dir(tmp_path / "a")
+    copied = store.put_dir(source, "m/copied")
+    moved = store.put_dir(shutil.copytree(source, tmp_path / "b"), "m/moved", move=True)
+    assert (moved.sha256, moved.size) == (copied.sha256, copied.size) and store.verify(moved)
+    out = store.get_dir(moved.uri, tmp_path / "out", sha256=moved.sha256)
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
 
 
 def test_corrupt_file_is_detected(store, tmp_path):
