@@ -6,7 +6,8 @@ Protocol: wikitext-2 raw test read as-is (CRLF kept), tokenized whole, the first
 non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.perplexity). Calibration
 (`--calib`): `books` = 8,192 tokens hash-sampled (seed 0, windows of 512) from the Gutenberg books of
 ../shared/data/text_calib; `wikitext-tail` = the last 8,192 tokens of the same wikitext file, as the independent
-reference implementation calibrated (in-domain, and disjoint from the scored first 16,384 tokens).
+reference implementation calibrated (in-domain, and disjoint from the scored first 16,384 tokens); `train` = 8,192
+tokens hash-sampled the same way from the first 8M characters of the fine-tuning text (../shared/data/text_train).
 Prints one JSON line per configuration and a markdown table; writes both to --out.
 """
 
@@ -22,7 +23,8 @@ import torch
 
 from bench.memory import PeakRSS, rss
 from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibration
-from mha2mla_core.evaluation.paths import GUTENBERG_DIR, WIKITEXT2_TEST, read_text
+from mha2mla_core.data import load_texts
+from mha2mla_core.evaluation.paths import GUTENBERG_DIR, SHARED_DATA_DIR, WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import run_perplexity
 
 GRIDS = {
@@ -53,10 +55,13 @@ def calibration_ids(tokenizer, source: str, num_tokens: int = 8192) -> tuple[tor
         text = read_text(WIKITEXT2_TEST, "wikitext-2 test text", "see ../shared/data/README")
         ids = tokenizer(text, return_tensors="pt").input_ids[0, -num_tokens:]  # (num_tokens,)
         return ids, hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-    books = sorted(GUTENBERG_DIR.glob("*.txt"))
-    if not books:
-        raise FileNotFoundError(f"no calibration books in {GUTENBERG_DIR} (this benchmark reads ../shared/data)")
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in books]
+    if source == "train":
+        texts = load_texts(SHARED_DATA_DIR / "text_train", limit_chars=8_000_000)  # the first ~2M tokens
+    else:
+        books = sorted(GUTENBERG_DIR.glob("*.txt"))
+        if not books:
+            raise FileNotFoundError(f"no calibration books in {GUTENBERG_DIR} (this benchmark reads ../shared/data)")
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in books]
     sample = sample_calibration(texts, tokenizer, num_tokens=num_tokens, seq_len=512, seed=0)
     return sample.input_ids, sample.digest
 
@@ -106,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
-    parser.add_argument("--calib", choices=("books", "wikitext-tail"), default="books")
+    parser.add_argument("--calib", choices=("books", "wikitext-tail", "train"), default="books")
     parser.add_argument("--out", type=Path, default=Path("bench/results/zero_shot"))
     args = parser.parse_args()
     torch.manual_seed(0)
