@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.artifacts import ArtifactRef
+from infra.artifacts import ArtifactRef, sha256_file
 from infra.tracking import stage_run
 from mha2mla_core.evaluation import plots
 from mha2mla_core.evaluation.inference import InferenceConfig
@@ -23,7 +23,7 @@ from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, short_
 from mha2mla_core.evaluation.needle import NeedleConfig
 from mha2mla_core.evaluation.perplexity import PerplexityConfig
 from mha2mla_core.evaluation.report import Comparison, EvalResult, compare, flat_metrics
-from mha2mla_core.evaluation.suite import EvalConfig, check_files, check_lengths, evaluate_model
+from mha2mla_core.evaluation.suite import EvalConfig, check_files, check_lengths, data_files, evaluate_model
 from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
 from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_input, read_text
 
@@ -107,6 +107,12 @@ class EvalParams(BaseModel):
             raise ValueError(f"mc_limit / mc_data_dir are set but mc_tasks is empty; name the tasks to score "
                              f"(--mc-tasks arc_easy,piqa), from: {KNOWN_TASKS}, or all")  # fmt: skip
         return self
+
+    def cache_token(self) -> dict:
+        """What the stage's cache key hashes: these parameters and the content of the MC and haystack files they
+        read, so that editing a data file reruns the stage."""
+        files = {str(path): sha256_file(path)[0] for path in data_files(self.suite()) if path.is_file()}
+        return {**self.model_dump(mode="json"), "data_sha256": files}
 
     def suite(self) -> EvalConfig:
         """The core config; the perplexity text itself is passed to evaluate_model by the stage."""

@@ -135,7 +135,8 @@ def test_eval_suites_rerun_only_evaluate_and_fill_the_table(local_env, tiny_sour
     evaluation = {**base.evaluation.model_dump(), "mc_tasks": ["arc_easy"], "mc_data_dir": str(tmp_path),
                   "needle": {"lengths": [64, 96], "depths": [0.0, 1.0], "haystack": str(tmp_path / "hay.txt")},
                   "speed": {"contexts": [16, 32], "batch_sizes": [1, 2], "decode_steps": 2}}  # fmt: skip
-    outcome = run_convert(base.model_copy(update={"evaluation": type(base.evaluation)(**evaluation)}))
+    with_suites = base.model_copy(update={"evaluation": type(base.evaluation)(**evaluation)})
+    outcome = run_convert(with_suites)
     assert outcome.cache == {**dict.fromkeys(STAGES[:3], "hit"), "evaluate[original]": "miss", "evaluate[mla]": "miss"}
     assert dict(executions) == {"evaluate": 2}
 
@@ -158,6 +159,10 @@ def test_eval_suites_rerun_only_evaluate_and_fill_the_table(local_env, tiny_sour
     kv = rows["kv_bytes_per_token"]
     assert kv["deltas"]["mla"] == pytest.approx(100 * (kv["values"]["mla"] / kv["values"]["original"] - 1))
     assert kv["deltas"]["mla"] < 0
+
+    executions.clear()
+    (tmp_path / "hay.txt").write_text(HAYSTACK * 9)  # same path, new content: the evaluate stages rerun
+    assert run_convert(with_suites).cache == outcome.cache and dict(executions) == {"evaluate": 2}
     assert {"needle.acc", "speed.b1_t16.decode_tok_s", "speed.b2_t32.peak_mib"} <= set(rows)
     parent = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
     assert {"eval_table.md", "eval_table.json", "kv_cache.png", "decode_speed.png"} <= parent

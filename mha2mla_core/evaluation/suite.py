@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -15,7 +16,7 @@ from mha2mla_core.evaluation.inference import (
     reported_kv_bytes_per_token,
     run_inference,
 )
-from mha2mla_core.evaluation.multiple_choice import MCConfig, check_mc_data, run_multiple_choice
+from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, check_mc_data, run_multiple_choice
 from mha2mla_core.evaluation.needle import NeedleConfig, check_context, haystack_files, run_needle
 from mha2mla_core.evaluation.paths import read_text
 from mha2mla_core.evaluation.perplexity import PerplexityConfig, PerplexityResult, perplexity, run_perplexity
@@ -49,6 +50,16 @@ def check_files(cfg: EvalConfig, perplexity_file: bool = True) -> None:
         for path in haystack_files(cfg.needle.haystack_paths):
             if not path.is_file():
                 raise FileNotFoundError(f"haystack text {path} does not exist; pass NeedleConfig(haystack_paths=...)")
+
+
+def data_files(cfg: EvalConfig) -> list[Path]:
+    """The local files the multiple-choice and needle suites read (not the perplexity text, passed separately)."""
+    files = []
+    if cfg.multiple_choice and cfg.multiple_choice.source == "local":
+        files += [Path(cfg.multiple_choice.data_dir) / TASK_FILES[t] for t in cfg.multiple_choice.tasks]
+    if cfg.needle:
+        files += haystack_files(cfg.needle.haystack_paths)
+    return files
 
 
 def check_lengths(config: PretrainedConfig, cfg: EvalConfig) -> None:
