@@ -42,6 +42,7 @@ from mha2mla_core.finetune import FinetuneConfig, finetune
 from mha2mla_core.modeling_mla import GroupedLinear
 from mha2mla_core.training import ReconstructConfig, TrainEvent
 from mha2mla_core.training.reconstruct import reconstruct_attention
+from mha2mla_core.training.synthetic import mix_in_continuations
 
 from bench.shapes import SMOLLM2_135M
 
@@ -70,6 +71,7 @@ class Variant:
     lr: float = 6e-4
     trainable: str = "all"
     eval_every_tokens: int = 1_000_000
+    synthetic_frac: float = 0.0  # share of training rows sampled from the original (data-free, LLM-QAT style)
 
 
 VARIANTS = {
@@ -82,6 +84,7 @@ VARIANTS = {
     "kd-aware-kv16-perhead-5m": Variant(layout="per_head"),
     "kd-aware-kv8-5m": Variant(kv_rank=8),
     "kd-aware-kv8-20m": Variant(kv_rank=8, tokens=20_000_000, eval_every_tokens=2_000_000),
+    "kd-aware-kv16-datafree50-5m": Variant(synthetic_frac=0.5),
 }
 
 
@@ -271,7 +274,9 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     result = {"variant": name, **asdict(variant), "original_ppl": ctx.original_ppl,
               **stages, "finetune_config": asdict(cfg), "device": torch.cuda.get_device_name()}
     try:
-        fit = finetune(student, ctx.teacher if variant.kd_weight > 0 else None, ctx.rows, cfg,
+        rows = mix_in_continuations(ctx.teacher, ctx.rows, variant.synthetic_frac, variant.tokens // SEQ_LEN,
+                                    batch_size=256)  # fmt: skip
+        fit = finetune(student, ctx.teacher if variant.kd_weight > 0 else None, rows, cfg,
                        checkpoint_dir=ctx.cache / "ckpt" / name, callbacks=[on_event],
                        evaluate=lambda m: {"ppl": wikitext_ppl(m, ctx.eval_ids)})
     except _Stop:

@@ -6,12 +6,13 @@ call resumes from its last checkpoint; the finished model goes to the artifact s
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from infra.tracking import log_metrics, stage_run
 from mha2mla_core.finetune import finetune as train
 from mha2mla_core.training.config import FinetuneConfig
 from mha2mla_core.training.packing import pack_texts
+from mha2mla_core.training.synthetic import mix_in_continuations
 from tasks.common import DatasetInput, RunLink, StageResult, artifact_key, finish_stage, stage_task, work_dir
 from tasks.inputs import DataSource, ModelSource, load_checkpoint, load_source, read_documents, save_checkpoint
 
@@ -27,20 +28,30 @@ class FinetuneParams(BaseModel):
     text_field: str = "text"
     split: str = "train"
     limit_chars: int | None = None
+    synthetic_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of rows sampled from the original (data-free)
     train: FinetuneConfig = FinetuneConfig()
 
 
-@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.packing", "mha2mla_core.training.losses"))
+CODE = ("mha2mla_core.finetune", "mha2mla_core.training.packing", "mha2mla_core.training.losses",
+        "mha2mla_core.training.synthetic")  # fmt: skip
+
+
+@stage_task(STAGE, code=CODE)
 def finetune(
     model: ModelSource, checkpoint: StageResult, data: DataSource, config: FinetuneParams, run: RunLink
 ) -> StageResult:
-    """Train a private copy of `checkpoint` with the original `model` as teacher; metrics every log step."""
+    """Train a private copy of `checkpoint` with the original `model` as teacher (and as the source of the sampled
+    rows of `synthetic_fraction`); metrics every log step."""
     params = {**config.model_dump(mode="json"), "source": data.source}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
-        teacher = load_source(model)[0] if config.train.kd_weight > 0 else None
+        train_cfg = config.train
+        original = load_source(model)[0] if train_cfg.kd_weight > 0 or config.synthetic_fraction > 0 else None
         student, tokenizer = load_checkpoint(checkpoint, shared=False)
-        rows = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars), config.train.seq_len)
-        result = train(student, teacher, rows, config.train, checkpoint_dir=work_dir(STAGE),
+        texts = read_documents(data, config.text_field, config.split, config.limit_chars)
+        rows = mix_in_continuations(original, pack_texts(tokenizer, texts, train_cfg.seq_len), config.synthetic_fraction,
+                                    train_cfg.max_tokens // train_cfg.seq_len, seed=train_cfg.seed)  # fmt: skip
+        teacher = original if train_cfg.kd_weight > 0 else None
+        result = train(student, teacher, rows, train_cfg, checkpoint_dir=work_dir(STAGE),
                        callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
         output = save_checkpoint(student.eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
         dataset = DatasetInput(name="finetune", digest=data.digest, source=data.uri)

@@ -215,3 +215,19 @@ def test_sampled_continuations_are_seeded_full_length_rows():
     assert a.shape == (3, SEQ) and torch.equal(a[:, :2], prompts)
     assert torch.equal(a, sample_continuations(teacher, prompts, seq_len=SEQ, seed=5))
     assert not torch.equal(a, sample_continuations(teacher, prompts, seq_len=SEQ, seed=6))
+
+
+def test_mixed_in_continuations_have_the_asked_share_and_real_prompts():
+    from mha2mla_core.training.synthetic import mix_in_continuations
+
+    teacher, real = tiny_llama(), rows(6)
+    mixed = mix_in_continuations(teacher, real, fraction=0.5, num_rows=8, prompt_tokens=3, batch_size=3, seed=1)
+    assert mixed.shape == (8, SEQ)  # 4 real rows (of 6) and 4 sampled ones
+    real_set = {tuple(r.tolist()) for r in real}
+    is_real = [tuple(r.tolist()) in real_set for r in mixed]
+    assert is_real == [True] * 4 + [False] * 4
+    assert all(tuple(r[:3].tolist()) in {tuple(x[:3].tolist()) for x in real} for r in mixed[4:])  # real prompts
+    assert torch.equal(mixed, mix_in_continuations(teacher, real, 0.5, 8, 3, 3, seed=1))
+    assert mix_in_continuations(None, real, 0.0, 8) is real  # no sampling, no model needed
+    with pytest.raises(ValueError, match=r"fraction=1.0 must be in \[0, 1\)"):
+        mix_in_continuations(teacher, real, 1.0, 8)

@@ -179,8 +179,9 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     base = tiny_params(tiny_source)
     params = type(base).model_validate({
         **base.model_dump(mode="json"),
-        "finetune": {"data": str(train), "train": {"max_tokens": 2048, "seq_len": 64, "micro_batch_size": 4,
-                                                   "bf16": False, "lr": 1e-3, "log_every": 2}},
+        "finetune": {"data": str(train), "synthetic_fraction": 0.25,
+                     "train": {"max_tokens": 2048, "seq_len": 64, "micro_batch_size": 4, "bf16": False, "lr": 1e-3,
+                               "log_every": 2}},
         "quantize_kv": {"nbits": 4, "group_size": 16, "residual_length": 16},
     })  # fmt: skip
     outcome = run_convert(params)
@@ -191,6 +192,7 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     finetune_run = stage_runs(outcome.run_id)["finetune"]
     assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
     assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]
+    assert finetune_run.data.params["synthetic_fraction"] == "0.25"  # 8 of the 32 rows sampled from the original
     final, _ = load_model(str(context().store.get_dir(outcome.checkpoint.uri, tmp_path / "final", outcome.checkpoint.sha256)))
     assert final.config.kv_cache_quant["nbits"] == 4
 

@@ -3,6 +3,8 @@
 Each row starts from a short prompt (e.g. the first tokens of a real row, or a single random token) and
 is extended by sampling from the model at `temperature` until it is `seq_len` tokens long (EOS is not
 allowed to end a row early). Sampling runs under its own seeded RNG, so the caller's RNG is untouched.
+`mix_in_continuations` builds a training set with a given share of such rows (the fine-tuning stage's
+`synthetic_fraction`).
 """
 
 from __future__ import annotations
@@ -31,3 +33,31 @@ def sample_continuations(
             pad_token_id=model.config.eos_token_id,
         )  # fmt: skip
     return out[:, :seq_len].cpu()  # (N, seq_len)
+
+
+def mix_in_continuations(
+    model: nn.Module,
+    rows: torch.Tensor,
+    fraction: float,
+    num_rows: int,
+    prompt_tokens: int = 4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
+    """`num_rows` training rows (num_rows, T): a `fraction` of them sampled from `model`, each continuing the first
+    `prompt_tokens` of a real row, the rest real rows of `rows` (N, T) (all of them when N is smaller), both chosen
+    by a seeded permutation. `fraction` 0 returns the real rows unchanged."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"synthetic fraction={fraction} must be in [0, 1): the share of sampled rows in the mix")
+    if fraction == 0.0:
+        return rows
+    n, seq_len = rows.shape
+    n_synthetic = max(1, round(fraction * num_rows))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (N,)
+    real = rows[order[: min(n, num_rows - n_synthetic)]]  # (n_real, T)
+    prompts = rows[order[torch.arange(n_synthetic) % n], :prompt_tokens]  # (n_synthetic, prompt_tokens)
+    sampled = [
+        sample_continuations(model, prompts[i : i + batch_size], seq_len, seed=seed + i)
+        for i in range(0, n_synthetic, batch_size)
+    ]
+    return torch.cat([real, *sampled])  # (n_real + n_synthetic, T)
