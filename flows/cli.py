@@ -179,7 +179,7 @@ def convert(
     rope_strategy: Optional[str] = typer.Option(None, help="high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
-    svd: Optional[str] = typer.Option(None, help="split | joint | aware (default: MLAConfig's)"),
+    svd: Optional[str] = typer.Option(None, help="split | joint | aware | output-aware (default: MLAConfig's)"),
     layout: Optional[str] = typer.Option(None, help="shared | per_head (default: MLAConfig's)"),
     calib_data: Optional[str] = typer.Option(None, envvar="MHA2MLA_CALIB_DATA", help="HF dataset, local txt/jsonl/parquet, or s3:// URI"),
     calib_tokens: Optional[int] = typer.Option(None, help="calibration tokens sampled (default: CalibrationParams')"),

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 RopeStrategy = Literal["high", "low", "uniform", "2-norm"]
-SvdMethod = Literal["split", "joint", "aware"]
+SvdMethod = Literal["split", "joint", "aware", "output-aware"]
 Layout = Literal["per_head", "shared"]
 
 ROPE_STRATEGIES: tuple[str, ...] = ("high", "low", "uniform", "2-norm")
-SVD_METHODS: tuple[str, ...] = ("split", "joint", "aware")
+SVD_METHODS: tuple[str, ...] = ("split", "joint", "aware", "output-aware")
 LAYOUTS: tuple[str, ...] = ("per_head", "shared")
 
 

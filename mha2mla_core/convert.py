@@ -23,7 +23,7 @@ from mha2mla_core.arch import ArchSpec, arch_spec
 from mha2mla_core.config import MLAConfig
 from mha2mla_core.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
 from mha2mla_core.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
-from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads, small_lapack
+from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads, output_weights, small_lapack
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +197,21 @@ class SourceAttention:
 
 
 def build_attention(
-    src: SourceAttention, mla_config: MLALlamaConfig, layer_idx: int, cfg: MLAConfig, whitening: Whitening | None
+    src: SourceAttention, mla_config: MLALlamaConfig, layer_idx: int, cfg: MLAConfig, moment: torch.Tensor | None
 ) -> MLAAttention:
-    """An MLAAttention whose weights come from `src`: queries/rope keys copied, K_nope/V factored."""
+    """An MLAAttention whose weights come from `src`: queries/rope keys copied, K_nope/V factored.
+
+    `moment`: the second moment of the layer's calibration inputs (E, E), for the activation-aware methods."""
     if cfg.kv_rank is None:
         down, up = identity_latent(src.k_nope, src.v)
     else:
-        down, up = factor_kv(src.k_nope, src.v, mla_config.kv_latent_groups, mla_config.kv_lora_rank, cfg.svd, whitening)
+        whitening = Whitening.from_second_moment(moment) if cfg.svd in ("aware", "output-aware") else None
+        rows = None
+        if cfg.svd == "output-aware":
+            q_nope = src.q[:, :, src.k_rope.shape[1] :]  # (Hkv, n_rep, Dn, E)
+            rows = output_weights(q_nope, src.v, src.o_proj.weight, moment)
+        groups, rank = mla_config.kv_latent_groups, mla_config.kv_lora_rank
+        down, up = factor_kv(src.k_nope, src.v, groups, rank, cfg.svd, whitening, rows)
     weight = src.q.new_empty(0)
     with torch.device(weight.device):
         attn = MLAAttention(mla_config, layer_idx).to(src.q.dtype)
@@ -268,10 +276,10 @@ def convert_to_mla_with_report(
         scores.append(layer_scores)
         pairs = select_rope_pairs(cfg.rope_strategy, cfg.rope_dims, d, layer_scores).expand(hkv, -1)
         mla_config.rope_pairs[i] = pairs.tolist()
-        whitening = Whitening.from_second_moment(second_moment(x_in)) if cfg.svd == "aware" else None
+        moment = second_moment(x_in) if cfg.svd in ("aware", "output-aware") else None
         src = SourceAttention.split(attn, pairs, d, hkv)
-        report.spectra.append(spectrum(src, whitening))
-        attentions.append(build_attention(src, mla_config, i, cfg, whitening))
+        report.spectra.append(spectrum(src, Whitening.from_second_moment(moment) if moment is not None else None))
+        attentions.append(build_attention(src, mla_config, i, cfg, moment))
         logger.debug("layer %d converted: kept pairs %s", i, mla_config.rope_pairs[i])
 
     stream_layers(model, batches, visit)  # visit returns None: the source keeps its own attention

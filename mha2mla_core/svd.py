@@ -41,20 +41,67 @@ class Whitening:
         return cls(s=evecs * root, s_inv=(evecs / root).T)
 
 
-def low_rank(w: torch.Tensor, rank: int, whitening: Whitening | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class RowWeights:
+    """L and L^-1 (out, out), block-diagonal per head: the error of the factored rows counts as ||L (W - W') X^T||."""
+
+    l: torch.Tensor
+    l_inv: torch.Tensor
+
+    def block(self, rows: slice) -> "RowWeights":
+        return RowWeights(self.l[rows, rows], self.l_inv[rows, rows])
+
+
+def low_rank(
+    w: torch.Tensor, rank: int, whitening: Whitening | None = None, rows: RowWeights | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors W ~= B @ A, in weight space or (whitened) on activations.
 
     w: (out, E). Returns B (out, rank), A (rank, E), float64; singular values split evenly between them.
-    With whitening this minimises ||(W - B A) X^T||_F over the calibration inputs X.
+    With whitening this minimises ||(W - B A) X^T||_F over the calibration inputs X, with `rows` too
+    ||L (W - B A) X^T||_F (the SVD of L W S, mapped back).
     """
-    w = w.double()
-    m = w if whitening is None else w @ whitening.s
+    m = w.double()
+    m = m if rows is None else rows.l @ m
+    m = m if whitening is None else m @ whitening.s
     with small_lapack():
         u, sv, vh = torch.linalg.svd(m, full_matrices=False)
     root = sv[:rank].sqrt()
     b = u[:, :rank] * root  # (out, rank)
     a = root[:, None] * vh[:rank]  # (rank, E)
-    return b, (a if whitening is None else a @ whitening.s_inv)
+    return (b if rows is None else rows.l_inv @ b), (a if whitening is None else a @ whitening.s_inv)
+
+
+def output_weights(
+    q_nope: torch.Tensor, v: torch.Tensor, o_proj: torch.Tensor, second_moment: torch.Tensor
+) -> RowWeights:
+    """Row weights that measure the latent's error where the layer uses it (svd="output-aware").
+
+    q_nope (Hkv, n_rep, Dn, E) and v (Hkv, D, E) are source weights, o_proj (E_out, Hkv * n_rep * D), second_moment
+    C (E, E) of the inputs. A K_nope error moves the logits of the group's queries: M_k = sum_r Q_r C Q_r^T / D
+    (the 1/sqrt(D) score scale squared), times the mean squared output of one value dim E||W_o v||^2 / D, the
+    first-order size of what a logit error does to the output. A V error moves the output through o_proj:
+    M_v = sum_r W_o,r^T W_o,r. Rows are laid out per head as [k_nope | v]; L = blockdiag(M^1/2).
+    """
+    hkv, n_rep, dn, _ = q_nope.shape
+    d = v.shape[1]
+    c, v = second_moment.double(), v.double()
+    with small_lapack():
+        m_k = torch.einsum("grde,ef,grcf->gdc", q_nope.double(), c, q_nope.double()) / d  # (Hkv, Dn, Dn)
+        w_o = o_proj.double().view(-1, hkv, n_rep, d)  # (E_out, Hkv, n_rep, D)
+        m_v = torch.einsum("ogrd,ogrc->gdc", w_o, w_o)  # (Hkv, D, D)
+        v_out = torch.einsum("gde,ef,gcf,gdc->g", v, c, v, m_v) / d  # (Hkv,) E||W_o v||^2 per value dim
+        roots = [_sqrt_and_inverse(m) for h in range(hkv) for m in (m_k[h] * v_out[h], m_v[h])]
+    return RowWeights(torch.block_diag(*(r for r, _ in roots)), torch.block_diag(*(ri for _, ri in roots)))
+
+
+def _sqrt_and_inverse(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """M^1/2 and M^-1/2 of a symmetric PSD matrix, damped like `Whitening` (empty for an empty M: no nope dims)."""
+    if m.numel() == 0:
+        return m, m
+    evals, evecs = torch.linalg.eigh(m)
+    evals = evals.clamp_min(evals.max() * rel_eps)
+    return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
 
 
 def interleave_heads(k_nope: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,12 +109,17 @@ def interleave_heads(k_nope: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([k_nope, v], dim=1).flatten(0, 1)
 
 
-def factor_group(k_nope: torch.Tensor, v: torch.Tensor, rank: int, method: str, whitening: Whitening | None):
+def factor_group(
+    k_nope: torch.Tensor, v: torch.Tensor, rank: int, method: str, whitening: Whitening | None, rows: RowWeights | None
+):
     """Factor one latent group. k_nope (G, Dn, E), v (G, D, E) -> up (G * (Dn + D), Rc), down (Rc, E)."""
-    if method in ("joint", "aware"):
-        return low_rank(interleave_heads(k_nope, v), rank, whitening if method == "aware" else None)
+    if method in ("aware", "output-aware") and whitening is None or method == "output-aware" and rows is None:
+        raise ValueError(f"svd={method!r} needs the calibration inputs' whitening (and row weights for output-aware)")
+    if method in ("joint", "aware", "output-aware"):
+        w = interleave_heads(k_nope, v)
+        return low_rank(w, rank, whitening if method != "joint" else None, rows if method == "output-aware" else None)
     if method != "split":
-        raise ValueError(f"svd={method!r} is unknown; use 'split', 'joint' or 'aware'")
+        raise ValueError(f"svd={method!r} is unknown; use 'split', 'joint', 'aware' or 'output-aware'")
     g, dn, _ = k_nope.shape
     d, half = v.shape[1], rank // 2
     b_k, a_k = low_rank(k_nope.flatten(0, 1), half)  # (G*Dn, Rc/2), (Rc/2, E)
@@ -78,16 +130,21 @@ def factor_group(k_nope: torch.Tensor, v: torch.Tensor, rank: int, method: str, 
     return up.flatten(0, 1), torch.cat([a_k, a_v])
 
 
-def factor_kv(k_nope: torch.Tensor, v: torch.Tensor, groups: int, rank: int, method: str, whitening=None):
+def factor_kv(
+    k_nope: torch.Tensor, v: torch.Tensor, groups: int, rank: int, method: str, whitening=None, rows=None
+):
     """Factor all KV heads into `groups` latent groups of `rank` dims each.
 
     k_nope (Hkv, Dn, E), v (Hkv, D, E) -> down (Hc * Rc, E), up (Hc, G * (Dn + D), Rc), float64.
+    `rows` (RowWeights over all Hkv * (Dn + D) rows) weights the error per row block (svd="output-aware").
     """
     per_group = k_nope.shape[0] // groups
+    width = per_group * (k_nope.shape[1] + v.shape[1])  # rows of one group
     ups, downs = [], []
     for g in range(groups):
         heads = slice(g * per_group, (g + 1) * per_group)
-        up, down = factor_group(k_nope[heads], v[heads], rank, method, whitening)
+        group_rows = None if rows is None else rows.block(slice(g * width, (g + 1) * width))
+        up, down = factor_group(k_nope[heads], v[heads], rank, method, whitening, group_rows)
         ups.append(up)
         downs.append(down)
     return torch.cat(downs), torch.stack(ups)

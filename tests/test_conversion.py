@@ -6,7 +6,7 @@ import torch
 from mha2mla_core import MLAConfig, convert_to_mla, convert_to_mla_with_report, score_rope
 from mha2mla_core.convert import SourceAttention, query_key_states, second_moment
 from mha2mla_core.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
-from mha2mla_core.svd import Whitening, activation_error, interleave_heads, factor_kv
+from mha2mla_core.svd import Whitening, activation_error, factor_kv, interleave_heads, output_weights
 from tests.tiny_models import SOURCES, calib_ids, tiny_model
 
 HEAD_DIM = 16  # hidden 64 / 4 heads
@@ -14,7 +14,7 @@ HEAD_DIM = 16  # hidden 64 / 4 heads
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
 @pytest.mark.parametrize("layout", ["per_head", "shared"])
-@pytest.mark.parametrize("svd", ["joint", "aware"])
+@pytest.mark.parametrize("svd", ["joint", "aware", "output-aware"])
 def test_full_rope_full_rank_reproduces_logits(source, layout, svd):
     model = tiny_model(source)
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -122,6 +122,25 @@ def test_aware_svd_has_lower_activation_error_than_joint(layout_groups):
         assert approx.shape == (rows_per_group * layout_groups, w.shape[1])
         errors[method] = activation_error(w, approx, cov)
     assert errors["aware"] < 0.9 * errors["joint"], errors
+
+
+@pytest.mark.parametrize("layout_groups", [1, 2])
+def test_output_aware_svd_lowers_the_error_where_the_layer_uses_it(layout_groups):
+    """The error of K_nope rows weighted by the queries that read them, of V rows by o_proj: output-aware
+    minimises it, plain aware (activations only) does not."""
+    model = tiny_model("llama-gqa")
+    cfg = MLAConfig(rope_dims=4, kv_rank=6)
+    src, cov = _layer0_factors(model, cfg)
+    rows = output_weights(src.q[:, :, cfg.rope_dims :], src.v, src.o_proj.weight, cov)
+    whitening = Whitening.from_second_moment(cov)
+    w = interleave_heads(src.k_nope, src.v).double()
+    rank = cfg.kv_rank * 2 // layout_groups
+    errors = {}
+    for method in ("aware", "output-aware"):
+        down, up = factor_kv(src.k_nope, src.v, layout_groups, rank, method, whitening, rows)
+        approx = torch.cat([up[g] @ down[g * rank : (g + 1) * rank] for g in range(layout_groups)])
+        errors[method] = float((rows.l @ (w - approx) @ whitening.s).square().sum())
+    assert errors["output-aware"] < 0.9 * errors["aware"], errors
 
 
 def test_split_keeps_k_and_v_in_separate_latent_halves():
