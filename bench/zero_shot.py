@@ -43,6 +43,11 @@ GRIDS = {
         dict(rope_strategy="2-norm", rope_dims=16, kv_rank=32, svd="aware", layout="shared"),
         dict(rope_strategy="2-norm", rope_dims=64, kv_rank=None),
     ],
+    "output-aware": [
+        dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared"),
+        dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="output-aware", layout="per_head"),
+        dict(rope_strategy="2-norm", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
+    ],
     "quick": [
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="shared"),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="per_head"),

@@ -41,7 +41,7 @@ def test_full_rank_conversion_keeps_the_wikitext_perplexity(smollm2, calib):
 
 def test_default_conversion_saves_reloads_and_generates(smollm2, calib, tmp_path):
     model, tokenizer = smollm2
-    mla = convert_to_mla(model, MLAConfig(), calib)  # 2-norm, r=8, kv_rank=16 per KV head, aware, shared
+    mla = convert_to_mla(model, MLAConfig(), calib)  # 2-norm, r=8, kv_rank=16 per KV head, output-aware, shared
     assert mla.kv_bytes_per_token() == 30 * 3 * (8 + 16) * 4  # layers x KV heads x (rope + latent) x fp32
     mla.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
