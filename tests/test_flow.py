@@ -73,7 +73,7 @@ def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin,
     assert set(runs) == set(STAGES)
     assert [a.path for a in client.list_artifacts(runs["score-rope"].info.run_id)] == ["rope_scores.png"]
     assert [a.path for a in client.list_artifacts(runs["svd-init"].info.run_id)] == ["svd_spectrum.png"]
-    assert runs["svd-init"].data.params["svd"] == "aware"
+    assert runs["svd-init"].data.params["svd"] == "output-aware"
     calibration = runs["sample-calibration"].inputs.dataset_inputs[0]
     assert calibration.dataset.name == "calibration"
 
