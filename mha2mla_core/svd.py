@@ -85,10 +85,10 @@ def output_weights(
     """
     hkv, n_rep, dn, _ = q_nope.shape
     d = v.shape[1]
-    c, v = second_moment.double(), v.double()
+    c, v, q_nope = second_moment.double(), v.detach().double(), q_nope.detach().double()
     with small_lapack():
-        m_k = torch.einsum("grde,ef,grcf->gdc", q_nope.double(), c, q_nope.double()) / d  # (Hkv, Dn, Dn)
-        w_o = o_proj.double().view(-1, hkv, n_rep, d)  # (E_out, Hkv, n_rep, D)
+        m_k = torch.einsum("grde,ef,grcf->gdc", q_nope, c, q_nope) / d  # (Hkv, Dn, Dn)
+        w_o = o_proj.detach().double().view(-1, hkv, n_rep, d)  # (E_out, Hkv, n_rep, D)
         m_v = torch.einsum("ogrd,ogrc->gdc", w_o, w_o)  # (Hkv, D, D)
         v_out = torch.einsum("gde,ef,gcf,gdc->g", v, c, v, m_v) / d  # (Hkv,) E||W_o v||^2 per value dim
         roots = [_sqrt_and_inverse(m) for h in range(hkv) for m in (m_k[h] * v_out[h], m_v[h])]
