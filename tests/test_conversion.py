@@ -137,7 +137,8 @@ def test_output_aware_svd_lowers_the_error_where_the_layer_uses_it(layout_groups
     rank = cfg.kv_rank * 2 // layout_groups
     errors = {}
     for method in ("aware", "output-aware"):
-        down, up = factor_kv(src.k_nope, src.v, layout_groups, rank, method, whitening, rows)
+        with torch.no_grad():
+            down, up = factor_kv(src.k_nope, src.v, layout_groups, rank, method, whitening, rows)
         approx = torch.cat([up[g] @ down[g * rank : (g + 1) * rank] for g in range(layout_groups)])
         errors[method] = float((rows.l @ (w - approx) @ whitening.s).square().sum())
     assert errors["output-aware"] < 0.9 * errors["aware"], errors
