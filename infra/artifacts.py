@@ -203,9 +203,9 @@ class _Store(ABC):
         `move=True`: the files may be moved rather than copied (a scratch directory the caller drops next).
         """
         directory, key = Path(directory), safe_key(key)
-        files = {}
+        files, put = {}, self._move_file if move else self.put_file
         for rel in _list_files(directory):
-            ref = self._move_file(directory / rel, f"{key}/{rel}") if move else self.put_file(directory / rel, f"{key}/{rel}")
+            ref = put(directory / rel, f"{key}/{rel}")
             files[rel] = {"sha256": ref.sha256, "size": ref.size}
         manifest = self.put_json({"files": files}, f"{key}/{MANIFEST_NAME}")
         size = sum(entry["size"] for entry in files.values())

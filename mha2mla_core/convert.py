@@ -197,19 +197,16 @@ class SourceAttention:
 
 
 def build_attention(
-    src: SourceAttention, mla_config: MLALlamaConfig, layer_idx: int, cfg: MLAConfig, moment: torch.Tensor | None
+    src: SourceAttention, mla_config: MLALlamaConfig, layer_idx: int, cfg: MLAConfig, whitening: Whitening | None
 ) -> MLAAttention:
-    """An MLAAttention whose weights come from `src`: queries/rope keys copied, K_nope/V factored.
-
-    `moment`: the second moment of the layer's calibration inputs (E, E), for the activation-aware methods."""
+    """An MLAAttention whose weights come from `src`: queries/rope keys copied, K_nope/V factored."""
     if cfg.kv_rank is None:
         down, up = identity_latent(src.k_nope, src.v)
     else:
-        whitening = Whitening.from_second_moment(moment) if cfg.svd in ("aware", "output-aware") else None
         rows = None
         if cfg.svd == "output-aware":
             q_nope = src.q[:, :, src.k_rope.shape[1] :]  # (Hkv, n_rep, Dn, E)
-            rows = output_weights(q_nope, src.v, src.o_proj.weight, moment)
+            rows = output_weights(q_nope, src.v, src.o_proj.weight, whitening)
         groups, rank = mla_config.kv_latent_groups, mla_config.kv_lora_rank
         down, up = factor_kv(src.k_nope, src.v, groups, rank, cfg.svd, whitening, rows)
     weight = src.q.new_empty(0)
@@ -276,10 +273,11 @@ def convert_to_mla_with_report(
         scores.append(layer_scores)
         pairs = select_rope_pairs(cfg.rope_strategy, cfg.rope_dims, d, layer_scores).expand(hkv, -1)
         mla_config.rope_pairs[i] = pairs.tolist()
-        moment = second_moment(x_in) if cfg.svd in ("aware", "output-aware") else None
+        aware = cfg.svd in ("aware", "output-aware")
+        whitening = Whitening.from_second_moment(second_moment(x_in)) if aware else None
         src = SourceAttention.split(attn, pairs, d, hkv)
-        report.spectra.append(spectrum(src, Whitening.from_second_moment(moment) if moment is not None else None))
-        attentions.append(build_attention(src, mla_config, i, cfg, moment))
+        report.spectra.append(spectrum(src, whitening))
+        attentions.append(build_attention(src, mla_config, i, cfg, whitening))
         logger.debug("layer %d converted: kept pairs %s", i, mla_config.rope_pairs[i])
 
     stream_layers(model, batches, visit)  # visit returns None: the source keeps its own attention

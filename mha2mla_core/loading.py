@@ -8,7 +8,14 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from mha2mla_core.modeling_mla import MLA_MODEL_TYPE
 
@@ -90,6 +97,12 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's transformers config without its weights, from any name `load_model` takes (a .gguf: its header)."""
+    source, kwargs = _resolve(name_or_path)
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def _resolve(name_or_path: str) -> tuple[str, dict]:

@@ -25,20 +25,27 @@ def small_lapack():
         torch.set_num_threads(threads)
 
 
+def damped_eigh(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped to rel_eps of the largest: never divide by a null direction) and eigenvectors of a
+    symmetric PSD matrix, float64."""
+    with small_lapack():
+        evals, evecs = torch.linalg.eigh(m.double())
+    return evals.clamp_min(evals.max() * rel_eps), evecs
+
+
 @dataclass(frozen=True)
 class Whitening:
-    """S and S^-1 with C = S S^T, the second moment of the attention inputs (E, E), float64."""
+    """S and S^-1 with C = S S^T, the second moment of the attention inputs (E, E), float64; C itself as `moment`."""
 
     s: torch.Tensor
     s_inv: torch.Tensor
+    moment: torch.Tensor
 
     @classmethod
-    def from_second_moment(cls, second_moment: torch.Tensor, rel_eps: float = 1e-6) -> "Whitening":
-        with small_lapack():
-            evals, evecs = torch.linalg.eigh(second_moment.double())
-        evals = evals.clamp_min(evals.max() * rel_eps)  # damping: never divide by a null direction
+    def from_second_moment(cls, second_moment: torch.Tensor) -> "Whitening":
+        evals, evecs = damped_eigh(second_moment)
         root = evals.sqrt()
-        return cls(s=evecs * root, s_inv=(evecs / root).T)
+        return cls(s=evecs * root, s_inv=(evecs / root).T, moment=second_moment.double())
 
 
 @dataclass(frozen=True)
@@ -72,20 +79,18 @@ def low_rank(
     return (b if rows is None else rows.l_inv @ b), (a if whitening is None else a @ whitening.s_inv)
 
 
-def output_weights(
-    q_nope: torch.Tensor, v: torch.Tensor, o_proj: torch.Tensor, second_moment: torch.Tensor
-) -> RowWeights:
+def output_weights(q_nope: torch.Tensor, v: torch.Tensor, o_proj: torch.Tensor, whitening: Whitening) -> RowWeights:
     """Row weights that measure the latent's error where the layer uses it (svd="output-aware").
 
-    q_nope (Hkv, n_rep, Dn, E) and v (Hkv, D, E) are source weights, o_proj (E_out, Hkv * n_rep * D), second_moment
-    C (E, E) of the inputs. A K_nope error moves the logits of the group's queries: M_k = sum_r Q_r C Q_r^T / D
+    q_nope (Hkv, n_rep, Dn, E) and v (Hkv, D, E) are source weights, o_proj (E_out, Hkv * n_rep * D); C (E, E) is
+    the inputs' second moment (`whitening.moment`). A K_nope error moves the logits of the group's queries: M_k = sum_r Q_r C Q_r^T / D
     (the 1/sqrt(D) score scale squared), times the mean squared output of one value dim E||W_o v||^2 / D, the
     first-order size of what a logit error does to the output. A V error moves the output through o_proj:
     M_v = sum_r W_o,r^T W_o,r. Rows are laid out per head as [k_nope | v]; L = blockdiag(M^1/2).
     """
     hkv, n_rep, dn, _ = q_nope.shape
     d = v.shape[1]
-    c, v, q_nope = second_moment.double(), v.detach().double(), q_nope.detach().double()
+    c, v, q_nope = whitening.moment, v.detach().double(), q_nope.detach().double()
     with small_lapack():
         m_k = torch.einsum("grde,ef,grcf->gdc", q_nope, c, q_nope) / d  # (Hkv, Dn, Dn)
         w_o = o_proj.detach().double().view(-1, hkv, n_rep, d)  # (E_out, Hkv, n_rep, D)
@@ -95,12 +100,11 @@ def output_weights(
     return RowWeights(torch.block_diag(*(r for r, _ in roots)), torch.block_diag(*(ri for _, ri in roots)))
 
 
-def _sqrt_and_inverse(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def _sqrt_and_inverse(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """M^1/2 and M^-1/2 of a symmetric PSD matrix, damped like `Whitening` (empty for an empty M: no nope dims)."""
     if m.numel() == 0:
         return m, m
-    evals, evecs = torch.linalg.eigh(m)
-    evals = evals.clamp_min(evals.max() * rel_eps)
+    evals, evecs = damped_eigh(m)
     return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
 
 
@@ -113,13 +117,15 @@ def factor_group(
     k_nope: torch.Tensor, v: torch.Tensor, rank: int, method: str, whitening: Whitening | None, rows: RowWeights | None
 ):
     """Factor one latent group. k_nope (G, Dn, E), v (G, D, E) -> up (G * (Dn + D), Rc), down (Rc, E)."""
-    if method in ("aware", "output-aware") and whitening is None or method == "output-aware" and rows is None:
-        raise ValueError(f"svd={method!r} needs the calibration inputs' whitening (and row weights for output-aware)")
-    if method in ("joint", "aware", "output-aware"):
+    if method not in ("split", "joint", "aware", "output-aware"):
+        raise ValueError(f"svd={method!r} is unknown; use 'split', 'joint', 'aware' or 'output-aware'")
+    if method in ("aware", "output-aware") and whitening is None:
+        raise ValueError(f"svd={method!r} needs the whitening of the calibration inputs")
+    if method == "output-aware" and rows is None:
+        raise ValueError("svd='output-aware' needs the row weights (output_weights)")
+    if method != "split":
         w = interleave_heads(k_nope, v)
         return low_rank(w, rank, whitening if method != "joint" else None, rows if method == "output-aware" else None)
-    if method != "split":
-        raise ValueError(f"svd={method!r} is unknown; use 'split', 'joint', 'aware' or 'output-aware'")
     g, dn, _ = k_nope.shape
     d, half = v.shape[1], rank // 2
     b_k, a_k = low_rank(k_nope.flatten(0, 1), half)  # (G*Dn, Rc/2), (Rc/2, E)

@@ -233,14 +233,9 @@ def load_source(source: ModelSource):
 
 def load_model_config(source: ModelSource):
     """The source model's transformers config, without its weights (a .gguf file: read from its header)."""
-    from transformers import AutoConfig
+    from mha2mla_core.loading import load_config
 
-    from mha2mla_core.loading import PACKAGED_MODELS, packaged_model_file
-
-    path = packaged_model_file(source.name) if source.name in PACKAGED_MODELS else Path(source.name)
-    if path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoConfig.from_pretrained(source.name)
+    return load_config(source.name)
 
 
 def load_checkpoint(result: StageResult, shared: bool = True):

@@ -131,8 +131,8 @@ def test_output_aware_svd_lowers_the_error_where_the_layer_uses_it(layout_groups
     model = tiny_model("llama-gqa")
     cfg = MLAConfig(rope_dims=4, kv_rank=6)
     src, cov = _layer0_factors(model, cfg)
-    rows = output_weights(src.q[:, :, cfg.rope_dims :], src.v, src.o_proj.weight, cov)
     whitening = Whitening.from_second_moment(cov)
+    rows = output_weights(src.q[:, :, cfg.rope_dims :], src.v, src.o_proj.weight, whitening)
     w = interleave_heads(src.k_nope, src.v).detach().double()
     rank = cfg.kv_rank * 2 // layout_groups
     errors = {}
