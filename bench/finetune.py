@@ -85,6 +85,20 @@ VARIANTS = {
     "kd-aware-kv8-5m": Variant(kv_rank=8),
     "kd-aware-kv8-20m": Variant(kv_rank=8, tokens=20_000_000, eval_every_tokens=2_000_000),
     "kd-aware-kv16-datafree50-5m": Variant(synthetic_frac=0.5),
+    # output-aware SVD (the default init since session 2), with real, mixed and sampled (data-free) text
+    "kd-oaware-kv16-5m": Variant(svd="output-aware"),
+    "kd-oaware-kv16-datafree50-5m": Variant(svd="output-aware", synthetic_frac=0.5),
+    "kd-oaware-kv16-datafree-5m": Variant(svd="output-aware", synthetic_frac=1.0),
+    "kd-oaware-kv16-attn-5m": Variant(svd="output-aware", trainable="attention", lr=1e-3),
+    "kd-oaware-kv16-20m": Variant(svd="output-aware", tokens=20_000_000, eval_every_tokens=2_000_000),
+    "kd-oaware-kv16-datafree50-20m": Variant(svd="output-aware", synthetic_frac=0.5, tokens=20_000_000,
+                                             eval_every_tokens=2_000_000),
+    "kd-oaware-kv16-datafree-20m": Variant(svd="output-aware", synthetic_frac=1.0, tokens=20_000_000,
+                                           eval_every_tokens=2_000_000),
+    "kd-oaware-kv16-datafree-50m": Variant(svd="output-aware", synthetic_frac=1.0, tokens=50_000_000,
+                                           eval_every_tokens=5_000_000),
+    "kd-oaware-kv8-datafree-20m": Variant(svd="output-aware", kv_rank=8, synthetic_frac=1.0, tokens=20_000_000,
+                                          eval_every_tokens=2_000_000),
 }
 
 
@@ -274,8 +288,7 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     result = {"variant": name, **asdict(variant), "original_ppl": ctx.original_ppl,
               **stages, "finetune_config": asdict(cfg), "device": torch.cuda.get_device_name()}
     try:
-        rows = mix_in_continuations(ctx.teacher, ctx.rows, variant.synthetic_frac, variant.tokens // SEQ_LEN,
-                                    batch_size=256)  # fmt: skip
+        rows = training_mix(ctx, variant)
         fit = finetune(student, ctx.teacher if variant.kd_weight > 0 else None, rows, cfg,
                        checkpoint_dir=ctx.cache / "ckpt" / name, callbacks=[on_event],
                        evaluate=lambda m: {"ppl": wikitext_ppl(m, ctx.eval_ids)})
@@ -292,6 +305,27 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
             "tokens_per_s": round(tok_s), "mfu": round(tok_s * flops / H100_BF16_PEAK, 4),
             "train_seconds": round(fit.seconds, 1), "resumed_from_step": fit.resumed_from_step,
             "loss_curve": [{"tokens": h["tokens"], "loss": h["loss"]} for h in fit.history if h["kind"] == "log"]}, student
+
+
+def training_mix(ctx: _Context, variant: Variant) -> torch.Tensor:
+    """The variant's training rows: real, or with a share sampled from the teacher (in bf16, cached on disk)."""
+    if variant.synthetic_frac == 0:
+        return ctx.rows
+    num_rows = variant.tokens // SEQ_LEN + 1
+    path = ctx.cache / f"mix-{variant.synthetic_frac:g}-{num_rows}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    start = time.perf_counter()
+    sampler = copy.deepcopy(ctx.teacher).to(torch.bfloat16)
+    rows = mix_in_continuations(sampler, ctx.rows, variant.synthetic_frac, num_rows, batch_size=512)
+    del sampler
+    torch.cuda.empty_cache()
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    torch.save(rows, path)
+    seconds = time.perf_counter() - start
+    sampled = round(variant.synthetic_frac * num_rows) * SEQ_LEN
+    print(f"sampled {sampled:,} tokens from the teacher in {seconds:.0f} s ({sampled / seconds:,.0f} tok/s)", flush=True)
+    return rows
 
 
 def save_and_reload(ctx: _Context, path: Path, student: nn.Module) -> dict:

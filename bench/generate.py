@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.shapes import SMOLLM2_135M
 from mha2mla_core import MLAConfig, convert_to_mla
-from mha2mla_core.decoding import DecodeState, GreedyDecoder, prefill
+from mha2mla_core.decoding import DecodeState, StaticDecoder, prefill
 
 CONTEXTS = (4096, 16384)
 BATCHES = (1, 16, 64)
@@ -52,7 +52,7 @@ def tile(state: DecodeState, batch: int) -> DecodeState:
                        rows(state.out), state.step)  # fmt: skip
 
 
-def timed(decoder: GreedyDecoder, steps: int) -> float:
+def timed(decoder: StaticDecoder, steps: int) -> float:
     decoder.run(WARM_STEPS)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -70,7 +70,7 @@ def point(name: str, model, context: int, batch: int, steps: int, graph: bool) -
     state = prefill(model, prompt, WARM_STEPS + steps + 1)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
-    seconds = timed(GreedyDecoder(model, tile(state, batch), cuda_graph=graph), steps)
+    seconds = timed(StaticDecoder(model, tile(state, batch), cuda_graph=graph), steps)
     return dict(model=name, mode="graph" if graph else "eager", context=context, batch=batch,
                 ms_per_step=1e3 * seconds / steps, tok_s=batch * steps / seconds, prefill_b1_s=prefill_s,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)  # fmt: skip

@@ -187,7 +187,7 @@ def convert(
     eval_tokens: Optional[int] = typer.Option(None, help="evaluation tokens scored (default: EvalParams')"),
     finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
     finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget (default: FinetuneConfig's)"),
-    synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model (data-free), in [0, 1); default 0"),
+    synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1] (1 = data-free); default 0"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
     mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),

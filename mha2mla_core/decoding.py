@@ -1,4 +1,4 @@
-"""Greedy decoding over a static cache, each decode step replayed from one CUDA graph.
+"""Greedy or sampled decoding over a static cache, each decode step replayed from one CUDA graph.
 
 Legend: B batch, P prompt tokens, N new tokens, T = P + N cache slots, V vocabulary.
 
@@ -7,8 +7,11 @@ and replayed, a step costs only its GPU work, which is where MLA's smaller cache
 original model (transformers' `StaticCache`) and the MLA model (`StaticLatentCache`), so the two are compared on
 equal terms. Everything a step changes lives in device tensors updated inside the step: the cache slots and lengths,
 the last token, the positions, the attention mask and the output. Without CUDA the step runs eagerly (tested on CPU).
+Sampling (temperature > 0) draws from the full softmax by the Gumbel-max trick; its noise comes from the default
+generator, which a replayed graph advances like eager code, so a seeded run is reproducible.
 
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
+    ids = generate_static(model, input_ids, 64, temperature=1.0)    # sampled (torch.manual_seed first to repeat)
 """
 
 from __future__ import annotations
@@ -53,11 +56,25 @@ class DecodeState:
         return [self.tokens, self.positions, self.mask, self.slot, self.out, self.step, *lengths]
 
 
+def next_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) tokens: the argmax (temperature 0) or a sample of softmax(logits / temperature)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    gumbel = -torch.empty_like(logits, dtype=torch.float32).exponential_().log_()  # (B, V): -log Exp(1) ~ Gumbel
+    return (logits.float() / temperature + gumbel).argmax(-1, keepdim=True)
+
+
 @torch.no_grad()
 def prefill(
-    model: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
 ) -> DecodeState:
     """Run the prompt through a fresh static cache of P + N slots; the state holds the first new token."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: give 0 (greedy) or a positive sampling temperature")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: give at least 1")
     b, p = input_ids.shape  # (B, P)
@@ -72,17 +89,22 @@ def prefill(
     mask = torch.zeros(b, 1, 1, p + max_new_tokens, dtype=torch.bool, device=input_ids.device)  # (B, 1, 1, T)
     mask[:, 0, 0, :p] = attention_mask.bool()
     out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=input_ids.device)  # (B, N)
-    tokens = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    tokens = next_tokens(logits[:, -1], temperature)  # (B, 1)
     out[:, :1] = tokens
     one = torch.ones(1, dtype=torch.long, device=input_ids.device)
     return DecodeState(cache, tokens, positions[:, -1:] + 1, mask, one * p, out, one.clone())
 
 
-class GreedyDecoder:
-    """Decodes from a prefilled `DecodeState`, one replay of a captured CUDA graph per token (eager off CUDA)."""
+class StaticDecoder:
+    """Decodes from a prefilled `DecodeState`, one replay of a captured CUDA graph per token (eager off CUDA);
+    greedy at temperature 0, else sampled."""
 
-    def __init__(self, model: PreTrainedModel, state: DecodeState, cuda_graph: bool | None = None):
-        self.model, self.state = model, state
+    def __init__(
+        self, model: PreTrainedModel, state: DecodeState, cuda_graph: bool | None = None, temperature: float = 0.0
+    ):
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature}: give 0 (greedy) or a positive sampling temperature")
+        self.model, self.state, self.temperature = model, state, temperature
         self.graph = None
         if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
             self.graph = self._capture()
@@ -94,7 +116,7 @@ class GreedyDecoder:
         logits = self.model(
             input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache, use_cache=True
         ).logits  # (B, 1, V)
-        s.tokens.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        s.tokens.copy_(next_tokens(logits[:, -1], self.temperature))
         s.out.index_copy_(1, s.step, s.tokens)
         s.positions.add_(1)
         s.slot.add_(1)
@@ -131,8 +153,10 @@ def generate_static(
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
     cuda_graph: bool | None = None,
+    temperature: float = 0.0,
 ) -> torch.Tensor:
-    """Greedy `generate()` for exactly max_new_tokens (no early stop): (B, P + N) ids, the prompt included."""
-    state = prefill(model, input_ids, max_new_tokens, attention_mask)
-    new = GreedyDecoder(model, state, cuda_graph).run(max_new_tokens - 1)
+    """`generate()` for exactly max_new_tokens (no early stop), greedy or sampled at `temperature`:
+    (B, P + N) ids, the prompt included."""
+    state = prefill(model, input_ids, max_new_tokens, attention_mask, temperature)
+    new = StaticDecoder(model, state, cuda_graph, temperature).run(max_new_tokens - 1)
     return torch.cat([input_ids, new], dim=1)

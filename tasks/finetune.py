@@ -28,7 +28,7 @@ class FinetuneParams(BaseModel):
     text_field: str = "text"
     split: str = "train"
     limit_chars: int | None = None
-    synthetic_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of rows sampled from the original (data-free)
+    synthetic_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of rows sampled from the original (data-free)
     train: FinetuneConfig = FinetuneConfig()
 
 

@@ -77,7 +77,7 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
         (("convert", "{tiny}", "--mc-tasks", "arc_easy,arc_eazy"), "unknown multiple-choice task 'arc_eazy'; known:"),
         (("convert", "{tiny}", "--mc-limit", "20"), "mc_tasks is empty; name the tasks to score"),
         (("convert", "{tiny}", "--needle-lengths", "1024"), "exceed the model's max_position_embeddings=512"),
-        (("convert", "{tiny}", "--finetune-data", "{tiny}", "--synthetic-fraction", "1"), "synthetic_fraction"),
+        (("convert", "{tiny}", "--finetune-data", "{tiny}", "--synthetic-fraction", "1.5"), "synthetic_fraction"),
         (("lineage", "file:///no/such/checkpoint"), "no run logged output"),
         (("resume", "0123456789abcdef0123456789abcdef"), "no MLflow run"),
     ],

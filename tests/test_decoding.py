@@ -1,4 +1,4 @@
-"""Static-cache decoding: StaticLatentCache in generate(), and the CUDA-graph greedy decoder (eager on CPU)."""
+"""Static-cache decoding: StaticLatentCache in generate(), and the CUDA-graph decoder, greedy and sampled (eager on CPU)."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
-from mha2mla_core.decoding import GreedyDecoder, generate_static, prefill
+from mha2mla_core.decoding import StaticDecoder, generate_static, next_tokens, prefill
 from mha2mla_core.kernels import latent_decode_attention_reference
 from mha2mla_core.modeling_mla import StaticLatentCache
 from tests.tiny_models import calib_ids, tiny_model
@@ -57,11 +57,35 @@ def test_greedy_decoder_equals_generate_with_left_padding(mla, source):
 
 def test_decoder_runs_in_chunks_and_refuses_to_overrun_its_cache(mla):
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(7))
-    decoder = GreedyDecoder(mla, prefill(mla, ids, 6), cuda_graph=False)
+    decoder = StaticDecoder(mla, prefill(mla, ids, 6), cuda_graph=False)
     first = decoder.run(2).clone()  # (1, 3): the prefill's token and two decoded
     assert torch.equal(decoder.run(3)[:, :3], first)
     with pytest.raises(ValueError, match="room for 0 more tokens"):
         decoder.run(1)
+
+
+def test_sampled_tokens_follow_the_tempered_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -9.0]]).expand(40_000, 5)  # (B, V): one distribution, many draws
+    torch.manual_seed(0)
+    for temperature in (1.0, 0.5):
+        counts = torch.bincount(next_tokens(logits, temperature).squeeze(1), minlength=5) / 40_000
+        torch.testing.assert_close(counts, torch.softmax(logits[0] / temperature, -1), atol=0.01, rtol=0)
+    assert torch.equal(next_tokens(logits[:2], 0.0), torch.zeros(2, 1, dtype=torch.long))  # greedy
+
+
+def test_sampled_decoding_is_seeded(mla):
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(10))
+
+    def sample(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return generate_static(mla, ids, 12, cuda_graph=False, temperature=1.0)
+
+    a = sample(1)
+    assert a.shape == (3, 16) and torch.equal(a[:, :4], ids) and torch.equal(a, sample(1))
+    assert not torch.equal(a, sample(2))
+    assert not torch.equal(a, generate_static(mla, ids, 12, cuda_graph=False))  # not greedy
+    with pytest.raises(ValueError, match="temperature=-1"):
+        generate_static(mla, ids, 2, temperature=-1)
 
 
 def test_reference_decode_ignores_slots_past_kv_end():
@@ -84,6 +108,21 @@ def test_cuda_graph_replay_equals_eager_decoding(mla, source):
     batch, mask = (t.cuda() for t in _left_padded_batch())
     eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=False)
     assert torch.equal(generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_sampling_is_seeded_and_rows_of_one_prompt_diverge(mla):
+    model = copy.deepcopy(mla).cuda()
+    ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(11)).cuda().expand(64, 4)
+
+    def sample(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return generate_static(model, ids, 24, cuda_graph=True, temperature=1.0)[:, 4:]
+
+    a = sample(3)
+    assert torch.equal(a, sample(3)) and not torch.equal(a, sample(4))
+    assert len({tuple(r) for r in a.tolist()}) > 32  # each row draws its own noise
 
 
 @pytest.mark.gpu

@@ -229,5 +229,7 @@ def test_mixed_in_continuations_have_the_asked_share_and_real_prompts():
     assert all(tuple(r[:3].tolist()) in {tuple(x[:3].tolist()) for x in real} for r in mixed[4:])  # real prompts
     assert torch.equal(mixed, mix_in_continuations(teacher, real, 0.5, 8, 3, 3, seed=1))
     assert mix_in_continuations(None, real, 0.0, 8) is real  # no sampling, no model needed
-    with pytest.raises(ValueError, match=r"fraction=1.0 must be in \[0, 1\)"):
-        mix_in_continuations(teacher, real, 1.0, 8)
+    data_free = mix_in_continuations(teacher, real, 1.0, 5, prompt_tokens=3, batch_size=2)
+    assert data_free.shape == (5, SEQ) and not any(tuple(r.tolist()) in real_set for r in data_free)
+    with pytest.raises(ValueError, match=r"fraction=1.5 must be in \[0, 1\]"):
+        mix_in_continuations(teacher, real, 1.5, 8)

@@ -1,16 +1,19 @@
 """Data-free rows: continuations sampled from the original model (as in LLM-QAT), to mix with real text.
 
 Each row starts from a short prompt (e.g. the first tokens of a real row, or a single random token) and
-is extended by sampling from the model at `temperature` until it is `seq_len` tokens long (EOS is not
-allowed to end a row early). Sampling runs under its own seeded RNG, so the caller's RNG is untouched.
+is extended by sampling from the model at `temperature` until it is `seq_len` tokens long (EOS does not
+end a row early). Sampling runs under its own seeded RNG, so the caller's RNG is untouched, and through
+`generate_static`: one CUDA-graph replay per token, so a GPU samples millions of tokens in about a minute.
 `mix_in_continuations` builds a training set with a given share of such rows (the fine-tuning stage's
-`synthetic_fraction`).
+`synthetic_fraction`; 1 = data-free, only the prompts come from real text).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mha2mla_core.decoding import generate_static
 
 
 @torch.no_grad()
@@ -24,15 +27,10 @@ def sample_continuations(
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     device = next(model.parameters()).device
-    new = seq_len - p
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts, device=device), do_sample=True,
-            temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-            pad_token_id=model.config.eos_token_id,
-        )  # fmt: skip
-    return out[:, :seq_len].cpu()  # (N, seq_len)
+        out = generate_static(model, prompts.to(device), seq_len - p, temperature=temperature)
+    return out.cpu()  # (N, seq_len)
 
 
 def mix_in_continuations(
@@ -47,8 +45,8 @@ def mix_in_continuations(
     """`num_rows` training rows (num_rows, T): a `fraction` of them sampled from `model`, each continuing the first
     `prompt_tokens` of a real row, the rest real rows of `rows` (N, T) (all of them when N is smaller), both chosen
     by a seeded permutation. `fraction` 0 returns the real rows unchanged."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"synthetic fraction={fraction} must be in [0, 1): the share of sampled rows in the mix")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"synthetic fraction={fraction} must be in [0, 1]: the share of sampled rows in the mix")
     if fraction == 0.0:
         return rows
     n, seq_len = rows.shape
