@@ -36,6 +36,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.convert import FLOW_TAG, ConvertParams, convert
+from flows.errors import describe_error
 from infra.tracking import log_table_markdown, parent_run
 from mha2mla_core.evaluation.report import Comparison
 from tasks.common import context, ensure_result_storage
@@ -103,7 +104,7 @@ class Catalog(BaseModel):
                 try:
                     entries.append(ConvertParams(model=item.model, name=name, **sections))
                 except ValidationError as exc:
-                    raise ValueError(f"models.{i}.configs.{j} ({config.name!r}): {exc}") from None
+                    raise ValueError(f"models.{i}.configs.{j} ({config.name!r}): {describe_error(exc)}") from None
         return entries
 
 
@@ -116,7 +117,7 @@ def load_catalog(path: str | Path) -> tuple[Catalog, list[ConvertParams]]:
         catalog = Catalog.model_validate(yaml.safe_load(path.read_text()) or {})
         return catalog, catalog.entries()
     except ValueError as exc:  # pydantic ValidationError included
-        raise ValueError(f"{path}: invalid catalog: {exc}") from None
+        raise ValueError(f"{path}: {describe_error(exc)}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
 

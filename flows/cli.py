@@ -69,6 +69,12 @@ FLOW_COMMANDS = {"convert", "catalog", "resume"}
 USER_ERRORS = (ValueError, LookupError, OSError, StoreCheckError)
 
 
+def print_error(exc: Exception) -> None:
+    from flows.errors import describe_error
+
+    console.print(f"[red]error:[/red] {escape(describe_error(exc))}")
+
+
 @app.callback()
 def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
     """Set up logging and the embedded Prefect home before torch, transformers or a flow is imported."""
@@ -152,7 +158,7 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
         with progress:
             return fn(*args, **kwargs)
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     finally:
         logger.removeHandler(handler)
@@ -187,6 +193,12 @@ def convert(
     eval_tokens: Optional[int] = typer.Option(None, help="evaluation tokens scored (default: EvalParams')"),
     finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
     finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget (default: FinetuneConfig's)"),
+    finetune_lr: Optional[float] = typer.Option(None, help="peak learning rate of the WSD schedule (default: FinetuneConfig's)"),
+    kd_weight: Optional[float] = typer.Option(None, help="distillation share of the loss, in [0, 1]; 0 = LM loss only, no teacher (default: 1)"),
+    trainable: Optional[str] = typer.Option(None, help="all | attention | attention+norms (default: all)"),
+    finetune_seq_len: Optional[int] = typer.Option(None, help="tokens per packed training row (default: FinetuneConfig's)"),
+    finetune_batch: Optional[int] = typer.Option(None, help="rows per forward pass, per process (default: FinetuneConfig's)"),
+    grad_accum: Optional[int] = typer.Option(None, help="forward passes per optimizer step (default: 1)"),
     synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1] (1 = data-free); default 0"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
@@ -214,12 +226,15 @@ def convert(
                              mc_data_dir=mc_data_dir,
                              needle=given(lengths=_items(needle_lengths)) if needle or needle_lengths else None,
                              speed=given(contexts=_items(speed_contexts)) if speed or speed_contexts else None),
-            finetune=dict(data=finetune_data, train=given(max_tokens=finetune_tokens),
+            finetune=dict(data=finetune_data,
+                          train=given(max_tokens=finetune_tokens, lr=finetune_lr, kd_weight=kd_weight,
+                                      trainable=trainable, seq_len=finetune_seq_len, micro_batch_size=finetune_batch,
+                                      grad_accum_steps=grad_accum),
                           **given(synthetic_fraction=synthetic_fraction)) if finetune_data else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
         )  # fmt: skip
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     outcome = run_with_progress(ctx, convert_flow, params)
     report_conversion(outcome, reload_report(outcome, params) if check else None)
@@ -274,7 +289,7 @@ def catalog_run(ctx: typer.Context, file: Path = typer.Argument(..., help="catal
     try:
         load_catalog(file)  # a typo fails here, before anything starts
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     outcome = run_with_progress(ctx, catalog, str(file))
     report_catalog(outcome)
@@ -310,7 +325,7 @@ def resume(ctx: typer.Context, run_id: str = typer.Argument(..., help="MLflow ru
     try:
         stored = _stored_config(mlflow, run_id, (CONFIG_FILE, CATALOG_FILE))
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     if stored["flow"] == "convert":
         params = ConvertParams.model_validate(stored["params"])
@@ -391,7 +406,7 @@ def lineage(uri: str = typer.Argument(..., help="artifact URI of a checkpoint (f
     try:
         found = find_lineage(uri)
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     flow = found.flow.run if found.flow else found.producer
     table = Table(title=f"lineage of {uri}", show_header=False)

@@ -6,8 +6,9 @@ returns a `StageResult` (URIs, sha256 digests, metrics): never a model or a tens
 Cache key of a stage call = sha256 of
 - its inputs' digests: a `StageResult` counts as its output's sha256, a `ModelSource` / `DataSource` as its
   content digest, a config as its canonical JSON; the `RunLink` (where to log) does not count;
-- the stage's code: the task module and the core modules it calls (their source bytes), plus the torch and
-  transformers versions.
+- the stage's code: the source bytes of the task module, of the core modules it names, and of every
+  `mha2mla_core` module those import (followed transitively, lazy imports inside functions too), plus the versions
+  of the installed third-party distributions the core modules import (torch, transformers, lm_eval, ...).
 
 A cached result is reused only if every artifact it names still hashes to its recorded digest. A record whose
 artifacts are missing or changed is skipped: the key is re-derived from it, so the stage runs again and its
@@ -19,11 +20,13 @@ Result records are JSON (Prefect's JSON serializer, never pickle), kept in the a
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -50,7 +53,7 @@ RESULTS_PREFIX = "prefect-results"
 STAGES_PREFIX = "stages"
 CACHE_TAG = "mha2mla.cache"  # "hit" | "miss" on every stage run
 _REKEY_LIMIT = 8  # stale records skipped per key before the stage gives up caching
-_KEYED_LIBRARIES = ("torch", "transformers")
+_CORE = "mha2mla_core"
 
 
 class DatasetInput(BaseModel):
@@ -147,16 +150,93 @@ def cache_payload(value: Any) -> Any:
 
 @functools.cache
 def code_digest(modules: tuple[str, ...]) -> str:
-    """sha256 of the source of `modules` and the versions of the numeric libraries they run on."""
+    """sha256 of the source of `modules` and of the core modules they import, and of the versions of the
+    third-party distributions the core modules import (see the module docstring)."""
+    sources, libraries = _code_closure(modules)
     digest = hashlib.sha256()
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(f"cache key: module {name} not found")
-        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
-    for library in _KEYED_LIBRARIES:
-        digest.update(f"{library}={metadata.version(library)}".encode())
+    for name in sorted(sources):
+        digest.update(name.encode() + b"\0" + sources[name])
+    for library in sorted(libraries):
+        digest.update(f"{library}={_distribution_version(library)}".encode())
     return digest.hexdigest()
+
+
+def _code_closure(modules: tuple[str, ...]) -> tuple[dict[str, bytes], set[str]]:
+    """{module: source} of `modules` plus every `mha2mla_core` module reachable by imports, and the top-level names
+    of the other modules the core ones import. Core files are found on disk: nothing is imported."""
+    sources: dict[str, bytes] = {}
+    libraries: set[str] = set()
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        if name in sources:
+            continue
+        sources[name] = _module_file(name).read_bytes()
+        for imported in _imports(sources[name]):
+            if imported.split(".")[0] == _CORE:
+                pending.append(imported)
+            elif name.split(".")[0] == _CORE and imported.split(".")[0] not in sys.stdlib_module_names:
+                libraries.add(imported.split(".")[0])
+    return sources, libraries
+
+
+@functools.cache
+def _core_root() -> Path:
+    return Path(importlib.util.find_spec(_CORE).origin).parent  # finding a top-level package does not import it
+
+
+def _module_file(name: str) -> Path:
+    if name.split(".")[0] == _CORE:
+        root = _core_root()
+        base = root.joinpath(*name.split(".")[1:])
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        raise ModuleNotFoundError(f"cache key: module {name} not found under {root}")
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"cache key: module {name} not found")
+    return Path(spec.origin)
+
+
+def _imports(source: bytes) -> set[str]:
+    """Absolute module names a source imports; for `from a.b import c` both a.b and a.b.c (c may be a module:
+    names that are not core modules are dropped by the caller's file lookup)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            if node.module.split(".")[0] == _CORE:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names if _is_core_module(f"{node.module}.{alias.name}"))
+    return names
+
+
+def _is_core_module(name: str) -> bool:
+    try:
+        _module_file(name)
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+@functools.cache
+def _distribution_version(top_level: str) -> str:
+    """The installed version of the distribution that provides import name `top_level`; "-" where it is not
+    installed (then it cannot have produced a cached result)."""
+    try:
+        return metadata.version(top_level)
+    except metadata.PackageNotFoundError:
+        if importlib.util.find_spec(top_level) is None:
+            return "-"
+        dists = _import_names_to_distributions().get(top_level, [])  # e.g. optimum -> optimum-quanto
+        return ",".join(f"{d}={metadata.version(d)}" for d in sorted(set(dists))) or "-"
+
+
+@functools.cache
+def _import_names_to_distributions() -> Mapping[str, list[str]]:
+    return metadata.packages_distributions()  # scans every installed distribution: once, and only when needed
 
 
 def _sha256_json(obj: Any) -> str:
