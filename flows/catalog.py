@@ -134,15 +134,21 @@ def convert_entry(params: ConvertParams, catalog_run_id: str) -> dict:
     return convert(params, catalog_run_id=catalog_run_id).model_dump(mode="json")
 
 
+SUMMARY_KEYS = ("ppl", "kv_bytes_per_token")  # the summary's own columns; the other suites' rows go to `suites`
+
+
 def summary_row(params: ConvertParams, state) -> dict:
-    """The entry's name, status, PPL and KV saving of its last model (the final checkpoint), or the error."""
+    """The entry's name, status, PPL and KV saving of its last model (the final checkpoint) and its other suites'
+    figures with their change against the original (`suites`: label -> cell), or the error."""
     row = {"entry": params.name, "model": params.model, "status": "failed"}
     if state.is_completed():
         outcome = state.result()
         table = Comparison.from_dict(outcome["table"])
         last, ppl, kv = table.models[-1], table.row("ppl"), table.row("kv_bytes_per_token")
+        header, *cells = table.cells()
+        suites = {line[0]: line[header.index(last)] for r, line in zip(table.rows, cells) if r.key not in SUMMARY_KEYS}
         row.update(status="ok", ppl_original=ppl.values[table.baseline], ppl_mla=ppl.values[last],
-                   kv_saving_pct=-kv.deltas[last], checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
+                   kv_saving_pct=-kv.deltas[last], suites=suites, checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
     else:
         error = state.result(raise_on_failure=False)
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
@@ -163,7 +169,8 @@ def catalog(file: str) -> CatalogOutcome:
             for future in futures:
                 future.wait()
         rows = [summary_row(p, f.state) for p, f in zip(entries, futures)]
-        log_table_markdown(rows, "catalog_summary.md")
+        log_table_markdown([{**r, "suites": "; ".join(f"{k} {v}" for k, v in r.get("suites", {}).items())} for r in rows],
+                           "catalog_summary.md")  # fmt: skip
         mlflow.log_dict(rows, "catalog_summary.json")
     failed = sum(row["status"] != "ok" for row in rows)
     return CatalogOutcome(run_id=run_id, rows=rows, failed=failed)

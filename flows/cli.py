@@ -299,14 +299,18 @@ def catalog_run(ctx: typer.Context, file: Path = typer.Argument(..., help="catal
 
 def report_catalog(outcome) -> None:
     table = Table(title=f"catalog summary (MLflow run {outcome.run_id})")
-    for column in ("entry", "status", "PPL original", "PPL mla", "KV saving", "checkpoint / error"):
+    suites = any(row.get("suites") for row in outcome.rows)
+    for column in ("entry", "status", "PPL original", "PPL mla", "KV saving", *(["other suites (vs original)"] if suites else []),
+                   "checkpoint / error"):  # fmt: skip
         table.add_column(column)
     for row in outcome.rows:
         ok = row["status"] == "ok"
+        other = "\n".join(f"{label}: {cell}" for label, cell in row.get("suites", {}).items())
         table.add_row(
             row["entry"], "[green]ok" if ok else "[red]failed",
             f"{row['ppl_original']:.2f}" if ok else "", f"{row['ppl_mla']:.2f}" if ok else "",
-            f"{row['kv_saving_pct']:.2f}%" if ok else "", row["checkpoint"] if ok else row["error"],
+            f"{row['kv_saving_pct']:.2f}%" if ok else "", *([escape(other)] if suites else []),
+            escape(row["checkpoint"] if ok else row["error"]),
         )  # fmt: skip
     console.print(table)
 

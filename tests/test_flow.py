@@ -353,13 +353,14 @@ def test_catalog_runs_every_entry_and_survives_a_failure(local_env, tiny_source,
         models:
           - model: {tiny_source}
             configs:
-              - {{name: k4, mla: {{kv_rank: 4}}}}
+              - {{name: k4, mla: {{kv_rank: 4}}, evaluation: {{speed: {{contexts: [16], batch_sizes: [1]}}}}}}
               - {{name: k60, mla: {{kv_rank: 60, svd: joint}}}}
     """))  # k60 > 2*16-4 = 28 rows per KV head: fails in svd-init
     outcome = catalog(str(file))
     rows = {row["entry"].rsplit("-", 1)[1]: row for row in outcome.rows}
     assert outcome.failed == 1 and rows["k4"]["status"] == "ok" and rows["k60"]["status"] == "failed"
     assert "kv_rank=60" in rows["k60"]["error"]
+    assert any(label.startswith("decode tok/s") and "%)" in cell for label, cell in rows["k4"]["suites"].items())
     artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
     assert {"catalog_summary.md", "catalog.json"} <= artifacts
 
