@@ -6,7 +6,9 @@ Both models have SmolLM2-135M's shape with random weights (decode speed does not
 to 32k for the 16k point) in bf16; the MLA model is the default conversion (2-norm, r=8, kv_rank 16 per KV head,
 aware SVD, shared latent: 81.25% less cache). For each context P and batch B:
 - `graph`: `mha2mla_core.decoding` — a static cache (transformers' StaticCache for the original, StaticLatentCache for
-  MLA) and one CUDA graph per decode step, replayed; the MLA step runs the fused Triton latent kernel.
+  MLA) and one CUDA graph per decode step, replayed; the MLA step runs the fused Triton latent kernel. The original
+  runs twice: `original` reads each K/V head once (`grouped_decode_attention`), `original-repeat_kv` through
+  transformers' sdpa, which copies K/V out to every query head first (what transformers does with a mask).
 - `eager` (B = 1 only): the same step without the graph, and HF `generate()` with its default dynamic cache, to show
   what the Python loop costs.
 The prompt of one row is prefilled for real and its cache copied to the B rows (decode reads the same bytes whatever
@@ -61,7 +63,7 @@ def timed(decoder: StaticDecoder, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def point(name: str, model, context: int, batch: int, steps: int, graph: bool) -> dict:
+def point(name: str, model, context: int, batch: int, steps: int, graph: bool, grouped: bool = True) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     prompt = torch.randint(3, SMOLLM2_135M["vocab_size"], (1, context), device="cuda")
@@ -70,7 +72,7 @@ def point(name: str, model, context: int, batch: int, steps: int, graph: bool) -
     state = prefill(model, prompt, WARM_STEPS + steps + 1)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
-    seconds = timed(StaticDecoder(model, tile(state, batch), cuda_graph=graph), steps)
+    seconds = timed(StaticDecoder(model, tile(state, batch), cuda_graph=graph, grouped=grouped), steps)
     return dict(model=name, mode="graph" if graph else "eager", context=context, batch=batch,
                 ms_per_step=1e3 * seconds / steps, tok_s=batch * steps / seconds, prefill_b1_s=prefill_s,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)  # fmt: skip
@@ -114,17 +116,22 @@ def main() -> None:
                 keep(point(name, model, context, 1, args.steps, graph=False))
                 for batch in BATCHES:
                     keep(point(name, model, context, batch, args.steps, graph=True))
+            for batch in BATCHES:
+                keep(point("original-repeat_kv", models["original"], context, batch, args.steps, True, grouped=False))
     print_table(rows)
 
 
 def print_table(rows: list[dict]) -> None:
-    base = {(r["mode"], r["context"], r["batch"]): r for r in rows if r["model"] == "original"}
-    print("\n| mode | context | batch | original tok/s | MLA tok/s | speed-up | original peak GiB | MLA peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    by = {(r["model"], r["mode"], r["context"], r["batch"]): r for r in rows}
+    print("\n| mode | context | batch | original (repeat_kv) tok/s | original tok/s | MLA tok/s | speed-up | "
+          "original peak GiB | MLA peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in (r for r in rows if r["model"] == "mla"):
-        o = base[(r["mode"], r["context"], r["batch"])]
+        key = (r["mode"], r["context"], r["batch"])
+        o, repeat_kv = by[("original", *key)], by.get(("original-repeat_kv", *key))
+        expanded = f"{repeat_kv['tok_s']:,.0f}" if repeat_kv else "-"
         peaks = f"{o.get('peak_gib', float('nan')):.2f} | {r.get('peak_gib', float('nan')):.2f}"
-        print(f"| {r['mode']} | {r['context']} | {r['batch']} | {o['tok_s']:,.0f} | {r['tok_s']:,.0f} | "
+        print(f"| {r['mode']} | {r['context']} | {r['batch']} | {expanded} | {o['tok_s']:,.0f} | {r['tok_s']:,.0f} | "
               f"{r['tok_s'] / o['tok_s']:.2f}x | {peaks} |")  # fmt: skip
 
 

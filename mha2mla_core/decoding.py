@@ -10,6 +10,11 @@ the last token, the positions, the attention mask and the output. Without CUDA t
 Sampling (temperature > 0) draws from the full softmax by the Gumbel-max trick; its noise comes from the default
 generator, which a replayed graph advances like eager code, so a seeded run is reproducible.
 
+An original grouped-query model decodes through `grouped_decode_attention`: transformers' sdpa path, given a mask
+(a static cache always needs one), first copies every K/V head out to its query heads (`repeat_kv`), which triples
+the bytes a SmolLM2 step reads; the grouped form reads each K/V head once. It applies to decode steps only and only
+where the model runs transformers' sdpa attention; the tokens are the same (tested).
+
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
     ids = generate_static(model, input_ids, 64, temperature=1.0)    # sampled (torch.manual_seed first to repeat)
 """
@@ -18,11 +23,61 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
-from transformers import PreTrainedModel, StaticCache
+from transformers import AttentionInterface, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mha2mla_core.modeling_mla import MLAForCausalLM, StaticLatentCache
+
+GROUPED_DECODE = "mha2mla_grouped_decode"
+
+
+def grouped_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function. query (B, H, 1, D), key/value (B, Hkv, T, D), mask (B, 1, 1, T) bool
+    (True = attend) or additive -> (B, 1, H, D). Anything else (a prompt, no grouping, dropout, soft-capping,
+    attention sinks) goes to transformers' sdpa unchanged."""
+    b, h, q_len, d = query.shape
+    hkv = key.shape[1]
+    if q_len != 1 or hkv == h or dropout > 0 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    q = query.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D): the G query heads of a group share one K/V head
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d**-0.5 if scaling is None else scaling)  # (B, Hkv, G, T)
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (B, Hkv, G, D)
+    return out.view(b, h, 1, d).transpose(1, 2), None
+
+
+AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+
+
+@contextmanager
+def decode_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Within: an original model that runs transformers' sdpa decodes through `grouped_decode_attention`."""
+    config = model.config
+    previous = config._attn_implementation
+    if isinstance(model, MLAForCausalLM) or previous != "sdpa":
+        yield
+        return
+    config._attn_implementation = GROUPED_DECODE
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def static_cache_for(model: PreTrainedModel, max_cache_len: int) -> Cache:
@@ -100,11 +155,17 @@ class StaticDecoder:
     greedy at temperature 0, else sampled."""
 
     def __init__(
-        self, model: PreTrainedModel, state: DecodeState, cuda_graph: bool | None = None, temperature: float = 0.0
+        self,
+        model: PreTrainedModel,
+        state: DecodeState,
+        cuda_graph: bool | None = None,
+        temperature: float = 0.0,
+        grouped: bool = True,
     ):
+        """`grouped=False` keeps transformers' own decode attention for an original model (to measure against)."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature}: give 0 (greedy) or a positive sampling temperature")
-        self.model, self.state, self.temperature = model, state, temperature
+        self.model, self.state, self.temperature, self.grouped = model, state, temperature, grouped
         self.graph = None
         if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
             self.graph = self._capture()
@@ -113,9 +174,11 @@ class StaticDecoder:
     def _step(self) -> None:
         s = self.state
         s.mask.index_fill_(3, s.slot, True)  # the slot written this step becomes visible
-        logits = self.model(
-            input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache, use_cache=True
-        ).logits  # (B, 1, V)
+        with decode_attention(self.model) if self.grouped else nullcontext():
+            logits = self.model(
+                input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache,
+                use_cache=True,
+            ).logits  # (B, 1, V)
         s.tokens.copy_(next_tokens(logits[:, -1], self.temperature))
         s.out.index_copy_(1, s.step, s.tokens)
         s.positions.add_(1)

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
-from mha2mla_core.decoding import StaticDecoder, generate_static, next_tokens, prefill
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mha2mla_core.decoding import (
+    GROUPED_DECODE,
+    StaticDecoder,
+    decode_attention,
+    generate_static,
+    grouped_decode_attention,
+    next_tokens,
+    prefill,
+)
 from mha2mla_core.kernels import latent_decode_attention_reference
 from mha2mla_core.modeling_mla import StaticLatentCache
 from tests.tiny_models import calib_ids, tiny_model
@@ -53,6 +64,49 @@ def test_greedy_decoder_equals_generate_with_left_padding(mla, source):
     batch, mask = _left_padded_batch()
     expected = model.generate(batch, attention_mask=mask, max_new_tokens=9, min_new_tokens=9, **GREEDY)
     assert torch.equal(generate_static(model, batch, 9, attention_mask=mask, cuda_graph=False), expected)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_grouped_decode_attention_equals_transformers_sdpa(mask_kind):
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(3, 9, 1, 16, generator=g)  # (B, H, 1, D)
+    k, v = torch.randn(3, 3, 20, 16, generator=g), torch.randn(3, 3, 20, 16, generator=g)  # (B, Hkv, T, D)
+    keep = torch.rand(3, 1, 1, 20, generator=g) > 0.3
+    keep[..., 0] = True
+    mask = {"bool": keep, "additive": torch.zeros(3, 1, 1, 20).masked_fill(~keep, float("-inf")), "none": None}[mask_kind]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    grouped, _ = grouped_decode_attention(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_original_gqa_model_decodes_grouped_with_the_same_tokens():
+    model = tiny_model("llama-gqa")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    batch, mask = _left_padded_batch()
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[1].shape[2])  # query length
+        return grouped_decode_attention(*args, **kwargs)
+
+    AttentionInterface.register(GROUPED_DECODE, spy)
+    try:
+        grouped = generate_static(model, batch, 9, attention_mask=mask, cuda_graph=False)
+    finally:
+        AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+    expected = model.generate(batch, attention_mask=mask, max_new_tokens=9, min_new_tokens=9, **GREEDY)
+    assert torch.equal(grouped, expected)
+    assert seen and set(seen) == {1}  # every decode step of every layer went through it, the prompt did not
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_decode_attention_leaves_mla_and_non_sdpa_models_alone(mla):
+    eager = tiny_model("llama-gqa", attn_implementation="eager")
+    for model, expected in ((mla, mla.config._attn_implementation), (eager, "eager")):
+        with decode_attention(model):
+            assert model.config._attn_implementation == expected
 
 
 def test_decoder_runs_in_chunks_and_refuses_to_overrun_its_cache(mla):
