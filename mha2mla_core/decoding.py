@@ -11,8 +11,8 @@ Sampling (temperature > 0) draws from the full softmax by the Gumbel-max trick; 
 generator, which a replayed graph advances like eager code, so a seeded run is reproducible.
 
 An original grouped-query model decodes through `grouped_decode_attention`: transformers' sdpa path, given a mask
-(a static cache always needs one), first copies every K/V head out to its query heads (`repeat_kv`), which triples
-the bytes a SmolLM2 step reads; the grouped form reads each K/V head once. It applies to decode steps only and only
+(a static cache always needs one), first copies every K/V head out to its query heads (`repeat_kv`): a SmolLM2 step
+writes 3 copies of the cache and reads them; the grouped form reads each K/V head once. It applies to decode steps only and only
 where the model runs transformers' sdpa attention; the tokens are the same (tested).
 
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
