@@ -27,7 +27,7 @@ from mha2mla_core import MLAConfig
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
-from tasks.finetune import FinetuneParams, finetune
+from tasks.finetune import FinetuneParams, finetune, training_device
 from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
 from tasks.quantize_kv import quantize_kv
 from tasks.sample_calibration import CalibrationParams, sample_calibration
@@ -104,7 +104,9 @@ def register_once(name: str, ref: ArtifactRef, run_id: str) -> str:
 @flow(name="convert", persist_result=False)
 def convert(params: ConvertParams, catalog_run_id: str | None = None) -> ConvertOutcome:
     """Convert `params.model` to MLA, evaluate it against the original, register the checkpoint."""
-    context()  # the artifact store and tracking server are reachable
+    settings = context().settings  # the artifact store and tracking server are reachable
+    if params.finetune:
+        training_device(settings.device)  # a worker told to train on a device it lacks fails before any stage
     ensure_result_storage()
     model = resolve_model(params.model)
     calib_data = resolve_data(params.calibration.data, DEFAULT_CALIBRATION)

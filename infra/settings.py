@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # files larger than this upload (and copy) in parts of this size; S3's minimum part is 5 MiB
     s3_multipart_mb: int = 64
 
+    # where this worker fine-tunes: auto (the CUDA device when there is one, else the CPU), cpu, cuda, cuda:N
+    device: str = "auto"
+
     @field_validator("artifact_root")
     @classmethod
     def _check_artifact_root(cls, value: str) -> str:
@@ -79,6 +82,14 @@ class Settings(BaseSettings):
     def _check_multipart(cls, value: int) -> int:
         if value < 5:
             raise ValueError(f"s3_multipart_mb={value} < 5, S3's minimum part size; use >= 5")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if value != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index)):
+            raise ValueError(f"{ENV_PREFIX}DEVICE={value!r}: use auto, cpu, cuda or cuda:N")
         return value
 
     def experiment_artifact_location(self) -> str | None:

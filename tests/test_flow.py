@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from infra.artifacts import DigestMismatchError, StoreCheckError
@@ -193,8 +194,22 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
     assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]
     assert finetune_run.data.params["synthetic_fraction"] == "0.25"  # 8 of the 32 rows sampled from the original
+    assert finetune_run.data.params["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # MHA2MLA_DEVICE=auto
     final, _ = load_model(str(context().store.get_dir(outcome.checkpoint.uri, tmp_path / "final", outcome.checkpoint.sha256)))
     assert final.config.kv_cache_quant["nbits"] == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_training_on_a_missing_device_fails_before_any_stage(local_env, tiny_source, executions, tiny_params, monkeypatch):
+    from tasks.common import context
+
+    monkeypatch.setenv("MHA2MLA_DEVICE", "cuda")
+    context.cache_clear()
+    base = tiny_params(tiny_source)
+    params = type(base).model_validate({**base.model_dump(mode="json"), "finetune": {"data": str(tiny_source)}})
+    with pytest.raises(ValueError, match="MHA2MLA_DEVICE='cuda' but this worker has no CUDA device; set it to auto"):
+        run_convert(params)
+    assert not executions
 
 
 def test_transient_fault_is_retried(local_env, tiny_source, executions, tiny_params):

@@ -57,6 +57,9 @@ def test_secrets_never_show(monkeypatch):
         ("artifact_root", "gs://bucket/x"),
         ("s3_max_attempts", 0),
         ("s3_multipart_mb", 4),
+        ("device", "gpu"),
+        ("device", "cuda:x"),
+        ("device", "cpu:0"),
     ],
 )
 def test_bad_values_are_refused_with_the_fix(field, value):
