@@ -11,9 +11,9 @@ Sampling (temperature > 0) draws from the full softmax by the Gumbel-max trick; 
 generator, which a replayed graph advances like eager code, so a seeded run is reproducible.
 
 An original grouped-query model decodes through `grouped_decode_attention`: transformers' sdpa path, given a mask
-(a static cache always needs one), first copies every K/V head out to its query heads (`repeat_kv`): a SmolLM2 step
-writes 3 copies of the cache and reads them; the grouped form reads each K/V head once. It applies to decode steps only and only
-where the model runs transformers' sdpa attention; the tokens are the same (tested).
+(a static cache always needs one), first copies every K/V head out to its query heads (`repeat_kv`), so a SmolLM2
+step writes 3 copies of the cache and reads them; the grouped form reads each K/V head once. It applies to decode
+steps only, and only where the model runs transformers' sdpa attention; the tokens are the same (tested).
 
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
     ids = generate_static(model, input_ids, 64, temperature=1.0)    # sampled (torch.manual_seed first to repeat)
@@ -21,10 +21,9 @@ where the model runs transformers' sdpa attention; the tokens are the same (test
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel, StaticCache
@@ -51,10 +50,13 @@ def grouped_decode_attention(
     attention sinks) goes to transformers' sdpa unchanged."""
     b, h, q_len, d = query.shape
     hkv = key.shape[1]
-    if q_len != 1 or hkv == h or dropout > 0 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    unusual = dropout > 0 or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if q_len != 1 or hkv == h or unusual:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)  # fmt: skip
     q = query.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D): the G query heads of a group share one K/V head
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d**-0.5 if scaling is None else scaling)  # (B, Hkv, G, T)
+    scale = d**-0.5 if scaling is None else scaling
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T)
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

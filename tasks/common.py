@@ -209,7 +209,8 @@ def _imports(source: bytes) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             if node.module.split(".")[0] == _CORE:
-                names.update(f"{node.module}.{alias.name}" for alias in node.names if _is_core_module(f"{node.module}.{alias.name}"))
+                submodules = (f"{node.module}.{alias.name}" for alias in node.names)
+                names.update(name for name in submodules if _is_core_module(name))
     return names
 
 

@@ -3,7 +3,7 @@
 Each row starts from a short prompt (e.g. the first tokens of a real row, or a single random token) and
 is extended by sampling from the model at `temperature` until it is `seq_len` tokens long (EOS does not
 end a row early). Sampling runs under its own seeded RNG, so the caller's RNG is untouched, and through
-`generate_static`: one CUDA-graph replay per token, so a GPU samples millions of tokens in about a minute.
+`generate_static`: one CUDA-graph replay per token on a GPU.
 `mix_in_continuations` builds a training set with a given share of such rows (the fine-tuning stage's
 `synthetic_fraction`; 1 = data-free, only the prompts come from real text).
 """
