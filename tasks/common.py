@@ -200,18 +200,40 @@ def _module_file(name: str) -> Path:
 
 
 def _imports(source: bytes) -> set[str]:
-    """Absolute module names a source imports; for `from a.b import c` both a.b and a.b.c (c may be a module:
-    names that are not core modules are dropped by the caller's file lookup)."""
+    """Absolute module names a source imports; in the core, the modules that define what it takes (see
+    `_core_targets`)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            if node.module.split(".")[0] == _CORE:
-                submodules = (f"{node.module}.{alias.name}" for alias in node.names)
-                names.update(name for name in submodules if _is_core_module(name))
+            core = node.module.split(".")[0] == _CORE
+            names.update(_core_targets(node.module, [a.name for a in node.names]) if core else {node.module})
     return names
+
+
+def _core_targets(module: str, imported: list[str]) -> set[str]:
+    """The core modules `from module import *imported*` depends on: a submodule it names, or for a name a package
+    re-exports, the module that defines it, not every module the package's `__init__` imports."""
+    if _module_file(module).name != "__init__.py":
+        return {module}
+    exports = _package_exports(module)
+    targets = set()
+    for name in imported:
+        if _is_core_module(f"{module}.{name}"):
+            targets.add(f"{module}.{name}")
+        else:
+            targets.add(exports.get(name, module))  # defined in the package itself: all of it
+    return targets
+
+
+@functools.cache
+def _package_exports(package: str) -> dict[str, str]:
+    """{name: defining module} of the names a core package's `__init__` imports from the core."""
+    tree = ast.parse(_module_file(package).read_bytes())
+    return {alias.asname or alias.name: node.module for node in tree.body
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith(_CORE)
+            for alias in node.names}  # fmt: skip
 
 
 def _is_core_module(name: str) -> bool:

@@ -19,6 +19,15 @@ def test_closure_follows_core_imports_transitively_and_keys_third_party_librarie
     assert "lm_eval" in eval_libraries  # an lm-eval upgrade re-runs the evaluation
 
 
+def test_a_name_taken_from_a_package_keys_its_defining_module_not_the_whole_package():
+    from tasks.svd_init import CORE
+
+    sources, _ = _code_closure(("tasks.svd_init", *CORE))  # tasks/svd_init.py: `from mha2mla_core import MLAConfig`
+    assert {"mha2mla_core.convert", "mha2mla_core.svd", "mha2mla_core.modeling_mla"} <= set(sources)
+    assert "mha2mla_core.decoding" not in sources  # re-exported by mha2mla_core/__init__, not used by conversion
+    assert "mha2mla_core.finetune" not in sources
+
+
 def test_digest_changes_with_a_transitively_imported_source_and_a_library_version(monkeypatch, tmp_path):
     modules = ("tasks.finetune", "mha2mla_core.finetune")
     before = code_digest.__wrapped__(modules)
