@@ -1,8 +1,11 @@
-"""Stage `finetune`: distil the original model into the converted one on packed text, then save it.
+"""Stages `finetune-data` and `finetune`: the training rows, then distillation of the original into the converted model.
 
-Training checkpoints go to a local work folder named by the stage's cache key, so a killed run of the same
-call resumes from its last checkpoint; the finished model goes to the artifact store. The student, the teacher and
-the sampling of data-free rows run on the worker's device (`MHA2MLA_DEVICE`, default: CUDA when present).
+`finetune-data` packs the fine-tuning text into rows of `seq_len` token ids and, with `synthetic_fraction`, samples a
+share of them from the original model; the rows are an artifact, cached apart from training, so a training rerun
+(another learning rate, a crash) never samples again. `finetune` trains on them. Training checkpoints go to a local
+work folder named by the stage's cache key, so a killed run of the same call resumes from its last checkpoint; the
+finished model goes to the artifact store. Sampling and training run on the worker's device (`MHA2MLA_DEVICE`,
+default: CUDA when present).
 """
 
 from __future__ import annotations
@@ -27,9 +30,32 @@ from tasks.common import (
     stage_task,
     work_dir,
 )
-from tasks.inputs import DataSource, ModelSource, load_checkpoint, load_source, read_documents, save_checkpoint
+from tasks.inputs import (
+    DataSource,
+    ModelSource,
+    load_checkpoint,
+    load_source,
+    load_tensors,
+    read_documents,
+    save_checkpoint,
+    save_tensors,
+)
 
-STAGE = "finetune"
+DATA_STAGE, STAGE = "finetune-data", "finetune"
+
+
+class RowsParams(BaseModel):
+    """What decides the training rows (and nothing that only decides the training)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_field: str = "text"
+    split: str = "train"
+    limit_chars: int | None = None
+    synthetic_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of rows sampled from the original (data-free)
+    seq_len: int = Field(1024, ge=2)
+    num_rows: int = Field(1, ge=1)  # rows sampled with synthetic_fraction > 0: the training budget's worth
+    seed: int = 0
 
 
 class FinetuneParams(BaseModel):
@@ -44,33 +70,51 @@ class FinetuneParams(BaseModel):
     synthetic_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of rows sampled from the original (data-free)
     train: FinetuneConfig = FinetuneConfig()
 
+    def rows(self) -> RowsParams:
+        t = self.train
+        return RowsParams(text_field=self.text_field, split=self.split, limit_chars=self.limit_chars,
+                          synthetic_fraction=self.synthetic_fraction, seq_len=t.seq_len,
+                          num_rows=max(1, t.max_tokens // t.seq_len), seed=t.seed)  # fmt: skip
 
-CODE = ("mha2mla_core.finetune", "mha2mla_core.training.packing", "mha2mla_core.training.losses",
-        "mha2mla_core.training.synthetic")  # fmt: skip
 
-
-@stage_task(STAGE, code=CODE)
-def finetune(
-    model: ModelSource, checkpoint: StageResult, data: DataSource, config: FinetuneParams, run: RunLink
-) -> StageResult:
-    """Train a private copy of `checkpoint` with the original `model` as teacher (and as the source of the sampled
-    rows of `synthetic_fraction`); metrics every log step."""
-    device = training_device(context().settings.device)
+@stage_task(DATA_STAGE, code=("mha2mla_core.training.packing", "mha2mla_core.training.synthetic"))
+def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run: RunLink) -> StageResult:
+    """The training rows (N, seq_len) as int32 token ids: the packed documents, `synthetic_fraction` of them
+    replaced by continuations the original model samples from their first tokens."""
+    device = training_device(context().settings.device) if config.synthetic_fraction > 0 else torch.device("cpu")
     params = {**config.model_dump(mode="json"), "source": data.source, "device": str(device)}
+    with stage_run(run.run_name(DATA_STAGE), params, parent_run_id=run.parent_run_id):
+        original, tokenizer = load_source(model)
+        sampler = original if device.type == "cpu" else copy.deepcopy(original).to(device)
+        packed = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars),
+                            config.seq_len)  # fmt: skip
+        rows = mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
+        output = save_tensors({"rows": rows.to(torch.int32)}, artifact_key(model.slug, DATA_STAGE, "rows.safetensors"))
+        sampled = round(config.synthetic_fraction * config.num_rows) if config.synthetic_fraction else 0
+        metrics = {"rows": rows.shape[0], "tokens": rows.numel(), "sampled_rows": sampled}
+        dataset = DatasetInput(name="finetune-text", digest=data.digest, source=data.uri)
+        return finish_stage(DATA_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+
+
+@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.losses"))
+def finetune(
+    model: ModelSource, checkpoint: StageResult, rows: StageResult, config: FinetuneParams, run: RunLink
+) -> StageResult:
+    """Train a private copy of `checkpoint` on `rows` (from `finetune_data`) with the original `model` as teacher;
+    metrics every log step."""
+    device = training_device(context().settings.device)
+    params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
         train_cfg = config.train
-        original = load_source(model)[0] if train_cfg.kd_weight > 0 or config.synthetic_fraction > 0 else None
-        original = original if original is None or device.type == "cpu" else copy.deepcopy(original).to(device)
+        teacher = load_source(model)[0] if train_cfg.kd_weight > 0 else None
+        teacher = teacher if teacher is None or device.type == "cpu" else copy.deepcopy(teacher).to(device)
         student, tokenizer = load_checkpoint(checkpoint, shared=False)
-        texts = read_documents(data, config.text_field, config.split, config.limit_chars)
-        rows = mix_in_continuations(original, pack_texts(tokenizer, texts, train_cfg.seq_len), config.synthetic_fraction,
-                                    train_cfg.max_tokens // train_cfg.seq_len, seed=train_cfg.seed)  # fmt: skip
-        teacher = original if train_cfg.kd_weight > 0 else None
-        result = train(student.to(device), teacher, rows, train_cfg, checkpoint_dir=work_dir(STAGE),
+        ids = load_tensors(rows)["rows"].long()  # (N, seq_len)
+        result = train(student.to(device), teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
                        callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
-        del original, teacher
+        del teacher
         output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
-        dataset = DatasetInput(name="finetune", digest=data.digest, source=data.uri)
+        dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
         metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
         return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
 

@@ -6,6 +6,7 @@ on moto's S3 server over HTTP (fixtures in pipeline_fixtures.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -187,14 +188,23 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     })  # fmt: skip
     outcome = run_convert(params)
     assert outcome.table["models"] == ["original", "mla", "finetuned", "int4"]
-    assert outcome.cache["finetune"] == outcome.cache["quantize-kv"] == "miss"
+    assert outcome.cache["finetune-data"] == outcome.cache["finetune"] == outcome.cache["quantize-kv"] == "miss"
     kv = next(row for row in outcome.table["rows"] if row["key"] == "kv_bytes_per_token")["values"]
     assert kv["int4"] < kv["mla"] / 2
-    finetune_run = stage_runs(outcome.run_id)["finetune"]
+    runs = stage_runs(outcome.run_id)
+    finetune_run, data_run = runs["finetune"], runs["finetune-data"]
     assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
-    assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]
-    assert finetune_run.data.params["synthetic_fraction"] == "0.25"  # 8 of the 32 rows sampled from the original
+    assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]  # the rows it trained on
+    assert [d.dataset.name for d in data_run.inputs.dataset_inputs] == ["finetune-text"]
+    assert data_run.data.params["synthetic_fraction"] == "0.25"
+    assert data_run.data.metrics["sampled_rows"] == 8  # of the 32 rows, sampled from the original
+    assert data_run.data.params["device"] == finetune_run.data.params["device"]
     assert finetune_run.data.params["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # MHA2MLA_DEVICE=auto
+    # another learning rate re-trains on the cached rows: nothing is sampled again
+    retrained = params.model_copy(update={"finetune": params.finetune.model_copy(
+        update={"train": dataclasses.replace(params.finetune.train, lr=5e-4)})})  # fmt: skip
+    again = run_convert(retrained)
+    assert again.cache["finetune-data"] == "hit" and again.cache["finetune"] == "miss"
     final, _ = load_model(str(context().store.get_dir(outcome.checkpoint.uri, tmp_path / "final", outcome.checkpoint.sha256)))
     assert final.config.kv_cache_quant["nbits"] == 4
 
