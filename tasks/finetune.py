@@ -90,7 +90,7 @@ def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run:
                             config.seq_len)  # fmt: skip
         rows = mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
         output = save_tensors({"rows": rows.to(torch.int32)}, artifact_key(model.slug, DATA_STAGE, "rows.safetensors"))
-        sampled = round(config.synthetic_fraction * config.num_rows) if config.synthetic_fraction else 0
+        sampled = max(1, round(config.synthetic_fraction * config.num_rows)) if config.synthetic_fraction else 0
         metrics = {"rows": rows.shape[0], "tokens": rows.numel(), "sampled_rows": sampled}
         dataset = DatasetInput(name="finetune-text", digest=data.digest, source=data.uri)
         return finish_stage(DATA_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
