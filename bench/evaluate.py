@@ -136,7 +136,7 @@ def main() -> None:
     if args.convert:
         from bench.zero_shot import calibration_ids
 
-        calib, _ = calibration_ids(tokenizer)
+        calib, _ = calibration_ids(model, tokenizer, "books")
         for name, spec in args.convert:
             results[name] = evaluate(convert_to_mla(model, mla_config(spec), calib), tokenizer, configs, name)
     write(results, args.out)

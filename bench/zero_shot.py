@@ -7,7 +7,9 @@ non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.p
 (`--calib`): `books` = 8,192 tokens hash-sampled (seed 0, windows of 512) from the Gutenberg books of
 ../shared/data/text_calib; `wikitext-tail` = the last 8,192 tokens of the same wikitext file, as the independent
 reference implementation calibrated (in-domain, and disjoint from the scored first 16,384 tokens); `train` = 8,192
-tokens hash-sampled the same way from the first 8M characters of the fine-tuning text (../shared/data/text_train).
+tokens hash-sampled the same way from the first 8M characters of the fine-tuning text (../shared/data/text_train);
+`teacher` = data-free: 16 rows of 512 tokens sampled from the original model itself (temperature 1, seed 0), each
+continuing the first 4 tokens of a `books` window, as the fine-tuning stage's data-free rows are made.
 Prints one JSON line per configuration and a markdown table; writes both to --out.
 """
 
@@ -26,6 +28,7 @@ from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibrati
 from mha2mla_core.data import load_texts
 from mha2mla_core.evaluation.paths import GUTENBERG_DIR, SHARED_DATA_DIR, WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import run_perplexity
+from mha2mla_core.training.synthetic import sample_continuations
 
 GRIDS = {
     "default": [
@@ -55,7 +58,11 @@ GRIDS = {
 }
 
 
-def calibration_ids(tokenizer, source: str, num_tokens: int = 8192) -> tuple[torch.Tensor, str]:
+def calibration_ids(model, tokenizer, source: str, num_tokens: int = 8192) -> tuple[torch.Tensor, str]:
+    if source == "teacher":
+        books, _ = calibration_ids(model, tokenizer, "books", num_tokens)
+        ids = sample_continuations(model, books.view(-1, 512)[:, :4], seq_len=512, seed=0).flatten()  # (num_tokens,)
+        return ids, hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     if source == "wikitext-tail":
         text = read_text(WIKITEXT2_TEST, "wikitext-2 test text", "see ../shared/data/README")
         ids = tokenizer(text, return_tensors="pt").input_ids[0, -num_tokens:]  # (num_tokens,)
@@ -116,12 +123,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
-    parser.add_argument("--calib", choices=("books", "wikitext-tail", "train"), default="books")
+    parser.add_argument("--calib", choices=("books", "wikitext-tail", "train", "teacher"), default="books")
     parser.add_argument("--out", type=Path, default=Path("bench/results/zero_shot"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
-    calib, digest = calibration_ids(tokenizer, args.calib)
+    calib, digest = calibration_ids(model, tokenizer, args.calib)
     print(json.dumps({"model": args.model, "calibration": args.calib, "calibration_tokens": calib.numel(),
                       "calibration_sha256": digest}))  # fmt: skip
     base_kv = original_kv_bytes(model)
