@@ -28,7 +28,7 @@ from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibrati
 from mha2mla_core.data import load_texts
 from mha2mla_core.evaluation.paths import GUTENBERG_DIR, SHARED_DATA_DIR, WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import run_perplexity
-from mha2mla_core.training.synthetic import sample_continuations
+from mha2mla_core.calibration import CalibrationSample, continue_with_model
 
 GRIDS = {
     "default": [
@@ -60,9 +60,8 @@ GRIDS = {
 
 def calibration_ids(model, tokenizer, source: str, num_tokens: int = 8192) -> tuple[torch.Tensor, str]:
     if source == "teacher":
-        books, _ = calibration_ids(model, tokenizer, "books", num_tokens)
-        ids = sample_continuations(model, books.view(-1, 512)[:, :4], seq_len=512, seed=0).flatten()  # (num_tokens,)
-        return ids, hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+        sample = continue_with_model(model, CalibrationSample(*calibration_ids(model, tokenizer, "books", num_tokens)), 512)
+        return sample.input_ids, sample.digest
     if source == "wikitext-tail":
         text = read_text(WIKITEXT2_TEST, "wikitext-2 test text", "see ../shared/data/README")
         ids = tokenizer(text, return_tensors="pt").input_ids[0, -num_tokens:]  # (num_tokens,)

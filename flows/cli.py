@@ -189,6 +189,7 @@ def convert(
     layout: Optional[str] = typer.Option(None, help="shared | per_head (default: MLAConfig's)"),
     calib_data: Optional[str] = typer.Option(None, envvar="MHA2MLA_CALIB_DATA", help="HF dataset, local txt/jsonl/parquet, or s3:// URI"),
     calib_tokens: Optional[int] = typer.Option(None, help="calibration tokens sampled (default: CalibrationParams')"),
+    calib_model_samples: bool = typer.Option(False, "--calib-model-samples", help="data-free calibration: the original model continues each window from its first 4 tokens"),
     eval_text: Optional[str] = typer.Option(None, envvar="MHA2MLA_EVAL_TEXT", help="held-out text (default: packaged books)"),
     eval_tokens: Optional[int] = typer.Option(None, help="evaluation tokens scored (default: EvalParams')"),
     finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
@@ -221,7 +222,7 @@ def convert(
     try:
         params = ConvertParams(
             model=model, name=name, mla=mla,
-            calibration=given(data=calib_data, num_tokens=calib_tokens),
+            calibration=given(data=calib_data, num_tokens=calib_tokens, model_samples=calib_model_samples or None),
             evaluation=given(text=eval_text, max_tokens=eval_tokens, mc_tasks=_items(mc_tasks), mc_limit=mc_limit,
                              mc_data_dir=mc_data_dir,
                              needle=given(lengths=_items(needle_lengths)) if needle or needle_lengths else None,

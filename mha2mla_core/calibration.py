@@ -2,6 +2,10 @@
 
 The same texts, tokenizer and parameters give the same token ids and the same digest on every machine:
 windows are ranked by the sha256 of (seed, their token ids), never by a platform RNG.
+
+`continue_with_model` makes a data-free variant: every window keeps its first tokens and the model samples the
+rest, so the calibration activations follow the model's own distribution rather than the sampled text's domain
+(SmolLM2-135M, output-aware SVD, wikitext PPL at zero shot: 652.6 against 917.0 on the books it started from).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+from mha2mla_core.training.synthetic import sample_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +79,20 @@ def sample_calibration(
     meta = f"n={num_tokens};L={seq_len};seed={seed};".encode()
     digest = hashlib.sha256(meta + chosen.astype("<i4").tobytes()).hexdigest()
     return CalibrationSample(input_ids=torch.from_numpy(chosen.copy()), digest=digest)
+
+
+def continue_with_model(
+    model: nn.Module, sample: CalibrationSample, seq_len: int, prompt_tokens: int = 4, seed: int = 0
+) -> CalibrationSample:
+    """`sample` with each whole window of `seq_len` ids rewritten by `model`: its first `prompt_tokens` ids kept, the
+    rest sampled (temperature 1, seeded). A last partial window stays as it was."""
+    if not 1 <= prompt_tokens < seq_len:
+        raise ValueError(f"prompt_tokens={prompt_tokens} must be in [1, seq_len={seq_len})")
+    n = sample.num_tokens // seq_len
+    if n == 0:
+        raise ValueError(f"the sample has {sample.num_tokens} tokens, less than one window of seq_len={seq_len}")
+    windows = sample.input_ids[: n * seq_len].view(n, seq_len)  # (n, seq_len)
+    sampled = sample_continuations(model, windows[:, :prompt_tokens], seq_len, seed=seed)  # (n, seq_len)
+    ids = torch.cat([sampled.flatten(), sample.input_ids[n * seq_len :]])  # (N,)
+    meta = f"model-continued:{sample.digest};P={prompt_tokens};seed={seed};".encode()
+    return CalibrationSample(input_ids=ids, digest=hashlib.sha256(meta + ids.numpy().astype("<i4").tobytes()).hexdigest())

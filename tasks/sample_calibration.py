@@ -1,10 +1,12 @@
-"""Stage `sample-calibration`: a seeded, content-hashed sample of calibration token ids."""
+"""Stage `sample-calibration`: a seeded, content-hashed sample of calibration token ids, optionally continued by
+the original model itself (data-free calibration)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.tracking import stage_run
+from mha2mla_core.calibration import continue_with_model
 from mha2mla_core.calibration import sample_calibration as sample_ids
 from tasks.common import DatasetInput, RunLink, StageResult, artifact_key, finish_stage, stage_task
 from tasks.inputs import DataSource, ModelSource, load_source, read_documents, save_tensors
@@ -23,18 +25,22 @@ class CalibrationParams(BaseModel):
     text_field: str = "text"
     split: str = "train"
     limit_chars: int | None = Field(4_000_000, gt=0)  # read at most this much of a large source
+    # data-free: each window keeps its first 4 tokens and the original model samples the rest
+    model_samples: bool = False
 
 
-@stage_task(STAGE, code=("mha2mla_core.calibration", "mha2mla_core.data"))
+@stage_task(STAGE, code=("mha2mla_core.calibration", "mha2mla_core.data"))  # the model's samples: via calibration
 def sample_calibration(
     model: ModelSource, data: DataSource, config: CalibrationParams, seq_len: int, run: RunLink
 ) -> StageResult:
     """Tokenize the calibration documents and keep `num_tokens` ids in whole windows of `seq_len`."""
     params = {**config.model_dump(mode="json"), "seq_len": seq_len, "source": data.source}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
-        _, tokenizer = load_source(model)
+        original, tokenizer = load_source(model)
         texts = read_documents(data, config.text_field, config.split, config.limit_chars)
         sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
+        if config.model_samples:
+            sample = continue_with_model(original, sample, seq_len, seed=config.seed)
         key = artifact_key(model.slug, STAGE, "calibration.safetensors")
         output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
         dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.uri)

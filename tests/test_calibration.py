@@ -52,3 +52,20 @@ def test_default_texts_are_packaged_public_domain_passages():
 def test_empty_calibration_set_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="calibration set is empty"):
         sample_calibration(["", "   "], tokenizer)
+
+
+def test_model_continued_windows_keep_their_prompts_and_are_seeded():
+    from mha2mla_core.calibration import CalibrationSample, continue_with_model
+    from tests.tiny_models import calib_ids, tiny_model
+
+    model = tiny_model("llama-gqa")
+    sample = CalibrationSample(calib_ids(70), "d" * 64)  # 4 windows of 16 and a partial one of 6
+    continued = continue_with_model(model, sample, seq_len=16, prompt_tokens=3, seed=1)
+    windows, original = continued.input_ids[:64].view(4, 16), sample.input_ids[:64].view(4, 16)
+    assert continued.num_tokens == 70 and torch.equal(continued.input_ids[64:], sample.input_ids[64:])
+    assert torch.equal(windows[:, :3], original[:, :3]) and not torch.equal(windows[:, 3:], original[:, 3:])
+    again = continue_with_model(model, sample, seq_len=16, prompt_tokens=3, seed=1)
+    assert torch.equal(again.input_ids, continued.input_ids) and again.digest == continued.digest != sample.digest
+    assert continue_with_model(model, sample, 16, 3, seed=2).digest != continued.digest
+    with pytest.raises(ValueError, match="less than one window"):
+        continue_with_model(model, CalibrationSample(calib_ids(8), "d" * 64), seq_len=16)

@@ -90,7 +90,7 @@ def test_bad_input_is_one_clear_line(cli, tiny_source, args, message):
     assert message in out and "Traceback" not in out and "errors.pydantic.dev" not in out
 
 
-def test_finetune_options_reach_the_training_config(cli, tiny_source, monkeypatch):
+def test_calibration_and_finetune_options_reach_the_stage_configs(cli, tiny_source, monkeypatch):
     seen = {}
 
     def capture(ctx, flow, params):
@@ -100,7 +100,8 @@ def test_finetune_options_reach_the_training_config(cli, tiny_source, monkeypatc
     monkeypatch.setattr("flows.cli.run_with_progress", capture)
     cli("convert", str(tiny_source), "--finetune-data", "text.txt", "--finetune-tokens", "4096", "--finetune-lr", "3e-4",
         "--kd-weight", "0.5", "--trainable", "attention", "--finetune-seq-len", "256", "--finetune-batch", "4",
-        "--grad-accum", "2", "--synthetic-fraction", "0.25")  # fmt: skip
+        "--grad-accum", "2", "--synthetic-fraction", "0.25", "--calib-model-samples")  # fmt: skip
+    assert seen["params"].calibration.model_samples is True
     finetune = seen["params"].finetune
     assert finetune.synthetic_fraction == 0.25
     train = finetune.train

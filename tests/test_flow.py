@@ -114,6 +114,28 @@ def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin,
     assert set(stage_runs(again.run_id)) == set(STAGES)  # cached stages are still recorded per flow run
 
 
+def test_data_free_calibration_is_the_models_own_continuations(local_env, tiny_source, tiny_params):
+    from safetensors.torch import load
+
+    from tasks.common import context
+
+    base = tiny_params(tiny_source)
+    plain = run_convert(base)
+    data_free = run_convert(base.model_copy(update={"calibration": base.calibration.model_copy(
+        update={"model_samples": True})}))  # fmt: skip
+    assert data_free.cache["sample-calibration"] == "miss" and data_free.cache["svd-init"] == "miss"
+    calib_run = stage_runs(data_free.run_id)["sample-calibration"]
+    assert calib_run.data.params["model_samples"] == "True"
+
+    def ids(outcome) -> torch.Tensor:
+        tags = stage_runs(outcome.run_id)["sample-calibration"].data.tags
+        data = context().store.get_bytes(tags["mha2mla.output_uri"], sha256=tags["mha2mla.output_sha256"])
+        return load(data)["input_ids"].view(-1, 64)  # (windows, calib_seq_len)
+
+    a, b = ids(plain), ids(data_free)
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.equal(a[:, 4:], b[:, 4:])  # same prompts, sampled rest
+
+
 def test_config_change_reruns_that_stage_and_downstream_only(local_env, tiny_source, executions, tiny_params):
     run_convert(tiny_params(tiny_source))
     executions.clear()
