@@ -29,7 +29,7 @@ class CalibrationParams(BaseModel):
     model_samples: bool = False
 
 
-@stage_task(STAGE, code=("mha2mla_core.calibration", "mha2mla_core.data"))  # the model's samples: via calibration
+@stage_task(STAGE, code=("mha2mla_core.calibration", "mha2mla_core.data"))
 def sample_calibration(
     model: ModelSource, data: DataSource, config: CalibrationParams, seq_len: int, run: RunLink
 ) -> StageResult:
