@@ -1,15 +1,15 @@
 """Zero-shot conversion quality of SmolLM2-135M: wikitext-2 PPL, KV bytes/token, conversion time and memory.
 
-    .venv/bin/python bench/zero_shot.py [--out bench/results/zero_shot] [--grid default|quick]
+    .venv/bin/python bench/zero_shot.py [--out bench/results/zero_shot] [--grid default|quick] [--calib-tokens 8192]
 
 Protocol: wikitext-2 raw test read as-is (CRLF kept), tokenized whole, the first 16,384 tokens in
 non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.perplexity). Calibration
-(`--calib`): `books` = 8,192 tokens hash-sampled (seed 0, windows of 512) from the Gutenberg books of
+(`--calib`, 8,192 tokens unless `--calib-tokens` says otherwise): `books` = 8,192 tokens hash-sampled (seed 0, windows of 512) from the Gutenberg books of
 ../shared/data/text_calib; `wikitext-tail` = the last 8,192 tokens of the same wikitext file, as the independent
 reference implementation calibrated (in-domain, and disjoint from the scored first 16,384 tokens); `train` = 8,192
 tokens hash-sampled the same way from the first 8M characters of the fine-tuning text (../shared/data/text_train);
-`teacher` = data-free: 16 rows of 512 tokens sampled from the original model itself (temperature 1, seed 0), each
-continuing the first 4 tokens of a `books` window, as the fine-tuning stage's data-free rows are made.
+`teacher` = data-free: the `books` windows of 512 tokens, each kept for its first 4 tokens and continued by the
+original model itself (temperature 1, seed 0; `mha2mla_core.calibration.continue_with_model`).
 Prints one JSON line per configuration and a markdown table; writes both to --out.
 """
 
@@ -123,11 +123,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="default")
     parser.add_argument("--calib", choices=("books", "wikitext-tail", "train", "teacher"), default="books")
+    parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=Path("bench/results/zero_shot"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
-    calib, digest = calibration_ids(model, tokenizer, args.calib)
+    calib, digest = calibration_ids(model, tokenizer, args.calib, args.calib_tokens)
     print(json.dumps({"model": args.model, "calibration": args.calib, "calibration_tokens": calib.numel(),
                       "calibration_sha256": digest}))  # fmt: skip
     base_kv = original_kv_bytes(model)
