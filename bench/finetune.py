@@ -43,7 +43,7 @@ from mha2mla_core.finetune import FinetuneConfig, finetune
 from mha2mla_core.modeling_mla import GroupedLinear
 from mha2mla_core.training import ReconstructConfig, TrainEvent
 from mha2mla_core.training.reconstruct import reconstruct_attention
-from mha2mla_core.training.synthetic import mix_in_continuations
+from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows
 
 from bench.shapes import SMOLLM2_135M
 
@@ -346,7 +346,7 @@ def training_mix(ctx: _Context, variant: Variant) -> torch.Tensor:
     ctx.cache.mkdir(parents=True, exist_ok=True)
     torch.save(rows, path)
     seconds = time.perf_counter() - start
-    sampled = round(variant.synthetic_frac * num_rows) * SEQ_LEN
+    sampled = num_sampled_rows(variant.synthetic_frac, num_rows) * SEQ_LEN
     print(f"sampled {sampled:,} tokens from the teacher in {seconds:.0f} s ({sampled / seconds:,.0f} tok/s)", flush=True)
     return rows
 

@@ -19,7 +19,7 @@ from infra.tracking import log_metrics, stage_run
 from mha2mla_core.finetune import finetune as train
 from mha2mla_core.training.config import FinetuneConfig
 from mha2mla_core.training.packing import pack_texts
-from mha2mla_core.training.synthetic import mix_in_continuations
+from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows
 from tasks.common import (
     DatasetInput,
     RunLink,
@@ -85,12 +85,12 @@ def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run:
     params = {**config.model_dump(mode="json"), "source": data.source, "device": str(device)}
     with stage_run(run.run_name(DATA_STAGE), params, parent_run_id=run.parent_run_id):
         original, tokenizer = load_source(model)
-        sampler = original if device.type == "cpu" else copy.deepcopy(original).to(device)
+        sampler = on_device(original, device)
         packed = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars),
                             config.seq_len)  # fmt: skip
         rows = mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
         output = save_tensors({"rows": rows.to(torch.int32)}, artifact_key(model.slug, DATA_STAGE, "rows.safetensors"))
-        sampled = max(1, round(config.synthetic_fraction * config.num_rows)) if config.synthetic_fraction else 0
+        sampled = num_sampled_rows(config.synthetic_fraction, config.num_rows)
         metrics = {"rows": rows.shape[0], "tokens": rows.numel(), "sampled_rows": sampled}
         dataset = DatasetInput(name="finetune-text", digest=data.digest, source=data.uri)
         return finish_stage(DATA_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
@@ -106,8 +106,7 @@ def finetune(
     params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
         train_cfg = config.train
-        teacher = load_source(model)[0] if train_cfg.kd_weight > 0 else None
-        teacher = teacher if teacher is None or device.type == "cpu" else copy.deepcopy(teacher).to(device)
+        teacher = on_device(load_source(model)[0], device) if train_cfg.kd_weight > 0 else None
         student, tokenizer = load_checkpoint(checkpoint, shared=False)
         ids = load_tensors(rows)["rows"].long()  # (N, seq_len)
         result = train(student.to(device), teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
@@ -117,6 +116,12 @@ def finetune(
         dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
         metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
         return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+
+
+def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The shared (memoised) source model itself on the CPU; elsewhere a private copy, so that other stages and
+    threads keep using the CPU one."""
+    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
 
 
 def training_device(setting: str) -> torch.device:

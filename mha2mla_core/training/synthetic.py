@@ -33,6 +33,11 @@ def sample_continuations(
     return out.cpu()  # (N, seq_len)
 
 
+def num_sampled_rows(fraction: float, num_rows: int) -> int:
+    """How many of `num_rows` rows `mix_in_continuations` samples at `fraction` (at least one when fraction > 0)."""
+    return max(1, round(fraction * num_rows)) if fraction > 0 else 0
+
+
 def mix_in_continuations(
     model: nn.Module,
     rows: torch.Tensor,
@@ -50,7 +55,7 @@ def mix_in_continuations(
     if fraction == 0.0:
         return rows
     n, seq_len = rows.shape
-    n_synthetic = max(1, round(fraction * num_rows))
+    n_synthetic = num_sampled_rows(fraction, num_rows)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (N,)
     real = rows[order[: min(n, num_rows - n_synthetic)]]  # (n_real, T)
     prompts = rows[order[torch.arange(n_synthetic) % n], :prompt_tokens]  # (n_synthetic, prompt_tokens)
