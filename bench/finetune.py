@@ -106,6 +106,8 @@ VARIANTS = {
     "kd-oaware-kv16-tcalib-datafree-5m": Variant(svd="output-aware", calib="teacher", synthetic_frac=1.0),
     "kd-oaware-kv16-tcalib-20m": Variant(svd="output-aware", calib="teacher", tokens=20_000_000,
                                          eval_every_tokens=2_000_000),
+    "kd-oaware-kv16-tcalib-datafree-20m": Variant(svd="output-aware", calib="teacher", synthetic_frac=1.0,
+                                                  tokens=20_000_000, eval_every_tokens=2_000_000),
 }
 
 
