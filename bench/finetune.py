@@ -74,6 +74,7 @@ class Variant:
     eval_every_tokens: int = 1_000_000
     synthetic_frac: float = 0.0  # share of training rows sampled from the original (data-free, LLM-QAT style)
     calib: str = "books"  # or "teacher": the book windows continued by the original (data-free calibration)
+    decay_frac: float = 0.2  # share of the steps in the WSD schedule's final decay
 
 
 VARIANTS = {
@@ -108,6 +109,11 @@ VARIANTS = {
                                          eval_every_tokens=2_000_000),
     "kd-oaware-kv16-tcalib-datafree-20m": Variant(svd="output-aware", calib="teacher", synthetic_frac=1.0,
                                                   tokens=20_000_000, eval_every_tokens=2_000_000),
+    "kd-oaware-kv16-tcalib-datafree-20m-decay50": Variant(svd="output-aware", calib="teacher", synthetic_frac=1.0,
+                                                          tokens=20_000_000, eval_every_tokens=2_000_000,
+                                                          decay_frac=0.5),
+    "kd-oaware-kv8-tcalib-datafree-20m": Variant(svd="output-aware", kv_rank=8, calib="teacher", synthetic_frac=1.0,
+                                                 tokens=20_000_000, eval_every_tokens=2_000_000),
 }
 
 
@@ -297,7 +303,8 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     student, stages = initial_student(ctx, variant)
     steps = variant.tokens // (SEQ_LEN * MICRO_BATCH)
     cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
-                         kd_weight=variant.kd_weight, trainable=variant.trainable, compile=True, log_every=25,
+                         kd_weight=variant.kd_weight, trainable=variant.trainable, decay_frac=variant.decay_frac,
+                         compile=True, log_every=25,
                          eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
                          checkpoint_every=max(1, steps // 4), keep_last=1)
     curve = [{"tokens": 0, "ppl": stages.get("reconstructed_ppl", stages["converted_ppl"])}]

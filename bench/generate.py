@@ -8,7 +8,8 @@ aware SVD, shared latent: 81.25% less cache). For each context P and batch B:
 - `graph`: `mha2mla_core.decoding` — a static cache (transformers' StaticCache for the original, StaticLatentCache for
   MLA) and one CUDA graph per decode step, replayed; the MLA step runs the fused Triton latent kernel. The original
   runs twice: `original` reads each K/V head once (`grouped_decode_attention`), `original-repeat_kv` through
-  transformers' sdpa, which copies K/V out to every query head first (what transformers does with a mask).
+  transformers' sdpa, which copies K/V out to every query head first (what transformers does with a mask). The
+  speed-up is against the faster of the two (the decoder's default picks by the batch: `GROUPED_MIN_PAIRS`).
 - `eager` (B = 1 only): the same step without the graph, and HF `generate()` with its default dynamic cache, to show
   what the Python loop costs.
 The prompt of one row is prefilled for real and its cache copied to the B rows (decode reads the same bytes whatever
@@ -123,16 +124,17 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     by = {(r["model"], r["mode"], r["context"], r["batch"]): r for r in rows}
-    print("\n| mode | context | batch | original (repeat_kv) tok/s | original tok/s | MLA tok/s | speed-up | "
+    print("\n| mode | context | batch | original (repeat_kv) tok/s | original (grouped) tok/s | MLA tok/s | speed-up | "
           "original peak GiB | MLA peak GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in (r for r in rows if r["model"] == "mla"):
         key = (r["mode"], r["context"], r["batch"])
         o, repeat_kv = by[("original", *key)], by.get(("original-repeat_kv", *key))
         expanded = f"{repeat_kv['tok_s']:,.0f}" if repeat_kv else "-"
+        best = max(o["tok_s"], repeat_kv["tok_s"] if repeat_kv else 0)
         peaks = f"{o.get('peak_gib', float('nan')):.2f} | {r.get('peak_gib', float('nan')):.2f}"
         print(f"| {r['mode']} | {r['context']} | {r['batch']} | {expanded} | {o['tok_s']:,.0f} | {r['tok_s']:,.0f} | "
-              f"{r['tok_s'] / o['tok_s']:.2f}x | {peaks} |")  # fmt: skip
+              f"{r['tok_s'] / best:.2f}x | {peaks} |")  # fmt: skip
 
 
 if __name__ == "__main__":

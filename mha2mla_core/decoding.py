@@ -13,7 +13,11 @@ generator, which a replayed graph advances like eager code, so a seeded run is r
 An original grouped-query model decodes through `grouped_decode_attention`: transformers' sdpa path, given a mask
 (a static cache always needs one), first copies every K/V head out to its query heads (`repeat_kv`), so a SmolLM2
 step writes 3 copies of the cache and reads them; the grouped form reads each K/V head once. It applies to decode
-steps only, and only where the model runs transformers' sdpa attention; the tokens are the same (tested).
+steps only, and only where the model runs transformers' sdpa attention; the tokens are the same (tested). It pays
+only with enough (row, K/V head) pairs: its value product reduces over the whole cache once per pair, and with few
+pairs most of the GPU idles. On an H100 (SmolLM2 shape, `bench/generate.py`) it was 1.1-1.9x faster than `repeat_kv`
+at 16 and 64 rows (48 and 192 pairs) but 2-4x slower at one row (3 pairs), so by default the decoder uses it from
+`GROUPED_MIN_PAIRS` pairs on.
 
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
     ids = generate_static(model, input_ids, 64, temperature=1.0)    # sampled (torch.manual_seed first to repeat)
@@ -33,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from mha2mla_core.modeling_mla import MLAForCausalLM, StaticLatentCache
 
 GROUPED_DECODE = "mha2mla_grouped_decode"
+GROUPED_MIN_PAIRS = 48  # rows x K/V heads from which grouped decoding is the faster (measured at 3, 48 and 192)
 
 
 def grouped_decode_attention(
@@ -162,11 +167,15 @@ class StaticDecoder:
         state: DecodeState,
         cuda_graph: bool | None = None,
         temperature: float = 0.0,
-        grouped: bool = True,
+        grouped: bool | None = None,
     ):
-        """`grouped=False` keeps transformers' own decode attention for an original model (to measure against)."""
+        """`grouped`: whether an original GQA model decodes through `grouped_decode_attention` (True) or transformers'
+        own sdpa path (False); None picks it by the batch (`GROUPED_MIN_PAIRS`)."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature}: give 0 (greedy) or a positive sampling temperature")
+        if grouped is None:
+            kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+            grouped = state.tokens.shape[0] * kv_heads >= GROUPED_MIN_PAIRS
         self.model, self.state, self.temperature, self.grouped = model, state, temperature, grouped
         self.graph = None
         if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
@@ -219,9 +228,10 @@ def generate_static(
     attention_mask: torch.Tensor | None = None,
     cuda_graph: bool | None = None,
     temperature: float = 0.0,
+    grouped: bool | None = None,
 ) -> torch.Tensor:
     """`generate()` for exactly max_new_tokens (no early stop), greedy or sampled at `temperature`:
-    (B, P + N) ids, the prompt included."""
+    (B, P + N) ids, the prompt included. `grouped` as in `StaticDecoder`."""
     state = prefill(model, input_ids, max_new_tokens, attention_mask, temperature)
-    new = StaticDecoder(model, state, cuda_graph, temperature).run(max_new_tokens - 1)
+    new = StaticDecoder(model, state, cuda_graph, temperature, grouped).run(max_new_tokens - 1)
     return torch.cat([input_ids, new], dim=1)

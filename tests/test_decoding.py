@@ -11,6 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mha2mla_core.decoding import (
     GROUPED_DECODE,
+    GROUPED_MIN_PAIRS,
     StaticDecoder,
     decode_attention,
     generate_static,
@@ -93,13 +94,22 @@ def test_original_gqa_model_decodes_grouped_with_the_same_tokens():
 
     AttentionInterface.register(GROUPED_DECODE, spy)
     try:
-        grouped = generate_static(model, batch, 9, attention_mask=mask, cuda_graph=False)
+        grouped = generate_static(model, batch, 9, attention_mask=mask, cuda_graph=False, grouped=True)
     finally:
         AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
     expected = model.generate(batch, attention_mask=mask, max_new_tokens=9, min_new_tokens=9, **GREEDY)
     assert torch.equal(grouped, expected)
     assert seen and set(seen) == {1}  # every decode step of every layer went through it, the prompt did not
     assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_decoder_groups_from_grouped_min_pairs_rows_x_kv_heads():
+    model = tiny_model("llama-gqa")
+    fewest = -(-GROUPED_MIN_PAIRS // model.config.num_key_value_heads)  # rows from which grouped decoding pays
+    for rows, expected in ((1, False), (fewest - 1, False), (fewest, True)):
+        state = prefill(model, torch.randint(0, model.config.vocab_size, (rows, 3)), 2)
+        assert StaticDecoder(model, state, cuda_graph=False).grouped is expected
+    assert StaticDecoder(model, state, cuda_graph=False, grouped=False).grouped is False
 
 
 def test_decode_attention_leaves_mla_and_non_sdpa_models_alone(mla):
