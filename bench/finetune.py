@@ -387,14 +387,15 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
     runs = [json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name != "throughput.json"]
     print("| variant | KV saving | converted | + recon | final | tokens | tok/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(runs):
         saving = 100 * (1 - (r["kv_rank"] + 8) * 3 / (2 * 3 * 64))
         print(f"| {r['variant']} | {saving:.2f}% | {r['converted_ppl']} | {r.get('reconstructed_ppl', '-')} | "
               f"{r.get('final_ppl', '-')} | {r.get('tokens_trained', 0) / 1e6:.0f}M | {r.get('tokens_per_s', '-')} | "
               f"{r.get('mfu', '-')} |")
         ax.plot([max(c["tokens"], 1e5) / 1e6 for c in r["curve"]], [c["ppl"] for c in r["curve"]], marker="o",
-                label=r["variant"], markersize=3)
+                label=r["variant"], markersize=3, color=colors[i % len(colors)])
     if runs:
         ax.axhline(runs[0]["original_ppl"], color="k", ls="--", label=f"original {runs[0]['original_ppl']}")
         ax.axhline(1.1 * runs[0]["original_ppl"], color="gray", ls=":", label="original + 10%")
@@ -402,7 +403,7 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
     ax.plot(*zip(*probe), "kx-", label="independent probe (plain KD)")
     ax.set(xscale="log", yscale="log", xlabel="training tokens (M; 0.1 = start)", ylabel="wikitext-2 PPL",
            title="SmolLM2-135M -> MLA (2-norm r=8): PPL vs fine-tuning tokens")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(results / "ppl_vs_tokens.png", dpi=120)
 

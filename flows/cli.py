@@ -192,7 +192,7 @@ def convert(
     calib_model_samples: bool = typer.Option(False, "--calib-model-samples", help="data-free calibration: the original model continues each window from its first 4 tokens"),
     eval_text: Optional[str] = typer.Option(None, envvar="MHA2MLA_EVAL_TEXT", help="held-out text (default: packaged books)"),
     eval_tokens: Optional[int] = typer.Option(None, help="evaluation tokens scored (default: EvalParams')"),
-    finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning"),
+    finetune_data: Optional[str] = typer.Option(None, help="fine-tune on this text (distilling the original); default: no fine-tuning, or data-free with --synthetic-fraction 1"),
     finetune_tokens: Optional[int] = typer.Option(None, help="fine-tuning token budget (default: FinetuneConfig's)"),
     finetune_lr: Optional[float] = typer.Option(None, help="peak learning rate of the WSD schedule (default: FinetuneConfig's)"),
     kd_weight: Optional[float] = typer.Option(None, help="distillation share of the loss, in [0, 1]; 0 = LM loss only, no teacher (default: 1)"),
@@ -200,7 +200,8 @@ def convert(
     finetune_seq_len: Optional[int] = typer.Option(None, help="tokens per packed training row (default: FinetuneConfig's)"),
     finetune_batch: Optional[int] = typer.Option(None, help="rows per forward pass, per process (default: FinetuneConfig's)"),
     grad_accum: Optional[int] = typer.Option(None, help="forward passes per optimizer step (default: 1)"),
-    synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1] (1 = data-free); default 0"),
+    synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1]; 1 = data-free, and fine-tunes without --finetune-data; default 0"),
+    reconstruct_steps: Optional[int] = typer.Option(None, help="steps fitting each converted attention layer to the original's output before end-to-end fine-tuning; 0 = none (default: 300)"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
     mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),
@@ -231,7 +232,8 @@ def convert(
                           train=given(max_tokens=finetune_tokens, lr=finetune_lr, kd_weight=kd_weight,
                                       trainable=trainable, seq_len=finetune_seq_len, micro_batch_size=finetune_batch,
                                       grad_accum_steps=grad_accum),
-                          **given(synthetic_fraction=synthetic_fraction)) if finetune_data else None,
+                          **given(synthetic_fraction=synthetic_fraction), **_reconstruct(reconstruct_steps))
+            if finetune_data or synthetic_fraction is not None else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
         )  # fmt: skip
     except ValueError as exc:
@@ -251,6 +253,13 @@ def reload_report(outcome, params) -> dict[str, Any]:
         console.print(f"[red]reload failed:[/red]\n{done.stderr[-3000:]}")
         raise typer.Exit(1)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _reconstruct(steps: int | None) -> dict[str, Any]:
+    """--reconstruct-steps as the finetune section's `reconstruct` (0: none; unset: FinetuneParams' default)."""
+    if steps is None:
+        return {}
+    return {"reconstruct": {"steps": steps} if steps else None}
 
 
 def _items(value: str | None) -> list[str] | None:

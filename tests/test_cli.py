@@ -79,6 +79,7 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
         (("convert", "{tiny}", "--needle-lengths", "1024"), "exceed the model's max_position_embeddings=512"),
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--synthetic-fraction", "1.5"), "synthetic_fraction"),
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--finetune-lr", "0"), "lr=0.0 must be > 0"),
+        (("convert", "{tiny}", "--synthetic-fraction", "0.5"), "leaves 50% of the rows to real text, but no data"),
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--trainable", "mlp"),
          "finetune.train.trainable: Input should be 'all', 'attention' or 'attention+norms' (got 'mlp')"),
         (("lineage", "file:///no/such/checkpoint"), "no run logged output"),
@@ -107,6 +108,24 @@ def test_calibration_and_finetune_options_reach_the_stage_configs(cli, tiny_sour
     train = finetune.train
     assert (train.max_tokens, train.lr, train.kd_weight, train.trainable) == (4096, 3e-4, 0.5, "attention")
     assert (train.seq_len, train.micro_batch_size, train.grad_accum_steps) == (256, 4, 2)
+
+
+def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, tiny_source, monkeypatch):
+    seen = {}
+
+    def capture(ctx, flow, params):
+        seen["params"] = params
+        raise SystemExit(0)
+
+    monkeypatch.setattr("flows.cli.run_with_progress", capture)
+    cli("convert", str(tiny_source), "--synthetic-fraction", "1", "--calib-model-samples")
+    finetune = seen["params"].finetune
+    assert finetune is not None and finetune.data is None and finetune.synthetic_fraction == 1
+    assert finetune.reconstruct.steps == 300  # block-wise reconstruction first, by default
+    cli("convert", str(tiny_source), "--synthetic-fraction", "1", "--reconstruct-steps", "0")
+    assert seen["params"].finetune.reconstruct is None
+    cli("convert", str(tiny_source), "--synthetic-fraction", "1", "--reconstruct-steps", "50")
+    assert seen["params"].finetune.reconstruct.steps == 50
 
 
 def test_catalog_typo_is_reported_before_anything_runs(cli, tmp_path):

@@ -226,10 +226,13 @@ def test_mixed_in_continuations_have_the_asked_share_and_real_prompts():
     real_set = {tuple(r.tolist()) for r in real}
     is_real = [tuple(r.tolist()) in real_set for r in mixed]
     assert is_real == [True] * 4 + [False] * 4
-    assert all(tuple(r[:3].tolist()) in {tuple(x[:3].tolist()) for x in real} for r in mixed[4:])  # real prompts
+    windows = {tuple(x[i : i + 3].tolist()) for x in real for i in range(SEQ - 2)}
+    assert all(tuple(r[:3].tolist()) in windows for r in mixed[4:])  # each prompt is 3 real consecutive tokens
     assert torch.equal(mixed, mix_in_continuations(teacher, real, 0.5, 8, 3, 3, seed=1))
     assert mix_in_continuations(None, real, 0.0, 8) is real  # no sampling, no model needed
     data_free = mix_in_continuations(teacher, real, 1.0, 5, prompt_tokens=3, batch_size=2)
     assert data_free.shape == (5, SEQ) and not any(tuple(r.tolist()) in real_set for r in data_free)
+    one_row = mix_in_continuations(teacher, real[:1], 1.0, 6, prompt_tokens=3, batch_size=6)
+    assert len({tuple(r[:3].tolist()) for r in one_row}) > 1  # prompts from several offsets of the one real row
     with pytest.raises(ValueError, match=r"fraction=1.5 must be in \[0, 1\]"):
         mix_in_continuations(teacher, real, 1.5, 8)

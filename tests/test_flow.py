@@ -203,7 +203,7 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     base = tiny_params(tiny_source)
     params = type(base).model_validate({
         **base.model_dump(mode="json"),
-        "finetune": {"data": str(train), "synthetic_fraction": 0.25,
+        "finetune": {"data": str(train), "synthetic_fraction": 0.25, "reconstruct": {"steps": 30, "bf16": False},
                      "train": {"max_tokens": 2048, "seq_len": 64, "micro_batch_size": 4, "bf16": False, "lr": 1e-3,
                                "log_every": 2}},
         "quantize_kv": {"nbits": 4, "group_size": 16, "residual_length": 16},
@@ -216,6 +216,8 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     runs = stage_runs(outcome.run_id)
     finetune_run, data_run = runs["finetune"], runs["finetune-data"]
     assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
+    recon = finetune_run.data.metrics  # block-wise reconstruction ran first, on the first rows
+    assert recon["recon_rel_mse_after"] < recon["recon_rel_mse_before"]
     assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]  # the rows it trained on
     assert [d.dataset.name for d in data_run.inputs.dataset_inputs] == ["finetune-text"]
     assert data_run.data.params["synthetic_fraction"] == "0.25"
@@ -229,6 +231,20 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     assert again.cache["finetune-data"] == "hit" and again.cache["finetune"] == "miss"
     final, _ = load_model(str(context().store.get_dir(outcome.checkpoint.uri, tmp_path / "final", outcome.checkpoint.sha256)))
     assert final.config.kv_cache_quant["nbits"] == 4
+
+
+def test_data_free_finetune_needs_no_text(local_env, tiny_source, tiny_params):
+    base = tiny_params(tiny_source)
+    params = type(base).model_validate({
+        **base.model_dump(mode="json"),
+        "finetune": {"synthetic_fraction": 1,
+                     "train": {"max_tokens": 512, "seq_len": 64, "micro_batch_size": 4, "bf16": False}},
+    })  # fmt: skip
+    outcome = run_convert(params)
+    assert outcome.table["models"] == ["original", "mla", "finetuned"]
+    data_run = stage_runs(outcome.run_id)["finetune-data"]
+    assert data_run.data.metrics["sampled_rows"] == data_run.data.metrics["rows"] == 8  # every row sampled
+    assert "calibration_books" in data_run.data.params["source"]  # the prompts' source: the packaged books
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -47,18 +47,24 @@ def mix_in_continuations(
     batch_size: int = 64,
     seed: int = 0,
 ) -> torch.Tensor:
-    """`num_rows` training rows (num_rows, T): a `fraction` of them sampled from `model`, each continuing the first
-    `prompt_tokens` of a real row, the rest real rows of `rows` (N, T) (all of them when N is smaller), both chosen
-    by a seeded permutation. `fraction` 0 returns the real rows unchanged."""
+    """`num_rows` training rows (num_rows, T): a `fraction` of them sampled from `model`, each continuing
+    `prompt_tokens` real tokens taken at a seeded random offset of a real row, the rest real rows of `rows` (N, T)
+    (all of them when N is smaller), both chosen by a seeded permutation. Offsets keep the prompts varied when
+    there are far fewer real rows than sampled ones (data-free on a small text). `fraction` 0 returns `rows`."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"synthetic fraction={fraction} must be in [0, 1]: the share of sampled rows in the mix")
     if fraction == 0.0:
         return rows
     n, seq_len = rows.shape
     n_synthetic = num_sampled_rows(fraction, num_rows)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (N,)
+    if not 1 <= prompt_tokens < seq_len:
+        raise ValueError(f"prompt_tokens={prompt_tokens}: need 1 <= prompt_tokens < the rows' {seq_len} tokens")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)  # (N,)
     real = rows[order[: min(n, num_rows - n_synthetic)]]  # (n_real, T)
-    prompts = rows[order[torch.arange(n_synthetic) % n], :prompt_tokens]  # (n_synthetic, prompt_tokens)
+    source = order[torch.arange(n_synthetic) % n]  # (n_synthetic,) row each prompt is taken from
+    starts = torch.randint(0, seq_len - prompt_tokens + 1, (n_synthetic, 1), generator=g)  # (n_synthetic, 1)
+    prompts = rows[source[:, None], starts + torch.arange(prompt_tokens)]  # (n_synthetic, prompt_tokens)
     sampled = [
         sample_continuations(model, prompts[i : i + batch_size], seq_len, seed=seed + i)
         for i in range(0, n_synthetic, batch_size)
