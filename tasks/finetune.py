@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.tracking import log_metrics, stage_run
 from mha2mla_core.finetune import finetune as train
-from mha2mla_core.training.checkpoint import list_checkpoints
+from mha2mla_core.training.checkpoint import load_latest_checkpoint
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
@@ -126,7 +126,7 @@ def finetune(
     params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
         train_cfg, ckpt_dir = config.train, work_dir(STAGE)
-        resuming = bool(list_checkpoints(ckpt_dir))  # a checkpoint holds the reconstructed and trained weights
+        resuming = load_latest_checkpoint(ckpt_dir) is not None  # it holds the reconstructed, trained weights
         needs_teacher = train_cfg.kd_weight > 0 or (config.reconstruct is not None and not resuming)
         teacher = on_device(load_source(model)[0], device) if needs_teacher else None
         student, tokenizer = load_checkpoint(checkpoint, shared=False)
