@@ -75,6 +75,8 @@ class Variant:
     synthetic_frac: float = 0.0  # share of training rows sampled from the original (data-free, LLM-QAT style)
     calib: str = "books"  # or "teacher": the book windows continued by the original (data-free calibration)
     decay_frac: float = 0.2  # share of the steps in the WSD schedule's final decay
+    recon_on: str = "calib"  # reconstruction rows: the calibration windows, or "train": the first training rows (the
+    # pipeline's `finetune` stage), the same 65,536 tokens either way
 
 
 VARIANTS = {
@@ -112,6 +114,7 @@ VARIANTS = {
     "kd-oaware-kv16-tcalib-datafree-20m-decay50": Variant(svd="output-aware", calib="teacher", synthetic_frac=1.0,
                                                           tokens=20_000_000, eval_every_tokens=2_000_000,
                                                           decay_frac=0.5),
+    "kd-oaware-kv16-datafree-reconrows-5m": Variant(svd="output-aware", synthetic_frac=1.0, recon_on="train"),
     "kd-oaware-kv8-tcalib-datafree-20m": Variant(svd="output-aware", kv_rank=8, calib="teacher", synthetic_frac=1.0,
                                                  tokens=20_000_000, eval_every_tokens=2_000_000),
 }
@@ -279,6 +282,8 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     """The converted (and reconstructed) student, from the disk cache when an earlier call made it."""
     key = f"{variant.svd}-{variant.layout}-kv{variant.kv_rank}-recon{variant.recon_steps}-lr{variant.recon_lr:g}"
     key += "" if variant.calib == "books" else f"-calib{variant.calib}"
+    if variant.recon_on == "train":
+        key += f"-recontrain-mix{variant.synthetic_frac:g}-{variant.tokens}"
     path = ctx.cache / f"{key}.pt"
     calib = calibration(ctx, variant.calib)
     student = convert(ctx.teacher, variant, calib)
@@ -288,7 +293,10 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
         return student, saved["stages"]
     stages = {"converted_ppl": wikitext_ppl(student, ctx.eval_ids), "kv_bytes_per_token": student.kv_bytes_per_token()}
     if variant.recon_steps:
-        rows = calib[: RECON_ROWS * RECON_SEQ].view(-1, RECON_SEQ)
+        if variant.recon_on == "train":
+            rows = training_mix(ctx, variant)[: RECON_ROWS * RECON_SEQ // SEQ_LEN].to(calib.device)
+        else:
+            rows = calib[: RECON_ROWS * RECON_SEQ].view(-1, RECON_SEQ)
         recon = reconstruct_attention(student, ctx.teacher, rows, ReconstructConfig(steps=variant.recon_steps,
                                                                                       lr=variant.recon_lr))
         stages |= {"reconstructed_ppl": wikitext_ppl(student, ctx.eval_ids), "recon_seconds": round(recon.seconds, 1),
