@@ -201,7 +201,7 @@ def convert(
     finetune_batch: Optional[int] = typer.Option(None, help="rows per forward pass, per process (default: FinetuneConfig's)"),
     grad_accum: Optional[int] = typer.Option(None, help="forward passes per optimizer step (default: 1)"),
     synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1]; 1 = data-free, and fine-tunes without --finetune-data; default 0"),
-    reconstruct_steps: Optional[int] = typer.Option(None, help="steps fitting each converted attention layer to the original's output before end-to-end fine-tuning; 0 = none (default: 300)"),
+    reconstruct_steps: Optional[int] = typer.Option(None, help="steps of the reconstruct stage, which fits each converted attention layer to the original's output before end-to-end fine-tuning; 0 = none (default: 300)"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
     mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),

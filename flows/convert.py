@@ -1,6 +1,7 @@
 """The `convert` flow: one model, one MLA config, stage by stage, each stage cached on its inputs' digests.
 
-    sample-calibration -> score-rope (2-norm only) -> svd-init -> [finetune-data -> finetune] -> [quantize-kv]
+    sample-calibration -> score-rope (2-norm only) -> svd-init -> [finetune-data -> [reconstruct] -> finetune]
+    -> [quantize-kv]
     evaluate[original], evaluate[mla], [evaluate[finetuned]], [evaluate[int4]]
 
 One MLflow parent run per flow run (params = the resolved config, tags = model source and digest, code and
@@ -27,7 +28,7 @@ from mha2mla_core import MLAConfig
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
-from tasks.finetune import FinetuneParams, finetune, finetune_data, training_device
+from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct, training_device
 from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
 from tasks.quantize_kv import quantize_kv
 from tasks.sample_calibration import CalibrationParams, sample_calibration
@@ -129,7 +130,10 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         checkpoints = {"mla": stage(svd_init, model, calib, scores, params.mla)}
         if params.finetune:
             rows = stage(finetune_data, model, train_data, params.finetune.rows())
-            checkpoints["finetuned"] = stage(finetune, model, checkpoints["mla"], rows, params.finetune)
+            start = checkpoints["mla"]
+            if params.finetune.reconstruct:
+                start = stage(reconstruct, model, start, rows, params.finetune.reconstruction())
+            checkpoints["finetuned"] = stage(finetune, model, start, rows, params.finetune)
         if params.quantize_kv:
             last = list(checkpoints.values())[-1]
             checkpoints[f"int{params.quantize_kv.nbits}"] = stage(quantize_kv, last, model.slug, params.quantize_kv)

@@ -2,9 +2,9 @@
 
 `finetune-data` packs the fine-tuning text into rows of `seq_len` token ids and, with `synthetic_fraction`, samples a
 share of them from the original model; the rows are an artifact, cached apart from training, so a training rerun
-(another learning rate, a crash) never samples again. `finetune` first fits each converted attention layer to the
-original's output on the first rows (block-wise reconstruction, `reconstruct`), then distils the original into the
-whole model on all of them (end to end, `train`). Training checkpoints go to a local
+(another learning rate, a crash) never samples again. `reconstruct` fits each converted attention layer to the
+original's output on the first rows (block-wise, as post-training quantization does). `finetune` then distils the
+original into the whole model on all of them, end to end. Training checkpoints go to a local
 work folder named by the stage's cache key, so a killed run of the same call resumes from its last checkpoint; the
 finished model goes to the artifact store. Sampling and training run on the worker's device (`MHA2MLA_DEVICE`,
 default: CUDA when present).
@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.tracking import log_metrics, stage_run
 from mha2mla_core.finetune import finetune as train
-from mha2mla_core.training.checkpoint import load_latest_checkpoint
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
@@ -45,7 +44,7 @@ from tasks.inputs import (
     save_tensors,
 )
 
-DATA_STAGE, STAGE = "finetune-data", "finetune"
+DATA_STAGE, RECON_STAGE, STAGE = "finetune-data", "reconstruct", "finetune"
 
 
 class RowsParams(BaseModel):
@@ -60,6 +59,15 @@ class RowsParams(BaseModel):
     seq_len: int = Field(1024, ge=2)
     num_rows: int = Field(1, ge=1)  # rows sampled with synthetic_fraction > 0: the training budget's worth
     seed: int = 0
+
+
+class ReconstructParams(BaseModel):
+    """What decides the block-wise reconstruction (the `reconstruct` stage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: ReconstructConfig
+    tokens: int = Field(ge=1)  # of the first training rows, which the layers are fitted on
 
 
 class FinetuneParams(BaseModel):
@@ -77,7 +85,7 @@ class FinetuneParams(BaseModel):
     # block-wise reconstruction before end-to-end training (bench/finetune.py: 84.4 -> 69.3 PPL after 5M tokens);
     # None = straight to end-to-end training
     reconstruct: ReconstructConfig | None = ReconstructConfig(steps=300)
-    reconstruct_tokens: int = Field(65_536, ge=1)  # tokens of the first training rows the layers are fitted on
+    reconstruct_tokens: int = Field(65_536, ge=1)  # of the first training rows, which the layers are fitted on
     train: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
@@ -88,6 +96,9 @@ class FinetuneParams(BaseModel):
                              "(finetune.data, --finetune-data), or set synthetic_fraction to 1 for data-free "
                              "fine-tuning")  # fmt: skip
         return self
+
+    def reconstruction(self) -> ReconstructParams:
+        return ReconstructParams(config=self.reconstruct, tokens=self.reconstruct_tokens)
 
     def rows(self) -> RowsParams:
         t = self.train
@@ -115,8 +126,29 @@ def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run:
         return finish_stage(DATA_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
 
 
-@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.losses",
-                         "mha2mla_core.training.reconstruct"))
+@stage_task(RECON_STAGE, code=("mha2mla_core.training.reconstruct",))
+def reconstruct(
+    model: ModelSource, checkpoint: StageResult, rows: StageResult, config: ReconstructParams, run: RunLink
+) -> StageResult:
+    """Fit each attention layer of a private copy of `checkpoint` to the original `model`'s on the first rows."""
+    device = training_device(context().settings.device)
+    params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
+    with stage_run(run.run_name(RECON_STAGE), params, parent_run_id=run.parent_run_id):
+        teacher = on_device(load_source(model)[0], device)
+        student, tokenizer = load_checkpoint(checkpoint, shared=False)
+        ids = load_tensors(rows)["rows"].long()  # (N, seq_len)
+        first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
+        fit = reconstruct_attention(student.to(device), teacher, first.to(device), config.config)
+        del teacher
+        output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, RECON_STAGE, "model"))
+        before, after = fit.rel_mse_before, fit.rel_mse_after
+        metrics = {"rel_mse_before": sum(before) / len(before), "rel_mse_after": sum(after) / len(after),
+                   "seconds": fit.seconds, "tokens": first.numel()}  # fmt: skip
+        dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
+        return finish_stage(RECON_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+
+
+@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.losses"))
 def finetune(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: FinetuneParams, run: RunLink
 ) -> StageResult:
@@ -125,26 +157,16 @@ def finetune(
     device = training_device(context().settings.device)
     params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
-        train_cfg, ckpt_dir = config.train, work_dir(STAGE)
-        resuming = load_latest_checkpoint(ckpt_dir) is not None  # it holds the reconstructed, trained weights
-        needs_teacher = train_cfg.kd_weight > 0 or (config.reconstruct is not None and not resuming)
-        teacher = on_device(load_source(model)[0], device) if needs_teacher else None
+        train_cfg = config.train
+        teacher = on_device(load_source(model)[0], device) if train_cfg.kd_weight > 0 else None
         student, tokenizer = load_checkpoint(checkpoint, shared=False)
-        student = student.to(device)
         ids = load_tensors(rows)["rows"].long()  # (N, seq_len)
-        metrics = {}
-        if config.reconstruct is not None and not resuming:
-            first = ids[: -(-config.reconstruct_tokens // ids.shape[1])]  # (n, seq_len)
-            fit = reconstruct_attention(student, teacher, first.to(device), config.reconstruct)
-            before, after = fit.rel_mse_before, fit.rel_mse_after
-            metrics |= {"recon_rel_mse_before": sum(before) / len(before),
-                        "recon_rel_mse_after": sum(after) / len(after), "recon_seconds": fit.seconds}  # fmt: skip
-        result = train(student, teacher if train_cfg.kd_weight > 0 else None, ids, train_cfg, checkpoint_dir=ckpt_dir,
+        result = train(student.to(device), teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
                        callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
         del teacher
         output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
         dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
-        metrics |= {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
+        metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
         return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
 
 

@@ -204,20 +204,22 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     params = type(base).model_validate({
         **base.model_dump(mode="json"),
         "finetune": {"data": str(train), "synthetic_fraction": 0.25, "reconstruct": {"steps": 30, "bf16": False},
+                     "reconstruct_tokens": 100,
                      "train": {"max_tokens": 2048, "seq_len": 64, "micro_batch_size": 4, "bf16": False, "lr": 1e-3,
                                "log_every": 2}},
         "quantize_kv": {"nbits": 4, "group_size": 16, "residual_length": 16},
     })  # fmt: skip
     outcome = run_convert(params)
     assert outcome.table["models"] == ["original", "mla", "finetuned", "int4"]
-    assert outcome.cache["finetune-data"] == outcome.cache["finetune"] == outcome.cache["quantize-kv"] == "miss"
+    assert outcome.cache["finetune-data"] == outcome.cache["reconstruct"] == outcome.cache["finetune"] == "miss"
+    assert outcome.cache["quantize-kv"] == "miss"
     kv = next(row for row in outcome.table["rows"] if row["key"] == "kv_bytes_per_token")["values"]
     assert kv["int4"] < kv["mla"] / 2
     runs = stage_runs(outcome.run_id)
     finetune_run, data_run = runs["finetune"], runs["finetune-data"]
     assert len(MlflowClient().get_metric_history(finetune_run.info.run_id, "loss")) >= 2
-    recon = finetune_run.data.metrics  # block-wise reconstruction ran first, on the first rows
-    assert recon["recon_rel_mse_after"] < recon["recon_rel_mse_before"]
+    recon = runs["reconstruct"].data.metrics  # block-wise reconstruction ran first, on the first rows
+    assert recon["rel_mse_after"] < recon["rel_mse_before"] and recon["tokens"] == 64 * 2  # 2 rows of 64 >= 100
     assert [d.dataset.name for d in finetune_run.inputs.dataset_inputs] == ["finetune"]  # the rows it trained on
     assert [d.dataset.name for d in data_run.inputs.dataset_inputs] == ["finetune-text"]
     assert data_run.data.params["synthetic_fraction"] == "0.25"
@@ -228,7 +230,7 @@ def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_
     retrained = params.model_copy(update={"finetune": params.finetune.model_copy(
         update={"train": dataclasses.replace(params.finetune.train, lr=5e-4)})})  # fmt: skip
     again = run_convert(retrained)
-    assert again.cache["finetune-data"] == "hit" and again.cache["finetune"] == "miss"
+    assert again.cache["finetune-data"] == again.cache["reconstruct"] == "hit" and again.cache["finetune"] == "miss"
     final, _ = load_model(str(context().store.get_dir(outcome.checkpoint.uri, tmp_path / "final", outcome.checkpoint.sha256)))
     assert final.config.kv_cache_quant["nbits"] == 4
 
