@@ -131,8 +131,8 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         if params.finetune:
             rows = stage(finetune_data, model, train_data, params.finetune.rows())
             start = checkpoints["mla"]
-            if params.finetune.reconstruct:
-                start = stage(reconstruct, model, start, rows, params.finetune.reconstruction())
+            if recon := params.finetune.reconstruction():
+                start = stage(reconstruct, model, start, rows, recon)
             checkpoints["finetuned"] = stage(finetune, model, start, rows, params.finetune)
         if params.quantize_kv:
             last = list(checkpoints.values())[-1]

@@ -97,7 +97,10 @@ class FinetuneParams(BaseModel):
                              "fine-tuning")  # fmt: skip
         return self
 
-    def reconstruction(self) -> ReconstructParams:
+    def reconstruction(self) -> ReconstructParams | None:
+        """The `reconstruct` stage's params; None when it is off."""
+        if self.reconstruct is None:
+            return None
         return ReconstructParams(config=self.reconstruct, tokens=self.reconstruct_tokens)
 
     def rows(self) -> RowsParams:

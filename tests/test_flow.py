@@ -239,11 +239,12 @@ def test_data_free_finetune_needs_no_text(local_env, tiny_source, tiny_params):
     base = tiny_params(tiny_source)
     params = type(base).model_validate({
         **base.model_dump(mode="json"),
-        "finetune": {"synthetic_fraction": 1,
+        "finetune": {"synthetic_fraction": 1, "reconstruct": None,
                      "train": {"max_tokens": 512, "seq_len": 64, "micro_batch_size": 4, "bf16": False}},
     })  # fmt: skip
     outcome = run_convert(params)
     assert outcome.table["models"] == ["original", "mla", "finetuned"]
+    assert "reconstruct" not in outcome.cache  # switched off: svd-init's checkpoint goes straight to finetune
     data_run = stage_runs(outcome.run_id)["finetune-data"]
     assert data_run.data.metrics["sampled_rows"] == data_run.data.metrics["rows"] == 8  # every row sampled
     assert "calibration_books" in data_run.data.params["source"]  # the prompts' source: the packaged books
