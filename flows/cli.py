@@ -217,6 +217,13 @@ def convert(
     from flows.convert import ConvertParams
     from flows.convert import convert as convert_flow
 
+    tuning = given(finetune_tokens=finetune_tokens, finetune_lr=finetune_lr, kd_weight=kd_weight, trainable=trainable,
+                   finetune_seq_len=finetune_seq_len, finetune_batch=finetune_batch, grad_accum=grad_accum,
+                   reconstruct_steps=reconstruct_steps)  # fmt: skip
+    if tuning and not finetune_data and synthetic_fraction is None:
+        flags = ", ".join("--" + name.replace("_", "-") for name in tuning)
+        raise typer.BadParameter(f"{flags} set, but fine-tuning is off: give --finetune-data TEXT, or "
+                                 "--synthetic-fraction 1 for data-free fine-tuning")  # fmt: skip
     mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout)
     if kv_rank is not None:
         mla["kv_rank"] = _kv_rank(kv_rank)

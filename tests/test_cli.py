@@ -80,6 +80,8 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--synthetic-fraction", "1.5"), "synthetic_fraction"),
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--finetune-lr", "0"), "lr=0.0 must be > 0"),
         (("convert", "{tiny}", "--synthetic-fraction", "0.5"), "leaves 50% of the rows to real text, but no data"),
+        (("convert", "{tiny}", "--finetune-tokens", "4096", "--kd-weight", "0.5"),
+         "--finetune-tokens, --kd-weight set, but fine-tuning is off: give --finetune-data"),
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--trainable", "mlp"),
          "finetune.train.trainable: Input should be 'all', 'attention' or 'attention+norms' (got 'mlp')"),
         (("lineage", "file:///no/such/checkpoint"), "no run logged output"),
