@@ -13,8 +13,9 @@
 Protocol (as bench/zero_shot.py): wikitext-2 raw test read as stored (CRLF kept), tokenized whole, first
 16,384 tokens, non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.perplexity).
 Conversion: 2-norm, rope_dims 8, kv_rank per KV head, calibrated on 65,536 tokens hash-sampled from three
-Gutenberg books (text_calib), or (calib="teacher") on those windows continued by the original model. Fine-tuning text: ../shared/data/text_train (OpenStax + Stacks Project), packed
-in rows of 1,024 tokens; never the evaluation text. The teacher is the original model (bf16 autocast).
+Gutenberg books (text_calib), or (calib="teacher") on those windows continued by the original model. Fine-tuning
+text: ../shared/data/text_train (OpenStax + Stacks Project), packed in rows of 1,024 tokens; never the evaluation
+text. The teacher is the original model (bf16 autocast).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Stages `finetune-data` and `finetune`: the training rows, then distillation of the original into the converted model.
+"""Stages `finetune-data`, `reconstruct` and `finetune`: the training rows, a layer-wise fit, then distillation of
+the original into the converted model.
 
 `finetune-data` packs the fine-tuning text into rows of `seq_len` token ids and, with `synthetic_fraction`, samples a
 share of them from the original model; the rows are an artifact, cached apart from training, so a training rerun
