@@ -138,11 +138,9 @@ def reconstruct(
     device = training_device(context().settings.device)
     params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
     with stage_run(run.run_name(RECON_STAGE), params, parent_run_id=run.parent_run_id):
-        teacher = on_device(load_source(model)[0], device)
-        student, tokenizer = load_checkpoint(checkpoint, shared=False)
-        ids = load_tensors(rows)["rows"].long()  # (N, seq_len)
+        teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, with_teacher=True)
         first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
-        fit = reconstruct_attention(student.to(device), teacher, first.to(device), config.config)
+        fit = reconstruct_attention(student, teacher, first.to(device), config.config)
         del teacher
         output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, RECON_STAGE, "model"))
         before, after = fit.rel_mse_before, fit.rel_mse_after
@@ -162,16 +160,22 @@ def finetune(
     params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
     with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
         train_cfg = config.train
-        teacher = on_device(load_source(model)[0], device) if train_cfg.kd_weight > 0 else None
-        student, tokenizer = load_checkpoint(checkpoint, shared=False)
-        ids = load_tensors(rows)["rows"].long()  # (N, seq_len)
-        result = train(student.to(device), teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
+        teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, train_cfg.kd_weight > 0)
+        result = train(student, teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
                        callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
         del teacher
         output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
         dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
         metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
         return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+
+
+def _training_inputs(model: ModelSource, checkpoint: StageResult, rows: StageResult, device: torch.device,
+                     with_teacher: bool) -> tuple:  # fmt: skip
+    """(teacher on `device` or None, a private copy of `checkpoint` on `device`, its tokenizer, rows (N, seq_len))."""
+    teacher = on_device(load_source(model)[0], device) if with_teacher else None
+    student, tokenizer = load_checkpoint(checkpoint, shared=False)
+    return teacher, student.to(device), tokenizer, load_tensors(rows)["rows"].long()
 
 
 def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
