@@ -8,11 +8,14 @@
   only URIs under its own root.
 - Keys are relative `/`-joined names checked by `safe_key`; user-supplied names (model ids, run
   names) cannot leave the root or bucket prefix.
-- Writes are atomic: readers see the old object or the complete new one, never a partial one.
-  Local: a temp file in the same directory, then `os.replace`. S3: upload (multipart above
-  `Settings.s3_multipart_mb`) to a temp key under `PREFIX/.tmp/`, check its size, server-side
-  copy to the final key, delete the temp key. A crash can leave `.tmp/` objects behind; expire
-  them with a bucket lifecycle rule.
+- Writes are atomic and write-once: a key is either absent or holds its complete bytes, and a key that
+  holds other bytes is never replaced (`ArtifactConflictError`; writing the same bytes again is a no-op).
+  Local: a temp file under `ROOT/.tmp/`, fsynced, then hard-linked to its key (`link` fails if the key
+  exists, so two writers cannot clobber each other). A crash leaves its temp file in `.tmp/`, never in a
+  published folder; `check()` removes the temp files of dead processes of this host. S3: upload
+  (multipart above `Settings.s3_multipart_mb`) to a temp key under `PREFIX/.tmp/`, check its size,
+  server-side copy to the final key unless it exists, delete the temp key. A crash can leave `.tmp/`
+  objects behind; expire them with a bucket lifecycle rule.
 - Every read given a digest verifies it and raises `DigestMismatchError` on a mismatch.
 - A directory (a `save_pretrained` output) is stored as its files plus `KEY/_manifest.json`
   mapping each relative path to its sha256 and size; the directory's digest is the manifest's.
@@ -30,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.client import BaseClient
 from botocore.config import Config
@@ -52,11 +57,12 @@ from botocore.exceptions import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.settings import ENV_PREFIX, Settings
+from infra.settings import ENV_PREFIX, Settings, redact_uri
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+TMP_DIR = ".tmp"  # under the root: in-flight writes (no key can start with a dot)
 _CHUNK = 1 << 20  # bytes per read while hashing or copying
 _MIB = 1 << 20
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
@@ -78,6 +84,16 @@ class UnsafeKeyError(ValueError):
 
 class StoreCheckError(RuntimeError):
     """The store root cannot be used (unreachable endpoint, missing bucket, no access)."""
+
+
+class ArtifactConflictError(ValueError):
+    """A key already holds other bytes; stored artifacts are write-once."""
+
+
+class StoreWriteError(OSError):
+    """A write to the store failed for good (after the client's retries); the message names where and the fix.
+
+    The S3 error is its `__cause__`, so `is_transient` still sees a 5xx or a dropped connection."""
 
 
 class ArtifactRef(BaseModel):
@@ -344,6 +360,8 @@ class LocalStore(_Store):
                 f"artifact root {self._dir} is not writable; "
                 f"set {ENV_PREFIX}ARTIFACT_ROOT to a writable directory"
             )
+        for path in self.remove_stale_temps():
+            log.info("removed %s, left by a process that was killed mid-write", path)
 
     def _path(self, key: str) -> Path:
         path = self._dir / key
@@ -359,35 +377,54 @@ class LocalStore(_Store):
 
     def _put_stream(self, fh: BinaryIO, key: str) -> ArtifactRef:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        tmp_dir = self._dir / TMP_DIR
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=_tmp_prefix())
         try:
             with os.fdopen(fd, "wb") as out:
                 os.fchmod(out.fileno(), 0o644)
                 sha, size = _hash_chunks(_tee(fh, out))
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, dest)
+            self._publish(Path(tmp), dest, sha)
         finally:
             Path(tmp).unlink(missing_ok=True)
         return ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
 
     def _move_file(self, path: Path, key: str) -> ArtifactRef:
-        """Hash and fsync `path` in place, then rename it into the store: one read, no second copy of a
+        """Hash and fsync `path` in place, then link it into the store: one read, no second copy of a
         checkpoint. Across file systems (EXDEV) it is copied as `put_file` does."""
         dest = self._path(safe_key(key))
-        dest.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "rb+") as fh:
             sha, size = _hash_chunks(iter(lambda: fh.read(_CHUNK), b""))
             os.fchmod(fh.fileno(), 0o644)
             os.fsync(fh.fileno())
         try:
-            os.replace(path, dest)
+            self._publish(path, dest, sha)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
             return self.put_file(path, key)
         return ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
+
+    def _publish(self, src: Path, dest: Path, sha: str) -> None:
+        """Hard-link the complete file `src` to `dest`, which must not hold other bytes (write-once)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dest)  # atomic, and fails if dest exists: a concurrent writer cannot be clobbered
+        except FileExistsError:
+            _check_same(self.uri(dest.relative_to(self._dir).as_posix()), sha, sha256_file(dest)[0])
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temp files that processes of this host which are no longer running left in `.tmp/`."""
+        removed = []
+        for path in (self._dir / TMP_DIR).glob("*"):
+            host, _, rest = path.name.partition("~")
+            pid = rest.partition("~")[0]
+            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def _fetch(self, key: str, dest: Path) -> None:
         shutil.copyfile(self._existing(key), dest)
@@ -400,6 +437,33 @@ class LocalStore(_Store):
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+
+_HOST = socket.gethostname().replace("~", "-")
+
+
+def _tmp_prefix() -> str:
+    """`HOST~PID~`: whose temp file it is, so that the files of a killed process can be found and removed."""
+    return f"{_HOST}~{os.getpid()}~"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _check_same(uri: str, sha: str, stored: str) -> None:
+    """Writing bytes to a key that holds them already is a no-op; other bytes are a conflict."""
+    if stored != sha:
+        raise ArtifactConflictError(
+            f"{uri} already holds other bytes (sha256 {stored}, not {sha}); stored artifacts are write-once, "
+            "so write to a new key"
+        )
 
 
 def _tee(src: BinaryIO, out: BinaryIO) -> Iterator[bytes]:
@@ -454,13 +518,18 @@ class S3Store(_Store):
     def _put_stream(self, fh: BinaryIO, key: str) -> ArtifactRef:
         sha, size = _hash_chunks(iter(lambda: fh.read(_CHUNK), b""))
         fh.seek(0)
-        tmp = f"{self._prefix}.tmp/{uuid.uuid4().hex}"
+        ref = ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
+        tmp = f"{self._prefix}{TMP_DIR}/{uuid.uuid4().hex}"
         try:
-            self.client.upload_fileobj(fh, self.bucket, tmp, Config=self._transfer)
-            self._publish(tmp, self._object(key), size)
+            with self._writing(key):
+                if self._exists(key):  # write-once (checked, not atomic: per-call keys keep writers apart)
+                    _check_same(ref.uri, sha, self._digest(key))
+                    return ref
+                self.client.upload_fileobj(fh, self.bucket, tmp, Config=self._transfer)
+                self._publish(tmp, self._object(key), size)
         finally:
             self._discard(tmp)
-        return ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
+        return ref
 
     def _publish(self, tmp: str, final: str, size: int) -> None:
         """Check the temp object is complete, then copy it (server-side) to its final key."""
@@ -469,6 +538,20 @@ class S3Store(_Store):
             raise OSError(f"upload of s3://{self.bucket}/{final} is {stored} bytes, not {size}")
         source = {"Bucket": self.bucket, "Key": tmp}
         self.client.copy(source, self.bucket, final, Config=self._transfer)
+
+    @contextmanager
+    def _writing(self, key: str) -> Iterator[None]:
+        """Turn a write that failed for good into a StoreWriteError naming the object, the endpoint and the fix."""
+        try:
+            yield
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            endpoint = redact_uri(self.client.meta.endpoint_url)
+            attempts = self.client.meta.config.retries.get("total_max_attempts", "?")
+            raise StoreWriteError(
+                f"cannot write {self.uri(key)} at {endpoint} ({attempts} attempts): {_short(exc)}; check that the "
+                f"endpoint is up and {ENV_PREFIX}S3_ENDPOINT_URL / {ENV_PREFIX}AWS_* are right, then run again "
+                "(finished stages are cached)"
+            ) from exc
 
     def _discard(self, tmp: str) -> None:
         try:
@@ -508,6 +591,19 @@ class S3Store(_Store):
             if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
                 raise FileNotFoundError(f"no artifact at {self.uri(key)}") from exc
             raise
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an S3 error, URI passwords masked."""
+    return redact_uri_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+
+_URI_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*):[^@\s/]*@", re.I)
+
+
+def redact_uri_text(text: str) -> str:
+    """`text` with the password of every URI in it masked (`http://u:pw@h` -> `http://u:***@h`)."""
+    return _URI_PASSWORD.sub(r"\1:***@", text)
 
 
 def _error_code(exc: BaseException) -> str:

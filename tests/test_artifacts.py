@@ -5,6 +5,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -17,12 +22,14 @@ from botocore.exceptions import (
 
 from infra.artifacts import (
     MANIFEST_NAME,
+    ArtifactConflictError,
     ArtifactRef,
     ArtifactStore,
     DigestMismatchError,
     LocalStore,
     S3Store,
     StoreCheckError,
+    StoreWriteError,
     UnsafeKeyError,
     is_transient,
     open_store,
@@ -31,6 +38,7 @@ from infra.artifacts import (
 from infra.settings import Settings
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
@@ -144,9 +152,10 @@ def test_tampered_manifest_cannot_escape_dest(tmp_path):
     store = LocalStore(tmp_path / "store")
     ref = store.put_dir(_checkpoint_dir(tmp_path / "ckpt"), "m/ckpt")
     manifest = {"files": {"../../evil.sh": {"sha256": "0" * 64, "size": 1}}}
-    evil = store.put_json(manifest, f"m/ckpt/{MANIFEST_NAME}")
+    evil = json.dumps(manifest).encode()
+    (tmp_path / "store" / "m" / "ckpt" / MANIFEST_NAME).write_bytes(evil)  # behind the write-once store's back
     with pytest.raises(UnsafeKeyError, match="evil"):
-        store.get_dir(ref.uri, tmp_path / "out", sha256=evil.sha256)
+        store.get_dir(ref.uri, tmp_path / "out", sha256=hashlib.sha256(evil).hexdigest())
 
 
 @pytest.mark.parametrize(
@@ -188,12 +197,61 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk vanished")
 
-    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "link", crash)
     with pytest.raises(OSError, match="disk vanished"):
-        store.put_bytes(os.urandom(3 << 20), "a/w.bin")
+        store.put_bytes(os.urandom(3 << 20), "a/new.bin")
     monkeypatch.undo()
     assert store.get_bytes(old.uri, sha256=old.sha256) == b"old"
     assert os.listdir(tmp_path / "store" / "a") == ["w.bin"]  # no temp file left behind
+    assert os.listdir(tmp_path / "store" / ".tmp") == []
+
+
+def test_stored_bytes_are_write_once(store, tmp_path):
+    ref = store.put_bytes(b"first", "m/w.bin")
+    assert store.put_bytes(b"first", "m/w.bin") == ref  # the same bytes again: a no-op
+    with pytest.raises(ArtifactConflictError, match="m/w.bin already holds other bytes"):
+        store.put_bytes(b"other", "m/w.bin")
+    src = tmp_path / "other.bin"
+    src.write_bytes(b"other")
+    with pytest.raises(ArtifactConflictError):
+        store.put_file(src, "m/w.bin")
+    ckpt = _checkpoint_dir(tmp_path / "ckpt")
+    first = store.put_dir(ckpt, "m/ckpt")
+    (ckpt / "model.safetensors").write_bytes(os.urandom(3000))
+    with pytest.raises(ArtifactConflictError, match="model.safetensors"):
+        store.put_dir(ckpt, "m/ckpt", move=True)
+    assert store.get_bytes(ref.uri, sha256=ref.sha256) == b"first" and store.verify(first)
+
+
+def test_temp_file_of_a_killed_writer_is_never_in_a_published_folder(tmp_path):
+    """A writer killed mid-copy leaves its temp file in ROOT/.tmp/, which the next check() removes."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from infra.artifacts import LocalStore
+        store = LocalStore(sys.argv[1])
+        store.put_bytes(b"done", "m/ckpt/config.json")
+
+        class Killed:
+            def __init__(self):
+                self.sent = 0
+            def read(self, n):
+                if self.sent:
+                    os.kill(os.getpid(), signal.SIGKILL)  # mid-copy
+                self.sent += 1
+                return b"x" * n
+
+        store._put_stream(Killed(), "m/ckpt/model.safetensors")
+        """
+    )
+    root = tmp_path / "store"
+    done = subprocess.run([sys.executable, "-c", script, str(root)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == -signal.SIGKILL
+    assert os.listdir(root / "m" / "ckpt") == ["config.json"]
+    [left] = os.listdir(root / ".tmp")
+    assert os.path.getsize(root / ".tmp" / left) >= 1 << 20
+    open_store(str(root), Settings(_env_file=None))  # check() removes what dead writers of this host left
+    assert os.listdir(root / ".tmp") == []
 
 
 def test_local_check_names_the_fix(tmp_path):
@@ -305,9 +363,12 @@ def test_s3_failed_upload_leaves_nothing(s3_settings):
     settings = s3_settings.model_copy(update={"s3_max_attempts": 2})
     store = open_store(settings.artifact_root, settings)
     _inject_500s(store.client, ["PutObject"], times=2)
-    with pytest.raises(ClientError) as err:
+    with pytest.raises(StoreWriteError) as err:
         store.put_bytes(b"w", "m/w.bin")
-    assert is_transient(err.value)
+    assert is_transient(err.value) and isinstance(err.value.__cause__, ClientError)
+    message = str(err.value)  # one line: the object, the endpoint, the attempts and the fix
+    assert f"{store.root}/m/w.bin at {settings.s3_endpoint_url} (2 attempts)" in message
+    assert "MHA2MLA_S3_ENDPOINT_URL" in message and "\n" not in message
     assert not store.exists(store.uri("m/w.bin")) and _temp_objects(store) == []
 
 
