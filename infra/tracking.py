@@ -253,6 +253,20 @@ def register_checkpoint(
     return int(version.version)
 
 
+INTEGRITY_TAG = "mha2mla.integrity"  # set on a registered version whose stored bytes were found corrupt
+
+
+def mark_model_versions(source_uri: str, note: str) -> list[str]:
+    """Tag every registered version whose source is `source_uri` with `mha2mla.integrity=note`;
+    their "name/version"s."""
+    client = MlflowClient()
+    marked = []
+    for version in client.search_model_versions(f"source_path = '{_quoted(source_uri)}'"):
+        client.set_model_version_tag(version.name, version.version, INTEGRITY_TAG, note)
+        marked.append(f"{version.name}/{version.version}")
+    return marked
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetRecord:
     name: str
