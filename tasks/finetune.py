@@ -130,7 +130,7 @@ def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run:
         return finish_stage(DATA_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
 
 
-@stage_task(RECON_STAGE, code=("mha2mla_core.training.reconstruct",))
+@stage_task(RECON_STAGE, code=("mha2mla_core.training.reconstruct", "mha2mla_core.hub_code"))
 def reconstruct(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: ReconstructParams, run: RunLink
 ) -> StageResult:
@@ -150,7 +150,7 @@ def reconstruct(
         return finish_stage(RECON_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
 
 
-@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.losses"))
+@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.losses", "mha2mla_core.hub_code"))
 def finetune(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: FinetuneParams, run: RunLink
 ) -> StageResult:

@@ -258,10 +258,14 @@ def load_model_input(model: ModelSource | StageResult):
 
 
 def save_checkpoint(model, tokenizer, key: str) -> ArtifactRef:
-    """`save_pretrained` (safetensors + config + tokenizer) into the store as one directory."""
+    """`save_pretrained` (safetensors + config + tokenizer) plus the modeling code and `auto_map` (`bundle_code`:
+    loads with transformers alone, `trust_remote_code=True`) into the store as one directory."""
+    from mha2mla_core.hub_code import bundle_code
+
     with scratch_dir() as tmp:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        bundle_code(tmp / "model")
         ref = context().store.put_dir(tmp / "model", key, move=True)
     MODELS.put(ref.sha256, (model, tokenizer))
     return ref
