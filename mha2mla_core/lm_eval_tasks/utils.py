@@ -20,7 +20,7 @@ def load_mc(
     if mc_data_dir is None:
         raise ValueError(
             "the mha2mla_* tasks need the directory of the normalized MC files as metadata 'mc_data_dir': "
-            "mha2mla evaluate --mc-data-dir DIR, or lm_eval --metadata '{\"mc_data_dir\": \"DIR\"}'"
+            "lm_eval --metadata '{\"mc_data_dir\": \"DIR\"}', or mha2mla convert MODEL --mc-tasks TASKS --mc-data-dir DIR"
         )
     path = Path(mc_data_dir) / file
     if not path.is_file():
