@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-RopeStrategy = Literal["high", "low", "uniform", "2-norm"]
+RopeStrategy = Literal["high", "low", "uniform", "2-norm", "rotated"]
 SvdMethod = Literal["split", "joint", "aware", "output-aware"]
 Layout = Literal["per_head", "shared"]
 
-ROPE_STRATEGIES: tuple[str, ...] = ("high", "low", "uniform", "2-norm")
+ROPE_STRATEGIES: tuple[str, ...] = ("high", "low", "uniform", "2-norm", "rotated")
 SVD_METHODS: tuple[str, ...] = ("split", "joint", "aware", "output-aware")
 LAYOUTS: tuple[str, ...] = ("per_head", "shared")
 
@@ -26,7 +26,8 @@ class MLAConfig:
     Cache per token per layer: Hkv * (rope_dims + kv_rank) values instead of 2 * Hkv * D.
     """
 
-    # partial RoPE: keep RoPE on `rope_dims` of each head's D dims (rope_dims / 2 frequency pairs)
+    # partial RoPE: keep RoPE on `rope_dims` of each head's D dims (rope_dims / 2 frequency pairs); "rotated" spends
+    # the same budget, Hkv * rope_dims dims, on ONE RoPE key shared by all query heads (mixes of the KV heads' pairs)
     rope_strategy: RopeStrategy = "2-norm"
     rope_dims: int = 8
     # low-rank latent: rank per KV head (the paper's d_kv); None = partial RoPE only, no low rank
@@ -56,6 +57,11 @@ class MLAConfig:
                 f"kv_rank={self.kv_rank} must be even for svd='split' (half for K, half for V); "
                 f"use kv_rank={self.kv_rank + 1} or svd='joint'"
             )
+        if self.rope_strategy == "rotated" and self.layout != "shared":
+            raise ValueError(
+                "rope_strategy='rotated' shares one RoPE key across heads, which needs the shared latent; "
+                "use layout='shared' (or another rope_strategy with layout='per_head')"
+            )
         if self.calib_seq_len < 2:
             raise ValueError(f"calib_seq_len={self.calib_seq_len} must be >= 2 tokens")
 
@@ -67,16 +73,17 @@ class MLAConfig:
             )
         if self.kv_rank is None:
             return
-        rows = 2 * head_dim - self.rope_dims  # non-RoPE key rows + value rows of one KV head
+        # non-RoPE key rows + value rows of one KV head; a rotated RoPE key leaves every key row a residual to factor
+        rows = 2 * head_dim - (0 if self.rope_strategy == "rotated" else self.rope_dims)
         if self.kv_rank > rows:
             raise ValueError(
                 f"kv_rank={self.kv_rank} > rows it factors per KV head (2*head_dim - rope_dims = {rows}) "
                 f"for model_type={model_type}; use kv_rank <= {rows}"
             )
-        if self.svd == "split" and self.kv_rank // 2 > head_dim - self.rope_dims:
+        if self.svd == "split" and self.kv_rank // 2 > rows - head_dim:
             raise ValueError(
                 f"kv_rank={self.kv_rank}: svd='split' gives K a rank of {self.kv_rank // 2} > its "
-                f"{head_dim - self.rope_dims} non-RoPE rows; use kv_rank <= {2 * (head_dim - self.rope_dims)}"
+                f"{rows - head_dim} non-RoPE rows; use kv_rank <= {2 * (rows - head_dim)}"
             )
 
     def to_dict(self) -> dict:

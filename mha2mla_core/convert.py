@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from mha2mla_core.arch import ArchSpec, arch_spec
 from mha2mla_core.config import MLAConfig
 from mha2mla_core.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
-from mha2mla_core.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
+from mha2mla_core.rope import RotatedRope, rope_and_nope_dims, rotate_rope, score_rope_pairs, select_rope_pairs
 from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads, output_weights, small_lapack
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _COPIED_FIELDS = (
 class ConversionReport:
     """What conversion measured, for plots and logs. Tensors are on CPU."""
 
-    rope_scores: torch.Tensor | None = None  # (layers, Hkv, D/2), 2-norm only
+    rope_scores: torch.Tensor | None = None  # (layers, Hkv, D/2): 2-norm scores, or the rotated components' energy
     rope_pairs: list = field(default_factory=list)  # (layers, Hkv, Dr/2)
     spectra: list[torch.Tensor] = field(default_factory=list)  # per layer: singular values factored
     seconds: float = 0.0
@@ -52,6 +52,8 @@ def head_dim_of(config) -> int:
 def latent_shape(config, cfg: MLAConfig) -> tuple[int, int]:
     """(Hc latent groups, Rc dims per group) of the converted attention."""
     hkv, d = config.num_key_value_heads, head_dim_of(config)
+    if cfg.kv_rank is None and cfg.rope_strategy == "rotated":
+        return 1, 2 * d * hkv  # every residual key row and value row, in the one group a shared RoPE key allows
     if cfg.kv_rank is None:
         return hkv, 2 * d - cfg.rope_dims
     groups = hkv if cfg.layout == "per_head" else 1
@@ -77,8 +79,10 @@ def mla_config_from(config, cfg: MLAConfig, spec: ArchSpec) -> MLALlamaConfig:
     groups, rank = latent_shape(config, cfg)
     fields = {name: getattr(config, name) for name in _COPIED_FIELDS if getattr(config, name, None) is not None}
     fields["head_dim"] = head_dim_of(config)
+    shared_rope = cfg.rope_strategy == "rotated"
     mla = MLALlamaConfig(
-        qk_rope_head_dim=cfg.rope_dims,
+        qk_rope_head_dim=cfg.rope_dims * (config.num_key_value_heads if shared_rope else 1),
+        shared_rope=shared_rope,
         kv_lora_rank=rank,
         kv_latent_groups=groups,
         q_bias=spec.qkv_bias(config),
@@ -195,6 +199,39 @@ class SourceAttention:
             o_proj=attn.o_proj,
         )
 
+    @classmethod
+    def rotated(cls, attn: torch.nn.Module, rot: RotatedRope, head_dim: int, num_kv_heads: int) -> "SourceAttention":
+        """Split for a shared rotated RoPE key: the key's rows are mixes of the KV heads' kept pairs, each query head
+        reads them through its own scaled pair rows, and the non-RoPE part is every query row against the residual
+        key rows (what the kept slots do not carry). Exact when every slot is kept."""
+        dtype, hidden = attn.q_proj.weight.dtype, attn.q_proj.weight.shape[1]
+        rows = torch.cat([rot.pairs, rot.pairs + head_dim // 2]).to(attn.q_proj.weight.device)  # (Dr,) source dims
+        key_mix, query_mix = (torch.cat([m, m]).to(rows.device).T for m in (rot.key_mix, rot.query_mix))  # (Hkv, Dr)
+        q = attn.q_proj.weight.double().view(num_kv_heads, -1, head_dim, hidden)  # (Hkv, n_rep, D, E)
+        k = attn.k_proj.weight.double().view(num_kv_heads, head_dim, hidden)  # (Hkv, D, E)
+        k_rope = torch.einsum("gs,gse->se", key_mix, k[:, rows])  # (Dr, E)
+        k_nope = k.index_add(1, rows, -query_mix[..., None] * k_rope)  # (Hkv, D, E)
+        q_rope = query_mix[:, None, :, None] * q[:, :, rows]  # (Hkv, n_rep, Dr, E)
+        q_bias = k_bias = v_bias = None
+        if attn.q_proj.bias is not None:
+            qb = attn.q_proj.bias.double().view(num_kv_heads, -1, head_dim)  # (Hkv, n_rep, D)
+            q_bias = torch.cat([query_mix[:, None] * qb[:, :, rows], qb], dim=-1).to(dtype)
+        if attn.k_proj.bias is not None:
+            kb = attn.k_proj.bias.double().view(num_kv_heads, head_dim)  # (Hkv, D)
+            kb_rope = torch.einsum("gs,gs->s", key_mix, kb[:, rows])  # (Dr,)
+            k_bias = (kb_rope[None].to(dtype), kb.index_add(1, rows, -query_mix * kb_rope).to(dtype))
+            v_bias = attn.v_proj.bias.view(num_kv_heads, head_dim)
+        return cls(
+            q=torch.cat([q_rope, q], dim=2).to(dtype),
+            q_bias=q_bias,
+            k_rope=k_rope[None].to(dtype),
+            k_nope=k_nope.to(dtype),
+            v=attn.v_proj.weight.view(num_kv_heads, head_dim, hidden),
+            k_bias=k_bias,
+            v_bias=v_bias,
+            o_proj=attn.o_proj,
+        )
+
 
 def build_attention(
     src: SourceAttention, mla_config: MLALlamaConfig, layer_idx: int, cfg: MLAConfig, whitening: Whitening | None
@@ -202,6 +239,8 @@ def build_attention(
     """An MLAAttention whose weights come from `src`: queries/rope keys copied, K_nope/V factored."""
     if cfg.kv_rank is None:
         down, up = identity_latent(src.k_nope, src.v)
+        if mla_config.kv_latent_groups == 1 and src.k_nope.shape[0] > 1:  # one group: the heads' latents side by side
+            up = torch.block_diag(*up)[None]
     else:
         rows = None
         if cfg.svd == "output-aware":
@@ -267,15 +306,21 @@ def convert_to_mla_with_report(
     report, attentions, scores = ConversionReport(), [], []
 
     def visit(i, attn, x_in):
-        layer_scores = rope_scores[i] if rope_scores is not None else None
-        if cfg.rope_strategy == "2-norm" and layer_scores is None:
-            layer_scores = score_rope_pairs(*query_key_states(attn, x_in, d)).cpu()
-        scores.append(layer_scores)
-        pairs = select_rope_pairs(cfg.rope_strategy, cfg.rope_dims, d, layer_scores).expand(hkv, -1)
-        mla_config.rope_pairs[i] = pairs.tolist()
+        if cfg.rope_strategy == "rotated":
+            rot = rotate_rope(*query_key_states(attn, x_in, d), keep=cfg.rope_dims * hkv // 2)
+            scores.append(rot.energy.T.float().cpu())  # (Hkv components, D/2)
+            mla_config.rope_pairs[i] = [rot.pairs.tolist()]
+            src = SourceAttention.rotated(attn, rot, d, hkv)
+        else:
+            layer_scores = rope_scores[i] if rope_scores is not None else None
+            if cfg.rope_strategy == "2-norm" and layer_scores is None:
+                layer_scores = score_rope_pairs(*query_key_states(attn, x_in, d)).cpu()
+            scores.append(layer_scores)
+            pairs = select_rope_pairs(cfg.rope_strategy, cfg.rope_dims, d, layer_scores).expand(hkv, -1)
+            mla_config.rope_pairs[i] = pairs.tolist()
+            src = SourceAttention.split(attn, pairs, d, hkv)
         aware = cfg.svd in ("aware", "output-aware")
         whitening = Whitening.from_second_moment(second_moment(x_in)) if aware else None
-        src = SourceAttention.split(attn, pairs, d, hkv)
         report.spectra.append(spectrum(src, whitening))
         attentions.append(build_attention(src, mla_config, i, cfg, whitening))
         logger.debug("layer %d converted: kept pairs %s", i, mla_config.rope_pairs[i])
@@ -283,7 +328,7 @@ def convert_to_mla_with_report(
     stream_layers(model, batches, visit)  # visit returns None: the source keeps its own attention
     mla = assemble(model, mla_config, attentions)
     report.rope_pairs = mla_config.rope_pairs
-    report.rope_scores = torch.stack(scores) if cfg.rope_strategy == "2-norm" else None
+    report.rope_scores = torch.stack(scores) if cfg.rope_strategy in ("2-norm", "rotated") else None
     report.seconds = time.perf_counter() - start
     logger.info("converted %d layers in %.1fs", len(attentions), report.seconds)
     return mla, report

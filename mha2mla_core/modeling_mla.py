@@ -1,12 +1,14 @@
 """The MLA model: Llama decoder layers whose attention caches only a latent plus a few RoPE'd key dims.
 
 Legend: B batch, S query tokens, T key tokens, H query heads, Hkv key/value heads, n_rep = H / Hkv,
-D head dim, Dr kept RoPE dims, Dn = D - Dr, Hc latent groups, Rc latent dims per group, P = Dr / 2 pairs.
+D head dim, Dr kept RoPE dims per RoPE key, Hp RoPE keys (Hkv, or 1 for a shared rotated key), Dn non-RoPE key dims
+per head (D - Dr, or D with a shared key), Hc latent groups, Rc latent dims per group, P = Dr / 2 pairs.
 
-Per token and layer the cache holds c_kv (Hc * Rc values) and k_pe (Hkv * Dr values):
+Per token and layer the cache holds c_kv (Hc * Rc values) and k_pe (Hp * Dr values):
     c_kv = kv_a_proj(x)                      the latent
-    k_pe = RoPE(k_rope_proj(x))              the kept RoPE key dims, per KV head
+    k_pe = RoPE(k_rope_proj(x))              the kept RoPE key dims: per KV head, or one key shared by all heads
     [k_nope | v] = kv_b_proj(c_kv)           expanded per KV head (prefill, training)
+A query head scores q_pe . k_pe + q_nope . k_nope, with q_pe from its own q_proj rows.
 Decode works in latent space (absorbed): W_uk is folded into the query and W_uv applied after the
 attention-weighted sum of latents, so the cache is never expanded.
 """
@@ -31,7 +33,9 @@ MLA_MODEL_TYPE = "mla_llama"
 class MLALlamaConfig(LlamaConfig):
     """A Llama config plus the MLA fields needed to rebuild the converted attention.
 
-    `rope_pairs[layer][kv_head]` lists the kept frequency-pair indices (pair i = dims i and i + D/2).
+    `rope_pairs[layer][rope_key]` lists the frequency-pair index of each kept pair (pair i = dims i and i + D/2);
+    `shared_rope` makes that ONE RoPE key of `qk_rope_head_dim` dims read by every query head (rotated partial RoPE,
+    DeepSeek's k_pe), whose pairs may repeat a frequency, and keeps all D query/key dims of each head besides it.
     """
 
     model_type = MLA_MODEL_TYPE
@@ -49,6 +53,7 @@ class MLALlamaConfig(LlamaConfig):
         source_model_type: str = "llama",
         mla_conversion: dict | None = None,
         kv_cache_quant: dict | None = None,
+        shared_rope: bool = False,
         **kwargs,
     ):
         self.qk_rope_head_dim = qk_rope_head_dim
@@ -62,6 +67,7 @@ class MLALlamaConfig(LlamaConfig):
         self.source_model_type = source_model_type
         self.mla_conversion = mla_conversion or {}
         self.kv_cache_quant = kv_cache_quant
+        self.shared_rope = shared_rope
         super().__init__(**kwargs)
         self.validate_mla()
 
@@ -69,24 +75,32 @@ class MLALlamaConfig(LlamaConfig):
         d = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.rope_pairs is None:
             # a fresh config (tests, from scratch): keep the highest-frequency pairs everywhere
-            pairs = list(range(self.qk_rope_head_dim // 2))
-            self.rope_pairs = [[pairs] * self.num_key_value_heads for _ in range(self.num_hidden_layers)]
+            pairs = [i % (d // 2) for i in range(self.qk_rope_head_dim // 2)]
+            self.rope_pairs = [[pairs] * self.rope_heads for _ in range(self.num_hidden_layers)]
         shape = (len(self.rope_pairs), len(self.rope_pairs[0]), len(self.rope_pairs[0][0]))
-        want = (self.num_hidden_layers, self.num_key_value_heads, self.qk_rope_head_dim // 2)
+        want = (self.num_hidden_layers, self.rope_heads, self.qk_rope_head_dim // 2)
         if shape != want:
-            raise ValueError(f"rope_pairs has shape {shape}, expected (layers, kv_heads, rope_dims/2) = {want}")
+            raise ValueError(f"rope_pairs has shape {shape}, expected (layers, rope keys, rope_dims/2) = {want}")
+        if self.shared_rope and self.kv_latent_groups != 1:
+            raise ValueError(f"shared_rope needs one latent group (kv_latent_groups=1), got {self.kv_latent_groups}")
         if self.num_key_value_heads % self.kv_latent_groups:
             raise ValueError(
                 f"kv_latent_groups={self.kv_latent_groups} must divide num_key_value_heads={self.num_key_value_heads}"
             )
         if self.mla_decode not in ("absorbed", "expanded"):
             raise ValueError(f"mla_decode={self.mla_decode!r}; use 'absorbed' or 'expanded'")
-        if not 0 < self.qk_rope_head_dim <= d:
-            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be in (0, head_dim={d}]")
+        widest = d * (self.num_key_value_heads if self.shared_rope else 1)
+        if not 0 < self.qk_rope_head_dim <= widest:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be in (0, {widest}]")
+
+    @property
+    def rope_heads(self) -> int:
+        """Hp: RoPE keys per token and layer (one per KV head, or one shared by all heads)."""
+        return 1 if self.shared_rope else self.num_key_value_heads
 
     @property
     def qk_nope_head_dim(self) -> int:
-        return self.head_dim - self.qk_rope_head_dim
+        return self.head_dim if self.shared_rope else self.head_dim - self.qk_rope_head_dim
 
 
 class GroupedLinear(nn.Module):
@@ -108,11 +122,11 @@ def rope_pair_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the kept frequency pairs of each KV head from Llama's (B, T, D) cos/sin.
 
-    pairs: (Hkv, P) long. Returns cos, sin of shape (B, Hkv, T, 2P) in rotate-half order.
+    pairs: (Hp, P) long. Returns cos, sin of shape (B, Hp, T, 2P) in rotate-half order.
     """
-    c = cos[..., pairs].permute(0, 2, 1, 3)  # (B, Hkv, T, P)
-    s = sin[..., pairs].permute(0, 2, 1, 3)  # (B, Hkv, T, P)
-    return torch.cat([c, c], dim=-1), torch.cat([s, s], dim=-1)  # (B, Hkv, T, Dr)
+    c = cos[..., pairs].permute(0, 2, 1, 3)  # (B, Hp, T, P)
+    s = sin[..., pairs].permute(0, 2, 1, 3)  # (B, Hp, T, P)
+    return torch.cat([c, c], dim=-1), torch.cat([s, s], dim=-1)  # (B, Hp, T, Dr)
 
 
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -124,8 +138,8 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 class MLAAttention(nn.Module):
     """Multi-head latent attention converted from a Llama-family attention layer.
 
-    Query heads keep their own projection, permuted per head to [rope dims | nope dims]. Keys and values
-    come from a latent c_kv (cached) and a small set of RoPE'd key dims k_pe (cached).
+    Query heads keep their own projection, laid out per head as [rope dims | nope dims]. Keys and values
+    come from a latent c_kv (cached) and a small set of RoPE'd key dims k_pe (cached), per KV head or shared.
     """
 
     def __init__(self, config: MLALlamaConfig, layer_idx: int):
@@ -136,6 +150,7 @@ class MLAAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads  # n_rep, read by attention kernels
         self.head_dim = config.head_dim
+        self.rope_heads = config.rope_heads
         self.rope_dim = config.qk_rope_head_dim
         self.nope_dim = config.qk_nope_head_dim
         self.latent_groups = config.kv_latent_groups
@@ -145,29 +160,29 @@ class MLAAttention(nn.Module):
         self.is_causal = True
 
         hidden, kv_per_group = config.hidden_size, self.num_kv_heads // self.latent_groups
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.q_bias)
+        self.q_proj = nn.Linear(hidden, self.num_heads * (self.rope_dim + self.nope_dim), bias=config.q_bias)
         self.kv_a_proj = nn.Linear(hidden, self.latent_groups * self.latent_dim, bias=False)
-        self.k_rope_proj = nn.Linear(hidden, self.num_kv_heads * self.rope_dim, bias=config.kv_bias)
+        self.k_rope_proj = nn.Linear(hidden, self.rope_heads * self.rope_dim, bias=config.kv_bias)
         self.kv_b_proj = GroupedLinear(
             self.latent_groups, self.latent_dim, kv_per_group * (self.nope_dim + self.head_dim), bias=config.kv_bias
         )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
-        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long)  # (Hkv, P)
+        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long)  # (Hp, P)
         self.register_buffer("rope_pairs", pairs)
 
     # ---- projections -------------------------------------------------------------------------------
     def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (B, T, hidden) -> c_kv (B, Hc, T, Rc), k_pe (B, Hkv, T, Dr): exactly what the cache stores."""
+        """x (B, T, hidden) -> c_kv (B, Hc, T, Rc), k_pe (B, Hp, T, Dr): exactly what the cache stores."""
         b, t, _ = x.shape
         c_kv = self.kv_a_proj(x).view(b, t, self.latent_groups, self.latent_dim).transpose(1, 2)  # (B, Hc, T, Rc)
-        k_pe = self.k_rope_proj(x).view(b, t, self.num_kv_heads, self.rope_dim).transpose(1, 2)  # (B, Hkv, T, Dr)
+        k_pe = self.k_rope_proj(x).view(b, t, self.rope_heads, self.rope_dim).transpose(1, 2)  # (B, Hp, T, Dr)
         return c_kv, apply_partial_rope(k_pe, cos, sin)
 
     def project_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B, S, hidden) -> q_pe (B, Hkv, n_rep, S, Dr) RoPE'd, q_nope (B, Hkv, n_rep, S, Dn)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_kv_heads, self.num_key_value_groups, self.head_dim)
-        q = q.permute(0, 2, 3, 1, 4)  # (B, Hkv, n_rep, S, D)
+        q = self.q_proj(x).view(b, s, self.num_kv_heads, self.num_key_value_groups, self.rope_dim + self.nope_dim)
+        q = q.permute(0, 2, 3, 1, 4)  # (B, Hkv, n_rep, S, Dr + Dn)
         q_pe, q_nope = q.split([self.rope_dim, self.nope_dim], dim=-1)
         q_pe = apply_partial_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))  # (B, Hkv, n_rep, S, Dr)
         return q_pe, q_nope
@@ -189,7 +204,7 @@ class MLAAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        cos, sin = rope_pair_cos_sin(*position_embeddings, self.rope_pairs)  # (B, Hkv, S, Dr)
+        cos, sin = rope_pair_cos_sin(*position_embeddings, self.rope_pairs)  # (B, Hp, S, Dr)
         c_kv, k_pe = self.project_latent(hidden_states, cos, sin)
         q_pe, q_nope = self.project_query(hidden_states, cos, sin)
         b, s = hidden_states.shape[:2]
@@ -216,12 +231,13 @@ class MLAAttention(nn.Module):
         kv = self.kv_b_proj(c_kv.transpose(1, 2))  # (B, T, Hc, kv_per_group * (Dn + D))
         kv = kv.view(b, t, self.num_kv_heads, self.nope_dim + self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dn + D)
         k_nope, v = kv.split([self.nope_dim, self.head_dim], dim=-1)
+        k_pe = k_pe.expand(-1, self.num_kv_heads, -1, -1)  # a shared RoPE key serves every KV head
         return torch.cat([k_pe, k_nope], dim=-1), v
 
     def expanded_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs) -> torch.Tensor:
         """Standard attention on expanded K/V (prefill and training); returns (B, S, H, D)."""
         b, _, _, s, _ = q_pe.shape
-        q = torch.cat([q_pe, q_nope], dim=-1).reshape(b, self.num_heads, s, self.head_dim)  # (B, H, S, D)
+        q = torch.cat([q_pe, q_nope], dim=-1).reshape(b, self.num_heads, s, -1)  # (B, H, S, Dr + Dn)
         k, v = self.expand_kv(c_kv, k_pe)
         if attention_mask is not None and attention_mask.shape[-1] > k.shape[2]:  # a static cache's mask spans its slots
             attention_mask = attention_mask[..., : k.shape[2]]
@@ -272,7 +288,9 @@ class MLAAttention(nn.Module):
         t = c_kv.shape[2]
         q_lat = q_lat.reshape(b, self.latent_groups, heads_per_latent, s, self.latent_dim)  # (B, Hc, H/Hc, S, Rc)
         scores = torch.einsum("bhqsc,bhtc->bhqst", q_lat, c_kv.to(q_lat.dtype))  # (B, Hc, H/Hc, S, T)
-        scores = scores.reshape(b, g, r, s, t) + torch.einsum("bgrsd,bgtd->bgrst", q_pe, k_pe.to(q_pe.dtype))
+        q_pe = q_pe.reshape(b, self.rope_heads, self.num_heads // self.rope_heads, s, self.rope_dim)  # (B, Hp, H/Hp, S, Dr)
+        s_pe = torch.einsum("bpqsd,bptd->bpqst", q_pe, k_pe.to(q_pe.dtype)).reshape(b, g, r, s, t)
+        scores = scores.reshape(b, g, r, s, t) + s_pe
         scores = scores.float() * self.scaling  # (B, Hkv, n_rep, S, T)
         scores = scores + _additive_mask(attention_mask, s, t, scores.device)
         probs = scores.softmax(dim=-1).to(c_kv.dtype).view(b, self.latent_groups, heads_per_latent, s, t)
@@ -304,7 +322,7 @@ def left_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 class LatentCache(DynamicCache):
     """A DynamicCache whose per-layer "keys" are the latent c_kv (B, Hc, T, Rc) and "values" the RoPE'd
-    kept key dims k_pe (B, Hkv, T, Dr): nothing else is cached."""
+    kept key dims k_pe (B, Hp, T, Dr): nothing else is cached."""
 
     def latents(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
@@ -321,7 +339,7 @@ class LatentCache(DynamicCache):
 
 
 class StaticLatentLayer(StaticLayer):
-    """A StaticLayer whose keys (the latent c_kv, Hc groups) and values (k_pe, Hkv groups) differ in head count."""
+    """A StaticLayer whose keys (the latent c_kv, Hc groups) and values (k_pe, Hp keys) differ in head count."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

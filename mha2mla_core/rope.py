@@ -7,6 +7,8 @@ Hkv KV heads, D head dim, P = rope_dims / 2 kept pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -62,3 +64,49 @@ def rope_and_nope_dims(pairs: torch.Tensor, head_dim: int) -> tuple[torch.Tensor
     keep.scatter_(1, rope, False)
     nope = torch.stack([torch.nonzero(row).squeeze(-1) for row in keep])  # (Hkv, D - Dr)
     return rope, nope
+
+
+@dataclass(frozen=True)
+class RotatedRope:
+    """Rotated partial RoPE (TransMLA's RoRoPE): ONE RoPE key shared by every query head.
+
+    RoPE at frequency f turns pair f of every KV head by the same angle, so any mix of the KV heads' pair-f
+    components (the same mix on both dims of the pair) commutes with it. Per frequency, component c of the KV heads
+    is `key_mix[c] . k^f` (a 2-dim key shared by all query heads), and the queries of KV head g read it with weight
+    `query_mix[c][g]`. With all Hkv components of a frequency, sum_c query_mix[c] key_mix[c]^T = I: the attention
+    is unchanged. The mixes come from a per-frequency PCA of the keys across KV heads, weighted by how strongly the
+    queries read each head, so that the first components carry most of the logits' positional energy; the kept
+    slots are the top (frequency, component) pairs by that energy within the budget (2-norm is the unrotated case).
+
+    pairs (P,), key_mix / query_mix (P, Hkv): the kept slots, ascending by (frequency, component).
+    energy (D/2, Hkv): the weighted key energy of every (frequency, component), descending per frequency.
+    """
+
+    pairs: torch.Tensor
+    key_mix: torch.Tensor
+    query_mix: torch.Tensor
+    energy: torch.Tensor
+
+
+def rotate_rope(q: torch.Tensor, k: torch.Tensor, keep: int) -> RotatedRope:
+    """The rotation and the `keep` kept slots of one layer from pre-RoPE q (N, H, D) and k (N, Hkv, D).
+
+    Per frequency f: C = E[k^f k^f^T] (Hkv, Hkv; both dims of the pair are samples, so C does not depend on the
+    position) and w_g = E sum_{h in g} ||q_h^f||^2. The logit error of dropping a key direction is weighted by w,
+    so the components are the eigenvectors u of W^1/2 C W^1/2: key_mix = W^1/2 u, query_mix = W^-1/2 u.
+    """
+    n, h, d = q.shape
+    hkv, half = k.shape[1], d // 2
+    if not 0 < keep <= hkv * half:
+        raise ValueError(f"keep={keep} slots must be in [1, Hkv * D/2 = {hkv * half}]")
+    k1, k2 = k.double().chunk(2, dim=-1)  # (N, Hkv, D/2)
+    moment = (torch.einsum("ngf,nhf->fgh", k1, k1) + torch.einsum("ngf,nhf->fgh", k2, k2)) / n  # (D/2, Hkv, Hkv)
+    q_energy = pair_norms(q).double().square().view(n, hkv, h // hkv, half).sum(2).mean(0)  # (Hkv, D/2)
+    weight = q_energy.T.clamp_min(q_energy.max() * 1e-9)  # (D/2, Hkv)
+    root = weight.sqrt()
+    evals, evecs = torch.linalg.eigh(root[:, :, None] * moment * root[:, None, :])  # ascending
+    energy, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)  # (D/2, Hkv), (D/2, Hkv, Hkv) columns = components
+    slots = energy.flatten().topk(keep).indices.sort().values  # (P,) = f * Hkv + c
+    f, c = slots // hkv, slots % hkv
+    u = evecs[f, :, c]  # (P, Hkv)
+    return RotatedRope(pairs=f, key_mix=root[f] * u, query_mix=u / root[f], energy=energy)
