@@ -22,8 +22,8 @@ from prefect import flow
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict
 
-from infra.artifacts import ArtifactRef
-from infra.tracking import parent_run, stage_run
+from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
+from infra.tracking import INTEGRITY_TAG, parent_run, register_checkpoint, stage_run
 from mha2mla_core import MLAConfig
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
@@ -90,16 +90,41 @@ def registry_name(params: ConvertParams, slug: str) -> str:
     return params.name or f"{slug.replace('/', '--')}-mla"
 
 
-def register_once(name: str, ref: ArtifactRef, run_id: str) -> str:
-    """Register `ref.uri` as a version of `name` unless one already points at it; "name/version"."""
-    from infra.tracking import register_checkpoint
+SUPERSEDED_TAG = "mha2mla.superseded_by"  # on a version marked corrupt: the version registered in its place
 
+
+def register_once(name: str, ref: ArtifactRef, run_id: str) -> str:
+    """Register `ref.uri` as a version of `name` unless one already points at it; "name/version".
+
+    Versions of `name` marked corrupt (`mha2mla.integrity`) get `mha2mla.superseded_by` = the good one."""
     client = MlflowClient()
-    for version in client.search_model_versions(f"name = '{name}'"):
+    versions = client.search_model_versions(f"name = '{name}'")
+    for version in versions:
         if version.source == ref.uri:
             return f"{name}/{version.version}"
-    version = register_checkpoint(name, ref.uri, run_id, tags={"sha256": ref.sha256})
-    return f"{name}/{version}"
+    number = register_checkpoint(name, ref.uri, run_id, tags={"sha256": ref.sha256})
+    for version in versions:
+        if INTEGRITY_TAG in version.tags and SUPERSEDED_TAG not in version.tags:
+            client.set_model_version_tag(name, version.version, SUPERSEDED_TAG, f"{name}/{number}")
+    return f"{name}/{number}"
+
+
+def registered_checkpoint(model_version: str) -> ArtifactRef:
+    """The checkpoint of a registered "name/version", every stored byte verified against the digest it was
+    registered with; DigestMismatchError when it changed or was marked corrupt (naming its replacement)."""
+    name, _, number = model_version.rpartition("/")
+    version = MlflowClient().get_model_version(name, number)
+    if INTEGRITY_TAG in version.tags:
+        instead = version.tags.get(SUPERSEDED_TAG, "none yet: run the conversion again")
+        raise DigestMismatchError(f"registered model {model_version} is marked {version.tags[INTEGRITY_TAG]}; "
+                                  f"use the version registered in its place: {instead}")  # fmt: skip
+    store, sha256 = context().store, version.tags["sha256"]
+    files = store.get_json(f"{version.source}/{MANIFEST_NAME}", sha256=sha256)["files"]
+    ref = ArtifactRef(uri=version.source, sha256=sha256, size=sum(f["size"] for f in files.values()), kind="dir")
+    if not store.verify(ref):
+        raise DigestMismatchError(f"registered model {model_version}: the files at {ref.uri} no longer hash to "
+                                  "their manifest; run the conversion again", uri=ref.uri, expected=sha256)  # fmt: skip
+    return ref
 
 
 @flow(name="convert", persist_result=False)

@@ -13,9 +13,18 @@ Cache key of a stage call = sha256 of
 A cached result is reused only if every artifact it names still hashes to its recorded digest. A record whose
 artifacts are missing or changed is skipped: the key is re-derived from it, so the stage runs again and its
 new record lives beside the stale one (a later run finds the stale record, re-derives, and hits the new one).
+Registered model versions that point at a corrupt artifact are tagged `mha2mla.integrity`.
 
 Result records are JSON (Prefect's JSON serializer, never pickle), kept in the artifact store itself under
-`prefect-results/`, so every process and every worker that shares the store shares the cache.
+`prefect-results/`, so every process and every worker that shares the store shares the cache. Anyone who can
+write to the store can write a record, so a record reaches Prefect's deserializer only if it is exactly a JSON
+record of a `StageResult` (`parse_record`): one naming another serializer (pickle runs code as it loads), other
+decoder hooks or another class is refused, with a warning, as a cache miss. Records are write-once: of two
+writers of one key, the first one's record stays (both are valid).
+
+Every stage call (each attempt) writes its artifacts to a folder of its own, `stages/SLUG/STAGE/KEY16/RUN`, so no
+path ever holds two contents: two runs of one key at once, a retry, or an uncached call cannot overwrite what
+another result, or a registered version, points at.
 """
 
 from __future__ import annotations
@@ -41,10 +50,19 @@ from prefect.cache_policies import CachePolicy
 from prefect.filesystems import WritableFileSystem
 from prefect.tasks import exponential_backoff
 from prefect.transactions import get_transaction
-from pydantic import BaseModel, ConfigDict
+from prefect.context import TaskRunContext
+from prefect.serializers import JSONSerializer
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra import tracking
-from infra.artifacts import ArtifactRef, ArtifactStore, is_transient, open_store, safe_key
+from infra.artifacts import (
+    ArtifactConflictError,
+    ArtifactRef,
+    ArtifactStore,
+    is_transient,
+    open_store,
+    safe_key,
+)
 from infra.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -266,20 +284,82 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def artifacts_intact(result: Any, store: ArtifactStore) -> bool:
-    """True if `result` is a StageResult whose every artifact is in `store` with its recorded digest."""
-    if not isinstance(result, StageResult):
-        return False
+class UnsafeRecordError(ValueError):
+    """A result record that is not a JSON record of a StageResult; it never reaches Prefect's deserializer."""
+
+
+_RECORD_SERIALIZER = JSONSerializer().model_dump(mode="json")  # the only serializer a record may name
+_RESULT_CLASS = f"{StageResult.__module__}.{StageResult.__qualname__}"
+_DECODER_KEYS = ("__class__", "__exc_type__")  # keys that make Prefect's JSON decoder import and build a type
+
+
+def parse_record(content: bytes) -> StageResult:
+    """The StageResult of a result record, read with plain `json` (nothing imported, nothing run); raise
+    UnsafeRecordError for anything else: another serializer (pickle), other decoder hooks, another class."""
     try:
-        return all(store.verify(ref) for ref in result.refs())
+        record = json.loads(content)
+        serializer = record["metadata"]["serializer"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UnsafeRecordError(f"not a JSON result record ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(serializer, dict) or serializer.get("type") != _RECORD_SERIALIZER["type"]:
+        named = serializer.get("type") if isinstance(serializer, dict) else serializer
+        raise UnsafeRecordError(f"it names serializer {str(named)[:40]!r}, not {_RECORD_SERIALIZER['type']!r}")
+    if serializer != _RECORD_SERIALIZER:
+        changed = sorted(k for k in {*serializer, *_RECORD_SERIALIZER} if serializer.get(k) != _RECORD_SERIALIZER.get(k))
+        raise UnsafeRecordError(f"its JSON serializer has other settings: {', '.join(changed)[:120]}")
+    try:
+        payload = json.loads(record["result"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UnsafeRecordError(f"its result is not JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(payload, dict) or set(payload) != {"__class__", "data"} or payload["__class__"] != _RESULT_CLASS:
+        named = payload.get("__class__") if isinstance(payload, dict) else type(payload).__name__
+        raise UnsafeRecordError(f"its result is {str(named)[:80]!r}, not a {_RESULT_CLASS}")
+    if _names_a_type(payload["data"]):
+        raise UnsafeRecordError(f"its {_RESULT_CLASS} holds objects with {' or '.join(_DECODER_KEYS)} (a Python type)")
+    try:
+        return StageResult.model_validate(payload["data"])
+    except ValidationError as exc:
+        raise UnsafeRecordError(f"its result is not a valid StageResult ({exc.error_count()} errors)") from None
+
+
+def _names_a_type(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(key in value for key in _DECODER_KEYS) or any(_names_a_type(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_a_type(v) for v in value)
+    return False
+
+
+def record_problem(key: str, store: ArtifactStore) -> str | None:
+    """Why the record of cache `key` cannot be used (refused, or its artifacts missing or changed); None when it
+    can, or when there is none. Registered versions of a corrupt artifact are marked as such."""
+    uri = store.uri(safe_key(RESULTS_PREFIX, key))
+    if not store.exists(uri):
+        return None
+    try:
+        result = parse_record(store.get_bytes(uri))
+    except UnsafeRecordError as exc:
+        return f"was refused: {exc}"
+    broken = [ref for ref in result.refs() if not _intact(ref, store)]
+    if not broken:
+        return None
+    for ref in broken:
+        for version in tracking.mark_model_versions(ref.uri, f"corrupt: {ref.uri} no longer hashes to {ref.sha256}"):
+            logger.warning("registered model %s points at the corrupt %s; tagged %s", version, ref.uri, tracking.INTEGRITY_TAG)
+    return f"has missing or changed artifacts ({', '.join(ref.uri for ref in broken)})"
+
+
+def _intact(ref: ArtifactRef, store: ArtifactStore) -> bool:
+    try:
+        return store.verify(ref)
     except (ValueError, OSError) as exc:  # an URI of another store, an unreadable object
-        logger.info("cached %s result unusable: %s", result.stage, exc)
+        logger.info("cached artifact %s unusable: %s", ref.uri, exc)
         return False
 
 
 @dataclass
 class StageCachePolicy(CachePolicy):
-    """Key = hash(input digests, stage config, stage code); a hit must pass `artifacts_intact`."""
+    """Key = hash(input digests, stage config, stage code); a hit must pass `record_problem`."""
 
     code: tuple[str, ...] = ()  # core modules the stage calls
 
@@ -289,14 +369,13 @@ class StageCachePolicy(CachePolicy):
         key = _sha256_json({"stage": task_ctx.task.name, "code": code, "inputs": cache_payload(inputs)})
         store = context().store
         for _ in range(_REKEY_LIMIT):
-            if not task_ctx.result_store.exists(key):
+            problem = record_problem(key, store)
+            if problem is None:
                 return key
-            record = task_ctx.result_store.read(key)
-            if artifacts_intact(record.result, store):
-                return key
-            logger.warning("%s: cached result %s has missing or changed artifacts; running again", fn.__name__, key)
+            logger.warning("%s: cache record %s/%s %s; treated as a cache miss, the stage runs again",
+                           task_ctx.task.name, RESULTS_PREFIX, key, problem)  # fmt: skip
             key = _sha256_json({"stale": key})
-        raise RuntimeError(f"{task_ctx.task.name}: {_REKEY_LIMIT} stale cache records in a row; clear {RESULTS_PREFIX}/")
+        raise RuntimeError(f"{task_ctx.task.name}: {_REKEY_LIMIT} unusable cache records in a row; clear {RESULTS_PREFIX}/")
 
 
 # ------------------------------------------------------------------------------------------ result storage
@@ -312,11 +391,18 @@ class ArtifactResultStorage(WritableFileSystem):
     _block_type_name = "mha2mla artifact result storage"
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        """The record's bytes, only if they are a JSON record of a StageResult (else UnsafeRecordError)."""
         store = context().store
-        return store.get_bytes(store.uri(safe_key(RESULTS_PREFIX, path)))
+        content = store.get_bytes(store.uri(safe_key(RESULTS_PREFIX, path)))
+        parse_record(content)
+        return content
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
-        context().store.put_bytes(content, safe_key(RESULTS_PREFIX, path))
+        """Write-once: when another run stored a record of this key first, that one stays."""
+        try:
+            context().store.put_bytes(content, safe_key(RESULTS_PREFIX, path))
+        except ArtifactConflictError:
+            logger.info("cache record %s/%s was written by another run first; keeping it", RESULTS_PREFIX, path)
         return path
 
     async def aread_path(self, path: str) -> bytes:
@@ -383,9 +469,16 @@ def _call_key() -> str:
     return txn.key[:16] if txn is not None and txn.key else "uncached"
 
 
+def _attempt() -> str:
+    """`TASKRUN16.N`: this task run's id and attempt, the same for every artifact one attempt writes."""
+    task_run = TaskRunContext.get().task_run
+    return f"{task_run.id.hex[:16]}.{task_run.run_count}"
+
+
 def artifact_key(slug: str, stage: str, name: str) -> str:
-    """`stages/SLUG/STAGE/KEY16/NAME`: one folder per cache key, so a rerun of the same call rewrites it."""
-    return safe_key(STAGES_PREFIX, slug, stage, _call_key(), name)
+    """`stages/SLUG/STAGE/KEY16/RUN/NAME`: a folder per cache key and, inside it, per attempt, so that no path is
+    ever written twice (see the module docstring)."""
+    return safe_key(STAGES_PREFIX, slug, stage, _call_key(), _attempt(), name)
 
 
 def work_dir(stage: str) -> Path:
