@@ -23,10 +23,18 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
-from infra.tracking import INTEGRITY_TAG, parent_run, register_checkpoint, stage_run
+from infra.tracking import parent_run, stage_run
 from mha2mla_core import MLAConfig
 from mha2mla_core.quant_cache import KVCacheQuantConfig
-from tasks.common import RunLink, StageResult, context, ensure_result_storage, log_stage
+from tasks.common import (
+    INTEGRITY_TAG,
+    RunLink,
+    StageResult,
+    context,
+    ensure_result_storage,
+    log_stage,
+    registered_source,
+)
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct, training_device
 from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
@@ -97,6 +105,8 @@ def register_once(name: str, ref: ArtifactRef, run_id: str) -> str:
     """Register `ref.uri` as a version of `name` unless one already points at it; "name/version".
 
     Versions of `name` marked corrupt (`mha2mla.integrity`) get `mha2mla.superseded_by` = the good one."""
+    from infra.tracking import register_checkpoint
+
     client = MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'")
     for version in versions:
@@ -118,9 +128,9 @@ def registered_checkpoint(model_version: str) -> ArtifactRef:
         instead = version.tags.get(SUPERSEDED_TAG, "none yet: run the conversion again")
         raise DigestMismatchError(f"registered model {model_version} is marked {version.tags[INTEGRITY_TAG]}; "
                                   f"use the version registered in its place: {instead}")  # fmt: skip
-    store, sha256 = context().store, version.tags["sha256"]
-    files = store.get_json(f"{version.source}/{MANIFEST_NAME}", sha256=sha256)["files"]
-    ref = ArtifactRef(uri=version.source, sha256=sha256, size=sum(f["size"] for f in files.values()), kind="dir")
+    store, (uri, sha256) = context().store, registered_source(version)
+    files = store.get_json(f"{uri}/{MANIFEST_NAME}", sha256=sha256)["files"]
+    ref = ArtifactRef(uri=uri, sha256=sha256, size=sum(f["size"] for f in files.values()), kind="dir")
     if not store.verify(ref):
         raise DigestMismatchError(f"registered model {model_version}: the files at {ref.uri} no longer hash to "
                                   "their manifest; run the conversion again", uri=ref.uri, expected=sha256)  # fmt: skip
