@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import mlflow
 from mlflow import MlflowClient
@@ -23,7 +24,8 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
-from infra.tracking import parent_run, stage_run
+from flows.publish import QualityGate, describe, headline_metrics, model_card, publish, recipe
+from infra.tracking import log_metrics, parent_run, stage_run
 from mha2mla_core import MLAConfig
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import (
@@ -62,6 +64,7 @@ class ConvertParams(BaseModel):
     finetune: FinetuneParams | None = None  # None: no fine-tuning
     quantize_kv: KVCacheQuantConfig | None = None  # None: the latent cache stays in the model's dtype
     name: str | None = None  # MLflow run name and registry model name; None = "<model>-mla"
+    gate: QualityGate | None = None  # a checkpoint that passes becomes the registered model's `champion`
 
 
 class ConvertOutcome(BaseModel):
@@ -77,15 +80,20 @@ class StageRunner:
 
     def __init__(self, parent_run_id: str):
         self.parent_run_id, self.cache = parent_run_id, {}
+        self.seconds: dict[str, float] = {}  # stage run name -> wall time
+        self.results: dict[str, StageResult] = {}  # stage name -> its last result
 
     def __call__(self, stage, *args, label: str = "", **kwargs) -> StageResult:
         link = RunLink(parent_run_id=self.parent_run_id, label=label)
         name = link.run_name(stage.name)
         progress.info("%s started", name, extra={"stage": name, "event": "start"})
+        start = time.monotonic()
         state = stage(*args, run=link, return_state=True, **kwargs)
+        self.seconds[name] = time.monotonic() - start
         if state.is_failed() or state.is_crashed():
             progress.info("%s failed", name, extra={"stage": name, "event": "failed"})
         result: StageResult = state.result()  # raises the stage's error
+        self.results[stage.name] = result
         self.cache[name] = "hit" if state.name == "Cached" else "miss"
         if self.cache[name] == "hit":
             with stage_run(name, result.params, parent_run_id=self.parent_run_id):
@@ -101,18 +109,13 @@ def registry_name(params: ConvertParams, slug: str) -> str:
 SUPERSEDED_TAG = "mha2mla.superseded_by"  # on a version marked corrupt: the version registered in its place
 
 
-def register_once(name: str, ref: ArtifactRef, run_id: str) -> str:
-    """Register `ref.uri` as a version of `name` unless one already points at it; "name/version".
+def register_once(name: str, final: StageResult, **publishing) -> str:
+    """Register `final` as a version of `name` (`flows.publish.publish`: once per checkpoint); "name/version".
 
     Versions of `name` marked corrupt (`mha2mla.integrity`) get `mha2mla.superseded_by` = the good one."""
-    from infra.tracking import register_checkpoint
-
     client = MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'")
-    for version in versions:
-        if version.source == ref.uri:
-            return f"{name}/{version.version}"
-    number = register_checkpoint(name, ref.uri, run_id, tags={"sha256": ref.sha256})
+    number = publish(name, final, **publishing).version
     for version in versions:
         if INTEGRITY_TAG in version.tags and SUPERSEDED_TAG not in version.tags:
             client.set_model_version_tag(name, version.version, SUPERSEDED_TAG, f"{name}/{number}")
@@ -175,7 +178,14 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         before = stage(evaluate, model, model.slug, eval_text, params.evaluation, label="original")
         after = {label: stage(evaluate, ckpt, model.slug, eval_text, params.evaluation, label=label)
                  for label, ckpt in checkpoints.items()}  # fmt: skip
-        table = json.loads(log_comparison(before, after).to_json())
-        final = list(checkpoints.values())[-1].output
-        version = register_once(name, final, run_id)
-    return ConvertOutcome(run_id=run_id, checkpoint=final, model_version=version, table=table, cache=stage.cache)
+        comparison = log_comparison(before, after)
+        table = json.loads(comparison.to_json())
+        final = list(checkpoints.values())[-1]
+        headline = headline_metrics(comparison, stage.results, stage.seconds)
+        log_metrics(headline)
+        failures = params.gate.failures(headline) if params.gate else ["no quality gate set"]
+        mlflow.set_tag("mha2mla.gate", "passed" if not failures else "; ".join(failures))
+        version = register_once(name, final, card=model_card(name, params, model, comparison, headline, stage.results, run_id),
+                                recipe_text=recipe(params, model.digest), description=describe(model, headline, params),
+                                champion=not failures)  # fmt: skip
+    return ConvertOutcome(run_id=run_id, checkpoint=final.output, model_version=version, table=table, cache=stage.cache)

@@ -99,7 +99,9 @@ def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin,
         assert secret not in logged
 
     [version] = client.search_model_versions(f"name = '{outcome.model_version.split('/')[0]}'")
-    assert version.source == outcome.checkpoint.uri
+    assert version.tags["mha2mla.checkpoint_uri"] == outcome.checkpoint.uri
+    assert client.get_model_version(version.name, version.version).aliases == ["candidate"]
+    assert parent.data.metrics["kv_saving_pct"] > 0 and parent.data.metrics["ppl"] == outcome.table["rows"][0]["values"]["mla"]
 
     found = lineage(outcome.checkpoint.uri)
     assert found.flow.run.tags["mha2mla.model_digest"] == model_digest

@@ -3,15 +3,20 @@ registry versions and lineage lookups."""
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from pydantic import SecretStr
 
+from eval_tiny import tiny_lm, tiny_tokenizer
+
 from infra.artifacts import LocalStore
 from infra.settings import Settings
 from infra.tracking import (
+    CACHE_TAG,
     LIBRARIES,
     flatten_params,
     lineage,
@@ -25,6 +30,9 @@ from infra.tracking import (
     run_tags,
     stage_run,
 )
+from mha2mla_core import MLAConfig, convert_to_mla
+from mha2mla_core.hub_code import bundle_code
+from tiny_models import calib_ids
 
 pytestmark = pytest.mark.services
 
@@ -111,11 +119,17 @@ def test_lineage_of_a_registered_checkpoint(settings, tmp_path):
             log_dataset("calibration", calib.sha256, calib.uri, context="calibration")
             log_dataset("smollm-corpus", "c" * 64, "HuggingFaceTB/smollm-corpus")
             log_output(ckpt)
-    assert register_checkpoint("tiny-mla", ckpt.uri, svd_id, {"sha256": ckpt.sha256}) == 1
-    assert register_checkpoint("tiny-mla", ckpt.uri, svd_id) == 2
+            mlflow.set_tag(CACHE_TAG, "miss")
+        first = register_checkpoint(tmp_path / "ckpt", ckpt, "tiny-mla", description="tiny")
+    with parent_run("lineage-rerun") as rerun_id:
+        with stage_run("svd-init", {"rank": 8}, parent_run_id=rerun_id):  # a cache hit logs the same output
+            log_output(ckpt)
+            mlflow.set_tag(CACHE_TAG, "hit")
+        again = register_checkpoint(tmp_path / "ckpt", ckpt, "tiny-mla")
+    assert (first.version, first.logged, again.version, again.logged) == (1, True, 1, False)
 
     found = lineage(ckpt.uri)
-    assert found.producer.run_id == svd_id and found.sha256 == ckpt.sha256
+    assert found.producer.run_id == svd_id and found.sha256 == ckpt.sha256  # the run that wrote it, not the hit
     assert found.producer.params == {"rank": "8"}
     assert {(d.name, d.sha256, d.context) for d in found.producer.datasets} == {
         ("calibration", calib.sha256, "calibration"),
@@ -125,9 +139,40 @@ def test_lineage_of_a_registered_checkpoint(settings, tmp_path):
     assert found.flow.run.run_id == flow_id
     assert found.flow.run.tags["mha2mla.model_sha256"] == "ab"
     assert [s.name for s in found.flow.stages] == ["sample-calibration", "svd-init"]
-    assert sorted(found.model_versions) == ["tiny-mla/1", "tiny-mla/2"]
+    assert found.model_versions == ("tiny-mla/1",)
+    folder = Path(settings.artifact_root) / "tiny" / "mla"
+    for target in ("models:/tiny-mla/1", "models:/tiny-mla@candidate", str(folder)):
+        assert lineage(target).producer.run_id == svd_id, target
     with pytest.raises(LookupError, match="no run logged output"):
         lineage(store.uri("tiny/never-written"))
+    with pytest.raises(LookupError, match="models:/tiny-mla/7: no such registered model version"):
+        lineage("models:/tiny-mla/7")
+    with pytest.raises(LookupError, match="not a models:/ URI, an artifact URI"):
+        lineage(str(tmp_path / "nowhere"))
+
+
+def test_registered_checkpoint_is_an_mlflow_model_that_generates(settings, tmp_path):
+    tok = tiny_tokenizer()
+    model = convert_to_mla(tiny_lm(tok), MLAConfig(rope_dims=4, kv_rank=4, svd="aware", calib_seq_len=64),
+                           calib_ids(512).clamp(max=len(tok) - 1)).eval()  # fmt: skip
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    bundle_code(tmp_path / "ckpt")
+    ckpt = LocalStore(settings.artifact_root).put_dir(tmp_path / "ckpt", "tiny/mla")
+    with parent_run("register"):
+        registered = register_checkpoint(tmp_path / "ckpt", ckpt, "tiny-mla-r4", description="PPL 12.5", champion=True)
+    assert registered.uri == "models:/tiny-mla-r4/1" and registered.aliases == ("candidate", "champion")
+
+    version = MlflowClient().get_model_version_by_alias("tiny-mla-r4", "champion")
+    assert version.description == "PPL 12.5" and version.tags["mha2mla.checkpoint_sha256"] == ckpt.sha256
+    assert mlflow.models.get_model_info("models:/tiny-mla-r4@candidate").signature.inputs.input_names() == ["prompt"]
+    prompts = ["the river ran past the old mill", "she wrote"]
+    loaded = mlflow.pyfunc.load_model("models:/tiny-mla-r4/1")
+    texts = loaded.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 5})["text"].tolist()
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert texts == tok.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_recent_runs_lists_flows_with_stages(settings):

@@ -1,0 +1,131 @@
+"""What a `convert` run leaves for the tools users already have.
+
+- **Headline metrics** on the flow's MLflow run (`headline_metrics`): PPL of the final checkpoint and its change
+  against the original, KV bytes per token and the saving, the MC average where MC ran, tokens trained, and the
+  wall time of each stage. With the resolved config as the run's params, MLflow's runs table sorts configs by
+  quality and its compare view charts one against the other.
+- **The registered model** (`publish`): the final checkpoint, with a model card (README.md) and its recipe
+  (recipe.yaml, the catalog-entry format: `mha2mla convert --config recipe.yaml` reproduces it) written beside the
+  weights, logged as an MLflow pyfunc model and registered with a description and the alias `candidate`; `champion`
+  moves to it when it passes the user's quality gate (`QualityGate`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from infra.tracking import RegisteredCheckpoint, checkpoint_version, code_version, register_checkpoint
+from mha2mla_core.evaluation.report import Comparison
+from tasks.common import StageResult, context, scratch_dir
+
+RECIPE_FILE = "recipe.yaml"
+CARD_FILE = "README.md"
+
+
+class QualityGate(BaseModel):
+    """Bounds a checkpoint must meet to become the registered model's `champion`; unset bounds are not checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_ppl: float | None = None  # PPL of the final checkpoint on the evaluation text
+    max_ppl_change_pct: float | None = None  # its PPL change against the original, in %
+    min_kv_saving_pct: float | None = None  # KV-cache bytes saved against the original, in %
+
+    def failures(self, headline: Mapping[str, float]) -> list[str]:
+        """What the checkpoint misses, one line per bound (empty: it passes)."""
+        checks = [("ppl", self.max_ppl, 1), ("ppl_change_pct", self.max_ppl_change_pct, 1),
+                  ("kv_saving_pct", self.min_kv_saving_pct, -1)]  # fmt: skip
+        return [f"{key}={headline[key]:.2f} {'>' if sign > 0 else '<'} {bound}" for key, bound, sign in checks
+                if bound is not None and (key not in headline or sign * (headline[key] - bound) > 0)]  # fmt: skip
+
+
+def headline_metrics(table: Comparison, results: Mapping[str, StageResult], seconds: Mapping[str, float]) -> dict[str, float]:
+    """The flow run's metrics: the final checkpoint (the table's last model) against the original."""
+    final, base = table.models[-1], table.baseline
+    keys = {row.key for row in table.rows}
+    out: dict[str, float] = {}
+    if "ppl" in keys:
+        ppl = table.row("ppl")
+        out.update(ppl=ppl.values[final], ppl_original=ppl.values[base], ppl_change_pct=ppl.deltas[final])
+    if "kv_bytes_per_token" in keys:
+        kv = table.row("kv_bytes_per_token")
+        out.update(kv_bytes_per_token=kv.values[final], kv_bytes_per_token_original=kv.values[base],
+                   kv_saving_pct=-kv.deltas[final])  # fmt: skip
+    accs = [row for row in table.rows if re.fullmatch(r"mc\.[^.]+\.acc", row.key)]
+    if accs:
+        out["mc_avg_acc"] = sum(row.values[final] for row in accs) / len(accs)
+        out["mc_avg_acc_original"] = sum(row.values[base] for row in accs) / len(accs)
+    if "finetune" in results:
+        out["tokens_trained"] = results["finetune"].metrics.get("tokens", 0.0)
+    for stage, value in seconds.items():
+        out[f"seconds.{re.sub(r'[^A-Za-z0-9_.-]+', '.', stage).strip('.')}"] = value
+    out["seconds.total"] = sum(seconds.values())
+    return {key: float(value) for key, value in out.items() if value is not None}
+
+
+def recipe(params: BaseModel, model_digest: str) -> str:
+    """The flow's parameters as YAML, headed by the command that reruns them."""
+    header = (f"# mha2mla convert --config {RECIPE_FILE}\n"
+              f"# reproduces this checkpoint: source model digest {model_digest}, mha2mla {code_version()}\n")  # fmt: skip
+    return header + yaml.safe_dump(params.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def model_card(name: str, params: BaseModel, model, table: Comparison, headline: Mapping[str, float],
+               results: Mapping[str, StageResult], run_id: str) -> str:  # fmt: skip
+    """README.md of the checkpoint: base model, method, config, data and digests, quality, KV bytes, code version."""
+    mla = params.mla
+    hub_id = "/" in model.name and not Path(model.name).exists()
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": ["mha2mla", "multi-head-latent-attention", "custom_code"], **({"base_model": model.name} if hub_id else {})}  # fmt: skip
+    datasets = {(d.name, d.digest, d.source) for r in results.values() for d in r.datasets}
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", f"# {name}", "",
+        f"`{model.name}` with its attention converted to multi-head latent attention (MLA) by mha2mla, after MHA2MLA "
+        "(arXiv 2502.14837): partial RoPE, then a low-rank latent initialised by SVD. The KV cache holds only the "
+        "latent and the kept RoPE key dims.", "",
+        "| config | value |", "|---|---|",
+        *(f"| {key} | {value} |" for key, value in mla.to_dict().items()),
+        f"| fine-tuning | {'yes, ' + format(int(headline.get('tokens_trained', 0)), ',') + ' tokens' if params.finetune else 'none'} |",
+        f"| KV-cache quantization | {f'int{params.quantize_kv.nbits}' if params.quantize_kv else 'none'} |", "",
+        "## Quality and KV cache", "", table.to_markdown(),
+        f"KV bytes per token: {headline.get('kv_bytes_per_token', 0):,.0f} against {headline.get('kv_bytes_per_token_original', 0):,.0f} "
+        f"({headline.get('kv_saving_pct', 0):.2f}% saved), read from the cache's own tensors.", "",
+        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        'tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)',
+        'model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # torch + transformers only',
+        "```", "",
+        "## Provenance", "", "| what | source | sha256 |", "|---|---|---|",
+        f"| base model | `{model.name}` | `{model.digest}` |",
+        *(f"| {n} | `{s}` | `{d}` |" for n, d, s in sorted(datasets)),
+        "", f"Code: mha2mla `{code_version()}`; MLflow run `{run_id}`. The full recipe is `{RECIPE_FILE}`: "
+        f"`mha2mla convert --config {RECIPE_FILE}` reproduces this checkpoint.", "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def describe(model, headline: Mapping[str, float], params: BaseModel) -> str:
+    """The registry version's description: source and digest, config, KV saving, PPL."""
+    mla = params.mla
+    return (f"{model.name} (sha256 {model.digest}) -> MLA: rope {mla.rope_strategy} r={mla.rope_dims}, "
+            f"kv_rank {mla.kv_rank}, svd {mla.svd}, {mla.layout}"
+            f"{', fine-tuned' if params.finetune else ''}{f', int{params.quantize_kv.nbits} cache' if params.quantize_kv else ''}. "
+            f"PPL {headline.get('ppl', float('nan')):.2f} (original {headline.get('ppl_original', float('nan')):.2f}, "
+            f"{headline.get('ppl_change_pct', float('nan')):+.1f}%); KV {headline.get('kv_bytes_per_token', 0):,.0f} B/token "
+            f"({headline.get('kv_saving_pct', 0):.2f}% saved).")  # fmt: skip
+
+
+def publish(name: str, final: StageResult, *, card: str, recipe_text: str, description: str, champion: bool) -> RegisteredCheckpoint:
+    """Register the final checkpoint as an MLflow model (card and recipe beside its weights) on the active run; a
+    checkpoint already registered under `name` keeps its version and gets the new description and aliases."""
+    with scratch_dir() as tmp:
+        directory = None
+        if checkpoint_version(name, final.sha256) is None:
+            directory = context().store.get_dir(final.uri, tmp / "checkpoint", sha256=final.sha256)
+            (directory / CARD_FILE).write_text(card)
+            (directory / RECIPE_FILE).write_text(recipe_text)
+        return register_checkpoint(directory, final.output, name, description=description, champion=champion)

@@ -1,0 +1,50 @@
+"""The MLflow model of a registered checkpoint: a pyfunc that generates text (logged as code, see
+`infra.tracking.log_checkpoint_model`).
+
+    model = mlflow.pyfunc.load_model("models:/smollm2-135m-mla-r8-k16@candidate")
+    model.predict(pd.DataFrame({"prompt": ["The capital of France is"]}), params={"max_new_tokens": 16})
+
+The checkpoint sits in the model's artifacts as a self-contained Hugging Face folder (weights, tokenizer, the
+modeling code with `auto_map`, README.md card, recipe.yaml), so this file needs torch, transformers and mlflow only:
+`mlflow.artifacts.download_artifacts("models:/NAME/VERSION")` + `artifacts/checkpoint` is also what
+`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` loads.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+CHECKPOINT = "checkpoint"  # the artifact holding the Hugging Face folder
+DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0}  # temperature 0 = greedy
+
+
+class MLACheckpoint(PythonModel):
+    """Prompts (column `prompt`) in, continuations (column `text`) out; batched with left padding."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = context.artifacts[CHECKPOINT]
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        import torch
+
+        options = {**DEFAULTS, **(params or {})}
+        sampled = options["temperature"] > 0
+        sampling = {"do_sample": True, "temperature": options["temperature"], "top_p": options["top_p"]} if sampled else {}
+        batch = self.tokenizer(list(model_input["prompt"]), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = self.model.generate(**batch, max_new_tokens=int(options["max_new_tokens"]), do_sample=sampled,
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)  # fmt: skip
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return pd.DataFrame({"text": texts})
+
+
+mlflow.models.set_model(MLACheckpoint())
