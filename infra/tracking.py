@@ -6,7 +6,8 @@
             log_dataset("calibration", calib_ref.sha256, calib_ref.uri)
             ...
             log_output(ckpt_ref)
-        register_checkpoint("smollm2-135m-mla", ckpt_ref.uri, stage_id)
+        log_metrics(headline)                      # on the flow's run: what the runs table sorts by
+        register_checkpoint(local_dir, ckpt_ref, "smollm2-135m-mla-...", description="...", champion=passed)
 
 - MLflow's active run is per thread, so a stage running in a Prefect worker thread or another
   process passes `parent_run_id` explicitly; inside the `with`, fluent `mlflow.*` calls and the
@@ -15,6 +16,10 @@
   stage runs carry `mha2mla.kind=stage` and `mha2mla.stage=NAME`.
 - A stage records its primary output with `log_output(ref)` (tags `mha2mla.output_uri` and
   `mha2mla.output_sha256`); `lineage(uri)` finds that run, then its flow and sibling stages.
+- A checkpoint is registered as an MLflow model: a pyfunc that generates (`infra/mlflow_model.py`, logged as
+  code) with the Hugging Face folder as its artifact, a signature, a description, the tags
+  `mha2mla.checkpoint_uri` / `mha2mla.checkpoint_sha256` and the alias `candidate` (`champion` when the
+  flow's quality gate passed). `mlflow.pyfunc.load_model("models:/NAME@candidate")` loads it.
 - Params are flattened (`{"mla": {"rank": 8}}` -> `mla.rank`) and secrets are dropped: SecretStr
   values, keys that name a secret, passwords inside URIs.
 """
@@ -44,7 +49,10 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from infra.artifacts import ArtifactRef
@@ -59,6 +67,18 @@ OUTPUT_URI_TAG = "mha2mla.output_uri"
 OUTPUT_SHA256_TAG = "mha2mla.output_sha256"
 DATASET_SHA256_TAG = "mha2mla.sha256"  # MLflow keeps only 36 chars of a dataset digest
 CODE_VERSION_TAG = "mha2mla.code_version"
+CACHE_TAG = "mha2mla.cache"  # on a stage run: "hit" (served from the cache) or "miss" (ran, wrote its outputs)
+CHECKPOINT_URI_TAG = "mha2mla.checkpoint_uri"  # on a registered model version: the artifact-store checkpoint
+CHECKPOINT_SHA256_TAG = "mha2mla.checkpoint_sha256"
+CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: every new version, and the ones that pass the gate
+MODEL_CODE = Path(__file__).resolve().with_name("mlflow_model.py")
+MODEL_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.string, "prompt")]),
+    outputs=Schema([ColSpec(DataType.string, "text")]),
+    params=ParamSchema([ParamSpec("max_new_tokens", DataType.long, 32), ParamSpec("temperature", DataType.double, 0.0),
+                        ParamSpec("top_p", DataType.double, 1.0)]),
+)  # fmt: skip
+MODEL_REQUIREMENTS = ("torch", "transformers", "mlflow", "pandas", "safetensors")
 LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "boto3")
 # a key naming a secret; "token" only as a whole key or with a credential prefix (hf_token), not max_tokens
 _SECRET_KEY = re.compile(
@@ -247,36 +267,78 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
+@dataclasses.dataclass(frozen=True)
+class RegisteredCheckpoint:
+    name: str
+    version: int
+    aliases: tuple[str, ...]
+    logged: bool  # False: the version already existed (a rerun of the same checkpoint)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
 def register_checkpoint(
-    name: str, artifact_uri: str, run_id: str, tags: Mapping[str, str] | None = None
-) -> int:
-    """Register `artifact_uri` as a new version of model `name` (created if new), linked to
-    `run_id`; return the version number."""
+    directory: str | Path | None, ref: ArtifactRef, name: str, *, description: str = "", champion: bool = False
+) -> RegisteredCheckpoint:
+    """Register the Hugging Face folder `directory` (the checkpoint `ref`) as a version of model `name`: logged as
+    a pyfunc model on the active run, unless a version of `name` already holds this checkpoint (then `directory`
+    may be None). The version gets `description`, the checkpoint tags and the alias `candidate`; `champion` moves
+    that alias to it too."""
     client = MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        name, source=artifact_uri, run_id=run_id, tags=dict(tags or {})
-    )
-    log.info("registered %s as model %s version %s", artifact_uri, name, version.version)
-    return int(version.version)
+    version = checkpoint_version(name, ref.sha256)
+    logged = version is None
+    if version is None:
+        if directory is None:
+            raise ValueError(f"{name} has no version of checkpoint {ref.uri} yet; give its folder to log it")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(directory)},
+            signature=MODEL_SIGNATURE, pip_requirements=_requirements(),
+        )  # fmt: skip
+        tags = {CHECKPOINT_URI_TAG: ref.uri, CHECKPOINT_SHA256_TAG: ref.sha256}
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    if description:
+        client.update_model_version(name, version.version, description=description)
+    aliases = [CANDIDATE, CHAMPION] if champion else [CANDIDATE]
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s as model %s version %s (%s)", ref.uri, name, version.version, ", ".join(aliases))
+    return RegisteredCheckpoint(name, int(version.version), tuple(aliases), logged)
 
 
-INTEGRITY_TAG = "mha2mla.integrity"  # set on a registered version whose stored bytes were found corrupt
+def checkpoint_version(name: str, sha256: str) -> ModelVersion | None:
+    """The version of registered model `name` that holds the checkpoint of digest `sha256`, if any."""
+    filter_string = f"name = '{_quoted(name)}' and tags.`{CHECKPOINT_SHA256_TAG}` = '{_quoted(sha256)}'"
+    versions = MlflowClient().search_model_versions(filter_string)
+    return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def mark_model_versions(source_uri: str, note: str) -> list[str]:
-    """Tag every registered version whose source is `source_uri` with `mha2mla.integrity=note`;
-    their "name/version"s."""
-    client = MlflowClient()
-    marked = []
-    for version in client.search_model_versions(f"source_path = '{_quoted(source_uri)}'"):
-        client.set_model_version_tag(version.name, version.version, INTEGRITY_TAG, note)
-        marked.append(f"{version.name}/{version.version}")
-    return marked
+def _requirements() -> list[str]:
+    """Pinned requirements of the pyfunc: the versions this process runs (local labels such as +cpu dropped)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
+
+def resolve_checkpoint_uri(target: str) -> str:
+    """An artifact URI from what a user holds: `models:/NAME/VERSION` or `models:/NAME@ALIAS` (the version's
+    checkpoint tag), a local folder (its file:// URI), or an artifact URI as it is."""
+    if target.startswith("models:/"):
+        name, _, version = target.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
+        client = MlflowClient()
+        try:
+            found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        except MlflowException:
+            raise LookupError(f"{target}: no such registered model version; `mha2mla runs` lists the flows") from None
+        if CHECKPOINT_URI_TAG not in found.tags:
+            raise LookupError(f"{target} was not registered by mha2mla (no {CHECKPOINT_URI_TAG} tag)")
+        return found.tags[CHECKPOINT_URI_TAG]
+    if urlsplit(target).scheme in ("file", "s3"):
+        return target
+    path = Path(target)
+    if not path.exists():
+        raise LookupError(f"{target}: not a models:/ URI, an artifact URI (file://, s3://) or an existing folder")
+    return path.resolve().as_uri()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,15 +382,19 @@ class Lineage:
     model_versions: tuple[str, ...]  # "name/version"
 
 
-def lineage(uri: str) -> Lineage:
-    """The lineage of an artifact URI recorded with `log_output`; LookupError if none."""
+def lineage(target: str) -> Lineage:
+    """The lineage of a checkpoint recorded with `log_output`, given as an artifact URI, a `models:/` URI or a local
+    folder (`resolve_checkpoint_uri`); LookupError if none. The producer is the stage run that wrote it: the first
+    one that logged it and was not served from the cache."""
+    uri = resolve_checkpoint_uri(target)
     client = MlflowClient()
-    runs = _search(client, f"tags.`{OUTPUT_URI_TAG}` = '{_quoted(uri)}'", max_results=1)
+    runs = _search(client, f"tags.`{OUTPUT_URI_TAG}` = '{_quoted(uri)}'")
     if not runs:
         raise LookupError(f"no run logged output {uri}; is MHA2MLA_TRACKING_URI the right store?")
-    producer = _record(runs[0])
+    writers = [run for run in runs if run.data.tags.get(CACHE_TAG) != "hit"] or runs
+    producer = _record(min(writers, key=lambda run: run.info.start_time))
     flow = _flow(client, producer.parent_run_id) if producer.parent_run_id else None
-    versions = client.search_model_versions(f"source_path = '{_quoted(uri)}'")
+    versions = client.search_model_versions(f"tags.`{CHECKPOINT_URI_TAG}` = '{_quoted(uri)}'")
     return Lineage(
         uri=uri,
         sha256=producer.tags.get(OUTPUT_SHA256_TAG, ""),
