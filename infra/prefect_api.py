@@ -5,25 +5,43 @@
     api.wait_ready(timeout=180)        # then run the flow against api.url
 
 It is the server Prefect itself starts when a flow needs an API and none is configured (its
-`SubprocessASGIServer`: same app factory, same `PREFECT_UI_ENABLED=0` / `PREFECT__SERVER_EPHEMERAL=1` settings),
+`SubprocessASGIServer`: Prefect's app, same `PREFECT_UI_ENABLED=0` / `PREFECT__SERVER_EPHEMERAL=1` settings),
 but started here it boots (seconds: it imports the whole Prefect server) on the other core while the CLI
 imports, and the CLI process itself never imports Prefect's server modules. It is stopped at exit.
+
+- Two CLIs on one PREFECT_HOME each start a server on the one sqlite database: `create_app` makes each server's
+  start-up (creating and migrating the database, registering block types) wait for the other's (`flock`).
+- The server lives in a session of its own, so Ctrl-C in the terminal reaches only the CLI, which stops it; on
+  Linux it is also sent SIGTERM when the CLI dies, even by SIGKILL.
+- A server that exits during start-up is reported with the last lines of its own log; only an exit while its
+  port is really taken by someone else is retried, on another port, at most `_RESPAWNS` times.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import fcntl
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-_PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind its port
+_START_FAILED = 3  # uvicorn's exit status when it cannot bind its port, or when the app's start-up fails
+_RESPAWNS = 3  # new ports tried when the one chosen was taken meanwhile
 _POLL_S = 0.1
+_LOG_TAIL = 1500  # characters of the server's log quoted when it fails to start
+START_LOCK = ".server-start.lock"  # under PREFECT_HOME
+_PR_SET_PDEATHSIG = 1
 
 
 class EphemeralAPI:
@@ -33,6 +51,8 @@ class EphemeralAPI:
         self.env = {**env, **_SERVER_ENV}
         self.process: subprocess.Popen | None = None
         self.url = ""
+        self.respawns = 0
+        self.log = tempfile.TemporaryFile()  # the server's stdout and stderr: quoted if it fails to start
 
     @classmethod
     def start(cls, env: Mapping[str, str]) -> EphemeralAPI:
@@ -42,27 +62,35 @@ class EphemeralAPI:
         return api
 
     def _spawn(self) -> None:
-        port = _free_port()
-        command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                   "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]  # fmt: skip
-        self.process = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{port}/api"
+        self.port = _free_port()
+        command = [sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:create_app",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+        self.process = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}/api"
 
     def wait_ready(self, timeout: float) -> None:
         """Return once `/api/health` answers 200; respawn on a port taken meanwhile; raise on exit or timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.process.poll()
-            if status == _PORT_IN_USE:
+            if status == _START_FAILED and _port_taken(self.port) and self.respawns < _RESPAWNS:
+                self.respawns += 1
                 self._spawn()
             elif status is not None:
-                raise RuntimeError(f"Prefect's ephemeral API server exited with status {status} before it was up; "
-                                   "run with --verbose for its log, or set PREFECT_API_URL to a running server")  # fmt: skip
+                raise RuntimeError(f"Prefect's ephemeral API server exited with status {status} before it was up "
+                                   f"(PREFECT_HOME={self.env.get('PREFECT_HOME', '~/.prefect')}); its log ends: "
+                                   f"{self.log_tail()!r}; fix that, or set PREFECT_API_URL to a running server")  # fmt: skip
             elif _healthy(self.url):
                 return
             time.sleep(_POLL_S)
         raise RuntimeError(f"Prefect's ephemeral API server at {self.url} was not up after {timeout:.0f} s; "
                            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")  # fmt: skip
+
+    def log_tail(self) -> str:
+        self.log.seek(0, 2)
+        self.log.seek(max(0, self.log.tell() - _LOG_TAIL))
+        return self.log.read().decode(errors="replace").strip()
 
     def stop(self) -> None:
         if self.process is None:
@@ -74,6 +102,50 @@ class EphemeralAPI:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+def create_app() -> Any:
+    """Prefect's API app, whose start-up (creating and migrating the database, registering block types) holds
+    `PREFECT_HOME/.server-start.lock`, so that servers on one home start one at a time."""
+    import anyio.to_thread
+    from prefect.server.api.server import create_app as prefect_app
+    from prefect.settings import PREFECT_HOME
+
+    app = prefect_app()
+    startup = app.router.lifespan_context
+    lock_path = Path(PREFECT_HOME.value()) / START_LOCK
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        context = startup(app_)
+        with open(lock_path, "a") as lock:
+            await anyio.to_thread.run_sync(fcntl.flock, lock, fcntl.LOCK_EX)
+            state = await context.__aenter__()  # the lock is released as the file closes
+        try:
+            yield state
+        except BaseException:
+            if not await context.__aexit__(*sys.exc_info()):
+                raise
+        else:
+            await context.__aexit__(None, None, None)
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def _die_with_parent() -> None:
+    """In the server process before it runs (Linux): SIGTERM when the CLI process dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _free_port() -> int:
