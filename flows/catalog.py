@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.json"
 
 
-SECTIONS = ("mla", "calibration", "evaluation", "finetune", "quantize_kv")
+SECTIONS = ("mla", "calibration", "evaluation", "finetune", "quantize_kv", "gate")
 
 
 class Defaults(BaseModel):
@@ -60,6 +60,7 @@ class Defaults(BaseModel):
     evaluation: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
     quantize_kv: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None  # QualityGate: the bounds that make a checkpoint its model's `champion`
 
 
 class EntryConfig(Defaults):

@@ -13,6 +13,7 @@ Everything runs on the embedded default unless `MHA2MLA_*` / `PREFECT_API_URL` p
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import os
@@ -63,10 +64,12 @@ def exit_now(code: Any) -> NoReturn:
 app = ConsoleApp(no_args_is_help=True, add_completion=False, help="Convert MHA/GQA models to MLA, cached and tracked.")
 catalog_app = typer.Typer(no_args_is_help=True, help="Run a YAML catalog of models x configs.")
 app.add_typer(catalog_app, name="catalog")
-console = Console()
+# piped or redirected: lines as wide as a run id or digest needs, not rich's default of 80 columns
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 FLOW_COMMANDS = {"convert", "catalog", "resume"}
 # errors that are the user's to fix: printed as one message, no traceback
 USER_ERRORS = (ValueError, LookupError, OSError, StoreCheckError)
+ID_COLUMN = {"overflow": "fold", "min_width": 32}  # run ids and digests are folded onto more lines, never cut short
 
 
 def print_error(exc: Exception) -> None:
@@ -164,6 +167,12 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
         logger.removeHandler(handler)
 
 
+def progress_to_stderr(ctx: typer.Context) -> None:
+    """--json: stdout carries the JSON alone; progress and messages go to stderr until the command ends."""
+    console.stderr = True
+    ctx.call_on_close(lambda: setattr(console, "stderr", False))
+
+
 def given(**options: Any) -> dict[str, Any]:
     """The options set on the command line; the others keep their config class's default."""
     return {name: value for name, value in options.items() if value is not None}
@@ -181,7 +190,8 @@ def _kv_rank(value: str) -> int | None:
 @app.command()
 def convert(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="hub id, local HF directory, .gguf file, or smollm2-135m"),
+    model: Optional[str] = typer.Argument(None, help="hub id, local HF directory, .gguf file, or smollm2-135m (or the recipe's)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections); options given too override it"),
     rope_strategy: Optional[str] = typer.Option(None, help="high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
@@ -211,11 +221,18 @@ def convert(
     speed: bool = typer.Option(False, "--speed", help="prefill/decode tokens/s and peak memory (grid: SpeedParams')"),
     speed_contexts: Optional[str] = typer.Option(None, help="speed-test context lengths, comma list (implies --speed)"),
     name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
+    champion_max_ppl: Optional[float] = typer.Option(None, help="quality gate: the checkpoint becomes the registered model's `champion` if its PPL is at most this"),
+    champion_max_ppl_change: Optional[float] = typer.Option(None, help="quality gate: ... if its PPL change against the original is at most this many %"),
     check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
+    json_output: bool = typer.Option(False, "--json", help="print the outcome as one JSON object on stdout (progress goes to stderr)"),
 ) -> None:
     """Convert MODEL to MLA, evaluate it against the original, register the checkpoint."""
     from flows.convert import ConvertParams
     from flows.convert import convert as convert_flow
+    from flows.publish import overlay, read_recipe
+
+    if json_output:
+        progress_to_stderr(ctx)
 
     tuning = given(finetune_tokens=finetune_tokens, finetune_lr=finetune_lr, kd_weight=kd_weight, trainable=trainable,
                    finetune_seq_len=finetune_seq_len, finetune_batch=finetune_batch, grad_accum=grad_accum,
@@ -228,7 +245,10 @@ def convert(
     if kv_rank is not None:
         mla["kv_rank"] = _kv_rank(kv_rank)
     try:
-        params = ConvertParams(
+        recipe = read_recipe(config) if config else {}
+        if model is None and "model" not in recipe:
+            raise ValueError("give the MODEL to convert, or a recipe that names it (--config recipe.yaml)")
+        params = ConvertParams.model_validate(overlay(recipe, dict(
             model=model, name=name, mla=mla,
             calibration=given(data=calib_data, num_tokens=calib_tokens, model_samples=calib_model_samples or None),
             evaluation=given(text=eval_text, max_tokens=eval_tokens, mc_tasks=_items(mc_tasks), mc_limit=mc_limit,
@@ -242,12 +262,17 @@ def convert(
                           **given(synthetic_fraction=synthetic_fraction), **_reconstruct(reconstruct_steps))
             if finetune_data or synthetic_fraction is not None else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
-        )  # fmt: skip
-    except ValueError as exc:
+            gate=given(max_ppl=champion_max_ppl, max_ppl_change_pct=champion_max_ppl_change),
+        )))  # fmt: skip
+    except (ValueError, OSError) as exc:
         print_error(exc)
         raise typer.Exit(2) from None
     outcome = run_with_progress(ctx, convert_flow, params)
-    report_conversion(outcome, reload_report(outcome, params) if check else None)
+    reloaded = reload_report(outcome, params) if check else None
+    if json_output:
+        print(json.dumps({**outcome.model_dump(mode="json"), "reloaded": reloaded}))
+        return
+    report_conversion(outcome, reloaded)
 
 
 def reload_report(outcome, params) -> dict[str, Any]:
@@ -292,16 +317,23 @@ def report_conversion(outcome, reloaded: dict[str, Any] | None) -> None:
     hits = sum(v == "hit" for v in outcome.cache.values())
     console.print(f"stages: {len(outcome.cache) - hits} ran, {hits} cached")
     console.print(f"checkpoint: {outcome.checkpoint.uri}", soft_wrap=True)
-    console.print(f"registered: {outcome.model_version}   MLflow run: {outcome.run_id}")
+    console.print(f"registered: models:/{outcome.model_version}   MLflow run: {outcome.run_id}", soft_wrap=True)
     if reloaded is not None:
         console.print(f"[bold]greedy sample[/bold] ({reloaded['model_class']}, reloaded):\n"
                       f"[dim]{reloaded['prompt']}[/dim]{reloaded['sample']}")  # fmt: skip
 
 
 @catalog_app.command("run")
-def catalog_run(ctx: typer.Context, file: Path = typer.Argument(..., help="catalog YAML (see catalog.example.yaml)")) -> None:
+def catalog_run(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="catalog YAML (see catalog.example.yaml)"),
+    json_output: bool = typer.Option(False, "--json", help="print the summary as one JSON object on stdout (progress goes to stderr)"),
+) -> None:
     """Run every entry; exit status 1 if any entry failed."""
     from flows.catalog import catalog, load_catalog
+
+    if json_output:
+        progress_to_stderr(ctx)
 
     try:
         load_catalog(file)  # a typo fails here, before anything starts
@@ -309,7 +341,10 @@ def catalog_run(ctx: typer.Context, file: Path = typer.Argument(..., help="catal
         print_error(exc)
         raise typer.Exit(2) from None
     outcome = run_with_progress(ctx, catalog, str(file))
-    report_catalog(outcome)
+    if json_output:
+        print(json.dumps(outcome.model_dump(mode="json")))
+    else:
+        report_catalog(outcome)
     if outcome.failed:
         raise typer.Exit(1)
 
@@ -398,15 +433,22 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @app.command()
-def runs(limit: int = typer.Option(10, min=1, help="how many flow runs")) -> None:
+def runs(
+    limit: int = typer.Option(10, min=1, help="how many flow runs"),
+    json_output: bool = typer.Option(False, "--json", help="print the runs as a JSON list on stdout"),
+) -> None:
     """Recent flow runs (newest first) with each stage's status and cache outcome."""
     from infra.tracking import configure, recent_runs
 
     configure(Settings())
+    found = recent_runs(limit)
+    if json_output:
+        print(json.dumps([dataclasses.asdict(flow_run) for flow_run in found], default=str))
+        return
     table = Table(title="recent flow runs")
     for column in ("run id", "name", "flow", "status", "started (UTC)", "stages"):
-        table.add_column(column)
-    for flow_run in recent_runs(limit):
+        table.add_column(column, **ID_COLUMN if column == "run id" else {})
+    for flow_run in found:
         run = flow_run.run
         stages = "\n".join(
             escape(f"{s.name}: {s.status.lower()}") + (f" ({s.tags['mha2mla.cache']})" if "mha2mla.cache" in s.tags else "")
@@ -418,8 +460,11 @@ def runs(limit: int = typer.Option(10, min=1, help="how many flow runs")) -> Non
 
 
 @app.command()
-def lineage(uri: str = typer.Argument(..., help="artifact URI of a checkpoint (file:// or s3://)")) -> None:
-    """The model, data, code and config that produced the artifact at URI, from MLflow."""
+def lineage(
+    uri: str = typer.Argument(..., help="a checkpoint: registry URI (models:/NAME/VERSION or models:/NAME@ALIAS), artifact URI (file://, s3://) or local folder"),
+    json_output: bool = typer.Option(False, "--json", help="print the lineage as one JSON object on stdout"),
+) -> None:
+    """The model, data, code and config that produced the checkpoint at URI, from MLflow."""
     from infra.tracking import configure
     from infra.tracking import lineage as find_lineage
 
@@ -430,7 +475,12 @@ def lineage(uri: str = typer.Argument(..., help="artifact URI of a checkpoint (f
         print_error(exc)
         raise typer.Exit(2) from None
     flow = found.flow.run if found.flow else found.producer
+    if json_output:
+        print(json.dumps({**dataclasses.asdict(found), "config": _stored_params(flow)}, default=str))
+        return
     table = Table(title=f"lineage of {uri}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", **ID_COLUMN)
     table.add_row("sha256", found.sha256)
     table.add_row("produced by", escape(f"{found.producer.name} (run {found.producer.run_id})"))
     table.add_row("flow run", f"{flow.name} (run {flow.run_id})")

@@ -129,3 +129,31 @@ def publish(name: str, final: StageResult, *, card: str, recipe_text: str, descr
             (directory / CARD_FILE).write_text(card)
             (directory / RECIPE_FILE).write_text(recipe_text)
         return register_checkpoint(directory, final.output, name, description=description, champion=champion)
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe file (`recipe.yaml` beside a registered checkpoint, or `model` plus a catalog entry's sections) as
+    the `convert` parameters it holds; ValueError naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of convert parameters (model, mla, calibration, ...)")
+    return data
+
+
+def overlay(base: Mapping, override: Mapping) -> dict:
+    """`override` over `base`, section by section; None and empty sections of `override` leave `base` as it is."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None or value == {}:
+            continue
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -3,6 +3,11 @@ subprocess), on the session's Prefect test server with MLflow and artifacts in a
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
@@ -23,7 +28,7 @@ def cli(local_env, monkeypatch):
     def invoke(*args: str, code: int = 0) -> str:
         result = CliRunner().invoke(app, list(args))
         assert result.exit_code == code, result.output
-        return result.output
+        return result.stdout if "--json" in args else result.output  # --json: stdout holds the JSON alone
 
     return invoke
 
@@ -42,7 +47,7 @@ def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_s
     assert "arc_easy acc" in out and "decode tok/s B=4 T=32" in out and "KV bytes/token" in out
     assert "5 ran, 0 cached" in out
     run = latest_flow_run()
-    checkpoint = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")[0].source
+    checkpoint = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")[0].tags["mha2mla.checkpoint_uri"]
 
     out = cli("lineage", checkpoint)
     assert run.data.tags["mha2mla.model_digest"] in out and "dataset calibration" in out
@@ -53,6 +58,36 @@ def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_s
 
     out = cli("resume", run.info.run_id)
     assert "0 ran, 5 cached" in out
+
+
+def test_json_outputs_full_ids_and_a_recipe_that_reproduces_the_checkpoint(cli, tiny_source, tmp_path):
+    outcome = json.loads(cli("convert", str(tiny_source), *TINY, "--no-check", "--champion-max-ppl", "1e9", "--json"))
+    run_id, (name, version) = outcome["run_id"], outcome["model_version"].split("/")
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id) and outcome["reloaded"] is None
+    client = MlflowClient()
+    parent = client.get_run(run_id)
+    assert parent.data.metrics["ppl"] > 0 and parent.data.metrics["kv_saving_pct"] > 0
+    assert "seconds.svd-init" in parent.data.metrics and parent.data.tags["mha2mla.gate"] == "passed"
+    assert sorted(client.get_model_version(name, version).aliases) == ["candidate", "champion"]
+
+    [listed] = [r for r in json.loads(cli("runs", "--json")) if r["run"]["run_id"] == run_id]
+    assert [s["name"] for s in listed["stages"]][:3] == ["sample-calibration", "score-rope", "svd-init"]
+    by_registry = json.loads(cli("lineage", f"models:/{name}/{version}", "--json"))
+    by_alias = json.loads(cli("lineage", f"models:/{name}@champion", "--json"))
+    assert by_registry["producer"]["name"] == by_alias["producer"]["name"] == "svd-init"
+    assert by_registry["sha256"] == outcome["checkpoint"]["sha256"] and len(by_registry["sha256"]) == 64
+    assert by_registry["config"]["mla.kv_rank"] == 4 and by_registry["model_versions"] == [f"{name}/{version}"]
+
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path / "dl")))
+    folder = downloaded / "artifacts" / "checkpoint"
+    card = (folder / "README.md").read_text()
+    assert "library_name: transformers" in card and "trust_remote_code=True" in card and "| kv_rank | 4 |" in card
+    assert run_id in card and "| calibration |" in card and "mha2mla convert --config recipe.yaml" in card
+    assert (folder / "modeling_mla.py").is_file() and (folder / "model.safetensors").is_file()
+
+    again = json.loads(cli("convert", "--config", str(folder / "recipe.yaml"), "--no-check", "--json"))
+    assert again["checkpoint"] == outcome["checkpoint"] and set(again["cache"].values()) == {"hit"}
+    assert again["model_version"] == outcome["model_version"]  # the same checkpoint keeps its version
 
 
 def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source, tmp_path):
