@@ -64,6 +64,8 @@ H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
 @dataclass(frozen=True)
 class Variant:
     kv_rank: int = 16  # per KV head: 16 -> 81.25% KV saving, 8 -> 87.5%
+    rope: str = "2-norm"  # or "rotated": one RoPE key shared by all heads, same budget (Hkv * rope_dims dims)
+    rope_dims: int = 8
     svd: str = "aware"
     layout: str = "shared"
     recon_steps: int = 300  # block-wise reconstruction steps before end-to-end training; 0 = none
@@ -173,7 +175,7 @@ def train_flops_per_token(model: nn.Module, seq_len: int, backward: bool = True)
 
 
 def convert(source: nn.Module, variant: Variant, calib: torch.Tensor) -> nn.Module:
-    cfg = MLAConfig(rope_strategy="2-norm", rope_dims=8, kv_rank=variant.kv_rank, svd=variant.svd,
+    cfg = MLAConfig(rope_strategy=variant.rope, rope_dims=variant.rope_dims, kv_rank=variant.kv_rank, svd=variant.svd,
                     layout=variant.layout, calib_seq_len=512)
     return convert_to_mla(copy.deepcopy(source), cfg, calib)
 
@@ -211,6 +213,30 @@ def throughput(out: Path = Path("runs/finetune"), gguf: str = "", seq_len: int =
         torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(results, indent=1))
+
+
+# ---- zero-shot conversions on the GPU ------------------------------------------------------------------------------
+@app.command("zero-shot")
+def zero_shot(configs: list[str], gguf: str = "smollm2-135m", data: Path = Path(".carry_data"),
+              out: Path = Path("runs/finetune"), cache: Path = Path("runs/finetune/cache"), calib: str = "books") -> None:
+    """Wikitext PPL of each conversion, given as MLAConfig JSON (e.g. '{"rope_strategy": "rotated"}'), on the GPU.
+
+    The bench protocol with the 65,536 calibration tokens of `run` (`--calib teacher`: continued by the original)."""
+    ctx = _context(gguf, data, cache)
+    ids = calibration(ctx, calib)
+    rows = []
+    for spec in configs:
+        cfg = MLAConfig(**{"calib_seq_len": 512, **json.loads(spec)})
+        start = time.perf_counter()
+        student = convert_to_mla(copy.deepcopy(ctx.teacher), cfg, ids)
+        seconds = time.perf_counter() - start
+        rows.append({"config": cfg.to_dict(), "calib": calib, "ppl": wikitext_ppl(student, ctx.eval_ids),
+                     "original_ppl": ctx.original_ppl, "kv_bytes_per_token": student.kv_bytes_per_token(),
+                     "convert_s": round(seconds, 1), "device": torch.cuda.get_device_name()})
+        print(json.dumps(rows[-1]), flush=True)
+        del student
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"zero_shot_{calib}.json").write_text(json.dumps(rows, indent=1))
 
 
 # ---- named runs ----------------------------------------------------------------------------------------------------
@@ -282,6 +308,7 @@ def calibration(ctx: _Context, source: str) -> torch.Tensor:
 def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     """The converted (and reconstructed) student, from the disk cache when an earlier call made it."""
     key = f"{variant.svd}-{variant.layout}-kv{variant.kv_rank}-recon{variant.recon_steps}-lr{variant.recon_lr:g}"
+    key += "" if (variant.rope, variant.rope_dims) == ("2-norm", 8) else f"-{variant.rope}{variant.rope_dims}"
     key += "" if variant.calib == "books" else f"-calib{variant.calib}"
     if variant.recon_on == "train":
         key += f"-recontrain-mix{variant.synthetic_frac:g}-{variant.tokens}"

@@ -51,6 +51,17 @@ GRIDS = {
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="output-aware", layout="per_head"),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
     ],
+    "rotated": [  # one shared rotated RoPE key against per-head 2-norm pairs, at the same cache budget
+        dict(rope_strategy="2-norm", rope_dims=8, kv_rank=None),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=None),
+        dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared"),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared"),
+        dict(rope_strategy="rotated", rope_dims=4, kv_rank=20, svd="output-aware", layout="shared"),
+        dict(rope_strategy="rotated", rope_dims=12, kv_rank=12, svd="output-aware", layout="shared"),
+        dict(rope_strategy="2-norm", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
+        dict(rope_strategy="rotated", rope_dims=4, kv_rank=12, svd="output-aware", layout="shared"),
+    ],
     "quick": [
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="shared"),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="per_head"),

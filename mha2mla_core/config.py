@@ -30,6 +30,9 @@ class MLAConfig:
     # the same budget, Hkv * rope_dims dims, on ONE RoPE key shared by all query heads (mixes of the KV heads' pairs)
     rope_strategy: RopeStrategy = "2-norm"
     rope_dims: int = 8
+    # rotated only: rank the (frequency, component) slots by their energy times what losing the rotation costs over
+    # a causal window of this many tokens (`mha2mla_core.rope.rotation_loss`); None ranks by energy alone
+    rope_window: int | None = None
     # low-rank latent: rank per KV head (the paper's d_kv); None = partial RoPE only, no low rank
     kv_rank: int | None = 16
     svd: SvdMethod = "output-aware"  # see README: best zero-shot start measured on SmolLM2-135M
@@ -61,6 +64,11 @@ class MLAConfig:
             raise ValueError(
                 "rope_strategy='rotated' shares one RoPE key across heads, which needs the shared latent; "
                 "use layout='shared' (or another rope_strategy with layout='per_head')"
+            )
+        if self.rope_window is not None and (self.rope_strategy != "rotated" or self.rope_window < 2):
+            raise ValueError(
+                f"rope_window={self.rope_window} applies to rope_strategy='rotated' only and must be >= 2 tokens; "
+                "leave it None otherwise"
             )
         if self.calib_seq_len < 2:
             raise ValueError(f"calib_seq_len={self.calib_seq_len} must be >= 2 tokens")

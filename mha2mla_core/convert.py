@@ -22,7 +22,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from mha2mla_core.arch import ArchSpec, arch_spec
 from mha2mla_core.config import MLAConfig
 from mha2mla_core.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
-from mha2mla_core.rope import RotatedRope, rope_and_nope_dims, rotate_rope, score_rope_pairs, select_rope_pairs
+from mha2mla_core.rope import (
+    RotatedRope, rope_and_nope_dims, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs,
+)  # fmt: skip
 from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads, output_weights, small_lapack
 
 logger = logging.getLogger(__name__)
@@ -304,10 +306,13 @@ def convert_to_mla_with_report(
     mla_config = mla_config_from(model.config, cfg, spec)
     d, hkv = head_dim_of(model.config), model.config.num_key_value_heads
     report, attentions, scores = ConversionReport(), [], []
+    position_loss = None
+    if cfg.rope_window is not None:
+        position_loss = rotation_loss(model.model.rotary_emb.inv_freq, cfg.rope_window)
 
     def visit(i, attn, x_in):
         if cfg.rope_strategy == "rotated":
-            rot = rotate_rope(*query_key_states(attn, x_in, d), keep=cfg.rope_dims * hkv // 2)
+            rot = rotate_rope(*query_key_states(attn, x_in, d), keep=cfg.rope_dims * hkv // 2, position_loss=position_loss)
             scores.append(rot.energy.T.float().cpu())  # (Hkv components, D/2)
             mla_config.rope_pairs[i] = [rot.pairs.tolist()]
             src = SourceAttention.rotated(attn, rot, d, hkv)

@@ -79,7 +79,7 @@ class RotatedRope:
     slots are the top (frequency, component) pairs by that energy within the budget (2-norm is the unrotated case).
 
     pairs (P,), key_mix / query_mix (P, Hkv): the kept slots, ascending by (frequency, component).
-    energy (D/2, Hkv): the weighted key energy of every (frequency, component), descending per frequency.
+    energy (D/2, Hkv): the score every (frequency, component) was ranked by (`rotate_rope`), descending per frequency.
     """
 
     pairs: torch.Tensor
@@ -88,17 +88,33 @@ class RotatedRope:
     energy: torch.Tensor
 
 
-def rotate_rope(q: torch.Tensor, k: torch.Tensor, keep: int) -> RotatedRope:
+def rotation_loss(inv_freq: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(D/2,) what dropping RoPE costs each frequency: the mean over the causal (query, key) pairs of a window of
+    `seq_len` tokens of ||(R(theta * dist) - I) u||^2 = 2 (1 - cos(theta * dist)) for a unit pair u.
+
+    Near 2 for the fast frequencies, near 0 for those that barely turn within the window (they lose little)."""
+    dist = torch.arange(seq_len, dtype=torch.float64, device=inv_freq.device)  # (L,)
+    pairs = seq_len - dist  # causal (query, key) pairs at each distance
+    turn = 2 * (1 - torch.cos(inv_freq.double()[:, None] * dist[None]))  # (D/2, L)
+    return (turn * pairs).sum(-1) / pairs.sum()
+
+
+def rotate_rope(
+    q: torch.Tensor, k: torch.Tensor, keep: int, position_loss: torch.Tensor | None = None, prefix: bool = False
+) -> RotatedRope:
     """The rotation and the `keep` kept slots of one layer from pre-RoPE q (N, H, D) and k (N, Hkv, D).
 
     Per frequency f: C = E[k^f k^f^T] (Hkv, Hkv; both dims of the pair are samples, so C does not depend on the
     position) and w_g = E sum_{h in g} ||q_h^f||^2. The logit error of dropping a key direction is weighted by w,
-    so the components are the eigenvectors u of W^1/2 C W^1/2: key_mix = W^1/2 u, query_mix = W^-1/2 u.
+    so the components are the eigenvectors u of W^1/2 C W^1/2: key_mix = W^1/2 u, query_mix = W^-1/2 u, and a
+    component's eigenvalue is the query-weighted key energy it carries. Slots are ranked by that energy times
+    `position_loss` (D/2,) when given (`rotation_loss`: what losing the rotation costs at that frequency), or, with
+    `prefix`, are the first component of the `keep` fastest frequencies (one key with ordinary RoPE frequencies).
     """
     n, h, d = q.shape
     hkv, half = k.shape[1], d // 2
-    if not 0 < keep <= hkv * half:
-        raise ValueError(f"keep={keep} slots must be in [1, Hkv * D/2 = {hkv * half}]")
+    if not 0 < keep <= (half if prefix else hkv * half):
+        raise ValueError(f"keep={keep} slots must be in [1, {half if prefix else hkv * half}]")
     k1, k2 = k.double().chunk(2, dim=-1)  # (N, Hkv, D/2)
     moment = (torch.einsum("ngf,nhf->fgh", k1, k1) + torch.einsum("ngf,nhf->fgh", k2, k2)) / n  # (D/2, Hkv, Hkv)
     q_energy = pair_norms(q).double().square().view(n, hkv, h // hkv, half).sum(2).mean(0)  # (Hkv, D/2)
@@ -106,7 +122,11 @@ def rotate_rope(q: torch.Tensor, k: torch.Tensor, keep: int) -> RotatedRope:
     root = weight.sqrt()
     evals, evecs = torch.linalg.eigh(root[:, :, None] * moment * root[:, None, :])  # ascending
     energy, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)  # (D/2, Hkv), (D/2, Hkv, Hkv) columns = components
-    slots = energy.flatten().topk(keep).indices.sort().values  # (P,) = f * Hkv + c
+    score = energy if position_loss is None else energy * position_loss.to(energy)[:, None]
+    if prefix:
+        slots = torch.arange(keep, device=energy.device) * hkv  # component 0 of frequencies 0 .. keep-1
+    else:
+        slots = score.flatten().topk(keep).indices.sort().values  # (P,) = f * Hkv + c
     f, c = slots // hkv, slots % hkv
     u = evecs[f, :, c]  # (P, Hkv)
-    return RotatedRope(pairs=f, key_mix=root[f] * u, query_mix=u / root[f], energy=energy)
+    return RotatedRope(pairs=f, key_mix=root[f] * u, query_mix=u / root[f], energy=score)

@@ -12,7 +12,7 @@ from mha2mla_core.convert import query_key_states, stream_layers, calibration_ba
 from mha2mla_core.decoding import generate_static
 from mha2mla_core.kernels import latent_decode_attention, latent_decode_attention_reference
 from mha2mla_core.quant_cache import KVCacheQuantConfig, QuantizedLatentCache
-from mha2mla_core.rope import pair_norms, rotate_rope, score_rope_pairs, select_rope_pairs
+from mha2mla_core.rope import pair_norms, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs
 from tests.tiny_models import calib_ids, tiny_model
 
 HEAD_DIM = 16
@@ -146,3 +146,26 @@ def test_report_holds_component_energies_and_config_errors_are_early():
     assert report.rope_scores.shape == (2, 2, HEAD_DIM // 2) and len(report.rope_pairs[0]) == 1
     with pytest.raises(ValueError, match="rotated.*needs the shared latent.*layout='shared'"):
         MLAConfig(rope_strategy="rotated", layout="per_head")
+
+
+def test_rotation_loss_is_what_losing_the_rotation_costs_over_the_window():
+    inv_freq = torch.tensor([1.0, 1e-2, 1e-5], dtype=torch.float64)
+    loss = rotation_loss(inv_freq, 256)
+    dist = torch.arange(256, dtype=torch.float64)
+    brute = torch.stack([sum((256 - t) * 2 * (1 - torch.cos(w * t)) for t in dist) / (256 * 257 / 2) for w in inv_freq])
+    torch.testing.assert_close(loss, brute)
+    assert loss[0] > 1.5 and loss[2] < 1e-5  # a fast pair loses almost everything, a slow one almost nothing
+
+
+def test_rope_window_keeps_fast_frequencies_that_energy_alone_would_drop():
+    q, k = _layer_states("llama-gqa")
+    inv_freq = tiny_model("llama-gqa").model.rotary_emb.inv_freq
+    by_energy = rotate_rope(q, k, keep=4)
+    by_position = rotate_rope(q, k, keep=4, position_loss=rotation_loss(inv_freq, 64))
+    loss = rotation_loss(inv_freq, 64)
+    assert loss[by_position.pairs].sum() >= loss[by_energy.pairs].sum()
+    model = tiny_model("llama-gqa")
+    cfg = MLAConfig(rope_strategy="rotated", rope_dims=4, kv_rank=6, rope_window=64, calib_seq_len=64)
+    assert convert_to_mla(model, cfg, calib_ids()).config.rope_pairs[0] == [by_position.pairs.tolist()]
+    with pytest.raises(ValueError, match="rope_window=64 applies to rope_strategy='rotated' only"):
+        MLAConfig(rope_strategy="2-norm", rope_window=64)
