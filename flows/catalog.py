@@ -129,7 +129,7 @@ class CatalogOutcome(BaseModel):
     failed: int
 
 
-@task(name="convert-entry")
+@task(name="convert-entry", task_run_name="convert-entry[{params.name}]")
 def convert_entry(params: ConvertParams, catalog_run_id: str) -> dict:
     """One catalog entry through the `convert` flow (its stages cache and retry on their own)."""
     return convert(params, catalog_run_id=catalog_run_id).model_dump(mode="json")
@@ -156,7 +156,7 @@ def summary_row(params: ConvertParams, state) -> dict:
     return row
 
 
-@flow(name="catalog", persist_result=False)
+@flow(name="catalog", flow_run_name="catalog-{file}", persist_result=False)
 def catalog(file: str) -> CatalogOutcome:
     """Run every entry of the catalog `file` with bounded concurrency; failures are summarised, not raised."""
     spec, entries = load_catalog(file)
