@@ -31,8 +31,9 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra.artifacts import StoreCheckError
-from infra.prefect_api import EphemeralAPI
+from flows.errors import describe_error, quiet_engine_logs
+from infra.artifacts import StoreCheckError, remove_orphans, scratch_root
+from infra.prefect_api import EphemeralAPI, exit_on_signals
 from infra.settings import Settings
 
 
@@ -53,6 +54,9 @@ def exit_now(code: Any) -> NoReturn:
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
+    api_logs = sys.modules.get("prefect.logging.handlers")
+    if api_logs is not None:  # the interpreter would send the last log lines before the atexit handlers stop the API
+        api_logs.APILogWorker.drain_all(timeout=5)
     atexit._run_exitfuncs()  # what the interpreter's own exit runs after the threads
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
@@ -73,8 +77,6 @@ ID_COLUMN = {"overflow": "fold", "min_width": 32}  # run ids and digests are fol
 
 
 def print_error(exc: Exception) -> None:
-    from flows.errors import describe_error
-
     console.print(f"[red]error:[/red] {escape(describe_error(exc))}")
 
 
@@ -97,8 +99,11 @@ def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-
         os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization bar
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about being handed a model instance
+        quiet_engine_logs()  # a failing run's traceback in one line: the CLI prints the error itself
     if ctx.invoked_subcommand in FLOW_COMMANDS:
         ctx.obj = boot_prefect_api()
+        scratch = scratch_root(Settings())
+        exit_on_signals(*([ctx.obj.stop] if ctx.obj else []), lambda: remove_orphans(scratch, include_own=True))
 
 
 def boot_prefect_api() -> EphemeralAPI | None:
@@ -163,6 +168,11 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
     except USER_ERRORS as exc:
         print_error(exc)
         raise typer.Exit(2) from None
+    except Exception as exc:  # a fault of ours or of a library: one line, the traceback with --verbose
+        if ctx.find_root().params.get("verbose"):
+            raise
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(describe_error(exc))} (--verbose shows the traceback)")
+        raise typer.Exit(1) from None
     finally:
         logger.removeHandler(handler)
 
@@ -249,13 +259,13 @@ def convert(
         if model is None and "model" not in recipe:
             raise ValueError("give the MODEL to convert, or a recipe that names it (--config recipe.yaml)")
         params = ConvertParams.model_validate(overlay(recipe, dict(
-            model=model, name=name, mla=mla,
-            calibration=given(data=calib_data, num_tokens=calib_tokens, model_samples=calib_model_samples or None),
-            evaluation=given(text=eval_text, max_tokens=eval_tokens, mc_tasks=_items(mc_tasks), mc_limit=mc_limit,
-                             mc_data_dir=mc_data_dir,
+            model=_local(model), name=name, mla=mla,
+            calibration=given(data=_local(calib_data), num_tokens=calib_tokens, model_samples=calib_model_samples or None),
+            evaluation=given(text=_local(eval_text), max_tokens=eval_tokens, mc_tasks=_items(mc_tasks), mc_limit=mc_limit,
+                             mc_data_dir=_local(mc_data_dir),
                              needle=given(lengths=_items(needle_lengths)) if needle or needle_lengths else None,
                              speed=given(contexts=_items(speed_contexts)) if speed or speed_contexts else None),
-            finetune=dict(data=finetune_data,
+            finetune=dict(data=_local(finetune_data),
                           train=given(max_tokens=finetune_tokens, lr=finetune_lr, kd_weight=kd_weight,
                                       trainable=trainable, seq_len=finetune_seq_len, micro_batch_size=finetune_batch,
                                       grad_accum_steps=grad_accum),
@@ -276,13 +286,18 @@ def convert(
 
 
 def reload_report(outcome, params) -> dict[str, Any]:
-    """Run flows.reload in a fresh interpreter on the stored checkpoint; its JSON report."""
-    command = [sys.executable, "-m", "flows.reload", outcome.checkpoint.uri, outcome.checkpoint.sha256,
-               params.evaluation.model_dump_json()]  # fmt: skip
+    """Run flows.reload in a fresh interpreter on the stored checkpoint (this process's store and data, from any
+    directory); its JSON report."""
+    from flows.reload import reload_command
+    from tasks.common import context
+
+    command, env = reload_command(outcome.checkpoint, params.evaluation, context().settings)
     with console.status("reloading the checkpoint with from_pretrained in a fresh process"):
-        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        console.print(f"[red]reload failed:[/red]\n{done.stderr[-3000:]}")
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"status {done.returncode}")
+        console.print(f"[red]reload failed:[/red] {escape(describe_error(RuntimeError(last)))}; rerun it: "
+                      f"{escape(' '.join(command[1:4]))} ...")  # fmt: skip
         raise typer.Exit(1)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -292,6 +307,15 @@ def _reconstruct(steps: int | None) -> dict[str, Any]:
     if steps is None:
         return {}
     return {"reconstruct": {"steps": steps} if steps else None}
+
+
+def _local(value: str | None) -> str | None:
+    """A path to something that exists here, made absolute (the reload subprocess and `resume` may run in another
+    directory); anything else (a hub id, a packaged name, an s3:// URI) as given."""
+    if value is None or "://" in value or not ("/" in value or value.startswith((".", "~"))):
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
 
 
 def _items(value: str | None) -> list[str] | None:

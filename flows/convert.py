@@ -16,17 +16,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from prefect import flow
 from prefect.context import FlowRunContext
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
 from flows.publish import QualityGate, describe, headline_metrics, model_card, publish, recipe
 from infra.tracking import log_metrics, parent_run, stage_run
 from mha2mla_core import MLAConfig
+from mha2mla_core.convert import check_convertible
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import (
     INTEGRITY_TAG,
@@ -39,7 +41,16 @@ from tasks.common import (
 )
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct, training_device
-from tasks.inputs import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT, resolve_data, resolve_model
+from tasks.inputs import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_EVAL_TEXT,
+    DataSource,
+    ModelSource,
+    load_model_config,
+    read_text,
+    resolve_data,
+    resolve_model,
+)
 from tasks.quantize_kv import quantize_kv
 from tasks.sample_calibration import CalibrationParams, sample_calibration
 from tasks.score_rope import score_rope
@@ -63,7 +74,8 @@ class ConvertParams(BaseModel):
     evaluation: EvalParams = EvalParams()
     finetune: FinetuneParams | None = None  # None: no fine-tuning
     quantize_kv: KVCacheQuantConfig | None = None  # None: the latent cache stays in the model's dtype
-    name: str | None = None  # MLflow run name and registry model name; None = "<model>-mla"
+    # MLflow run name and registry model name; None = "<model>-mla"
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     gate: QualityGate | None = None  # a checkpoint that passes becomes the registered model's `champion`
 
 
@@ -140,6 +152,14 @@ def registered_checkpoint(model_version: str) -> ArtifactRef:
     return ref
 
 
+def check_inputs(params: ConvertParams, model: ModelSource, eval_text: DataSource) -> None:
+    """Before any stage: the MLA config fits the model (the core's own checks, against the model's config) and
+    the evaluation text has text in it."""
+    check_convertible(load_model_config(model), params.mla)
+    if Path(eval_text.source).is_file() and not read_text(eval_text).strip():
+        raise ValueError(f"evaluation text {eval_text.source} is empty; give --eval-text a file with text in it")
+
+
 @flow(name="convert", persist_result=False)
 def convert(params: ConvertParams, catalog_run_id: str | None = None) -> ConvertOutcome:
     """Convert `params.model` to MLA, evaluate it against the original, register the checkpoint."""
@@ -152,6 +172,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
     eval_text = resolve_data(params.evaluation.text, DEFAULT_EVAL_TEXT)
     train_data = resolve_data(params.finetune.data, DEFAULT_CALIBRATION) if params.finetune else None
     check_eval_inputs(model, params.evaluation)
+    check_inputs(params, model, eval_text)
     flow_run = FlowRunContext.get().flow_run
     tags = {FLOW_TAG: "convert", "mha2mla.model_source": model.name, "mha2mla.model_digest": model.digest,
             "mha2mla.prefect_flow_run": str(flow_run.id)}  # fmt: skip

@@ -6,19 +6,24 @@ Downloads the checkpoint from the artifact store (every file's digest checked), 
 `from_pretrained` (through `load_model`), and prints one JSON line: the PPL of the evaluation text and the
 KV-cache bytes per token measured on its own cache, both as the `evaluate` stage measures them (EvalParams),
 and a greedy `generate()` sample.
+
+`reload_command` builds the call from the parent's resolved settings: it runs in the parent's directory, with
+the artifact root, tracking URI and Prefect home as absolute paths, so it opens the parent's store from wherever
+the parent was started.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from infra.artifacts import open_store
-from infra.settings import Settings
+from infra.artifacts import ArtifactRef, open_store
+from infra.settings import ENV_PREFIX, Settings, sqlite_path
 from mha2mla_core import load_model
 from mha2mla_core.evaluation.inference import probe_kv_bytes_per_token
 from mha2mla_core.evaluation.perplexity import perplexity
@@ -27,6 +32,28 @@ from tasks.inputs import DEFAULT_EVAL_TEXT, read_text, resolve_data
 
 PROMPT = "The old house at the end of the lane had been empty for years, until"
 NEW_TOKENS = 40
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reload_command(checkpoint: ArtifactRef, evaluation: EvalParams, settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that run this module in a fresh interpreter on the store and data of `settings`."""
+    text = Path(evaluation.text).expanduser() if evaluation.text else None
+    if text is not None and text.exists():  # a path relative to the parent's directory
+        evaluation = evaluation.model_copy(update={"text": str(text.resolve())})
+    argv = [sys.executable, "-m", __name__, checkpoint.uri, checkpoint.sha256, evaluation.model_dump_json()]
+    env = {**os.environ, **absolute_settings(settings)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return argv, env
+
+
+def absolute_settings(settings: Settings) -> dict[str, str]:
+    """The `MHA2MLA_*` variables that name where runs live, with relative paths made absolute here."""
+    root, tracking = settings.artifact_root, settings.tracking_uri
+    return {
+        f"{ENV_PREFIX}ARTIFACT_ROOT": root if root.startswith("s3://") else str(Path(root).resolve()),
+        f"{ENV_PREFIX}TRACKING_URI": f"sqlite:///{sqlite_path(tracking).resolve()}" if tracking.startswith("sqlite:///") else tracking,
+        f"{ENV_PREFIX}PREFECT_HOME": str(Path(settings.prefect_home).resolve()),
+    }
 
 
 def reload(uri: str, sha256: str, evaluation: EvalParams) -> dict:

@@ -417,14 +417,7 @@ class LocalStore(_Store):
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete the temp files that processes of this host which are no longer running left in `.tmp/`."""
-        removed = []
-        for path in (self._dir / TMP_DIR).glob("*"):
-            host, _, rest = path.name.partition("~")
-            pid = rest.partition("~")[0]
-            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-        return removed
+        return remove_orphans(self._dir / TMP_DIR)
 
     def _fetch(self, key: str, dest: Path) -> None:
         shutil.copyfile(self._existing(key), dest)
@@ -445,6 +438,34 @@ _HOST = socket.gethostname().replace("~", "-")
 def _tmp_prefix() -> str:
     """`HOST~PID~`: whose temp file it is, so that the files of a killed process can be found and removed."""
     return f"{_HOST}~{os.getpid()}~"
+
+
+def scratch_root(settings: Settings) -> Path:
+    """Where stage calls keep scratch folders: `<prefect_home>/../scratch/HOST~PID~*`, so that the folders of a
+    killed process are found and removed (`remove_orphans`), not left in the system's temp directory."""
+    return Path(settings.prefect_home).resolve().parent / "scratch"
+
+
+def owned_temp_dir(parent: Path) -> tempfile.TemporaryDirectory:
+    """A temporary directory in `parent` named after this process (`remove_orphans` finds it if we are killed)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=_tmp_prefix(), dir=parent)
+
+
+def remove_orphans(directory: Path, *, include_own: bool = False) -> list[Path]:
+    """Delete what processes of this host that no longer run (and, with `include_own`, this one) left in
+    `directory` under their `HOST~PID~` names."""
+    removed = []
+    for path in directory.glob(f"{_HOST}~*~*"):
+        pid = path.name.split("~")[1]
+        if not pid.isdigit() or (_alive(int(pid)) and not (include_own and int(pid) == os.getpid())):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _alive(pid: int) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import fcntl
+import os
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,28 @@ def create_app() -> Any:
 
     app.router.lifespan_context = lifespan
     return app
+
+
+def exit_on_signals(*cleanups: Callable[[], Any]) -> None:
+    """On SIGINT (Ctrl-C) or SIGTERM: run `cleanups` (stop the server, drop scratch folders), say how to resume,
+    and end the process at once with status 128 + the signal.
+
+    Raising in the main thread would not stop a stage that runs in a worker thread, and the exit would then wait
+    for it; finished stages are cached, so the same command picks up where this one stopped."""
+
+    def stop(signum: int, frame: Any) -> None:
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception as exc:  # a cleanup that fails must not keep the process alive
+                print(f"cleanup failed: {exc}", file=sys.stderr)
+        print(f"\ninterrupted ({signal.Signals(signum).name}): finished stages are cached; run the same command "
+              "again to resume", file=sys.stderr, flush=True)  # fmt: skip
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def _die_with_parent() -> None:

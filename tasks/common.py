@@ -36,7 +36,6 @@ import importlib.util
 import json
 import logging
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
@@ -61,7 +60,10 @@ from infra.artifacts import (
     ArtifactStore,
     is_transient,
     open_store,
+    owned_temp_dir,
+    remove_orphans,
     safe_key,
+    scratch_root,
 )
 from infra.settings import Settings
 
@@ -141,6 +143,8 @@ def context() -> StageContext:
     settings = Settings()
     store = open_store(settings.artifact_root, settings)
     tracking.configure(settings)
+    for path in remove_orphans(scratch_root(settings)):
+        logger.info("removed %s, left by a process that was killed", path)
     return StageContext(settings=settings, store=store)
 
 
@@ -517,7 +521,7 @@ def work_dir(stage: str) -> Path:
 
 @contextmanager
 def scratch_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="mha2mla-") as tmp:
+    with owned_temp_dir(scratch_root(context().settings)) as tmp:
         yield Path(tmp)
 
 
