@@ -33,6 +33,8 @@ from infra.artifacts import (
     UnsafeKeyError,
     is_transient,
     open_store,
+    owned_temp_dir,
+    remove_orphans,
     safe_key,
 )
 from infra.settings import Settings
@@ -395,3 +397,18 @@ def test_s3_objects_hold_what_the_refs_say(s3_settings, tmp_path):
         key = f"artifacts/{MODEL_ID}/{rel}"
         body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
         assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+
+
+def test_scratch_of_a_dead_process_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    with owned_temp_dir(tmp_path) as mine:
+        host = Path(mine).name.split("~")[0]
+        orphan = tmp_path / f"{host}~{pid}~abc"
+        (orphan / "model").mkdir(parents=True)
+        (orphan / "model" / "model.safetensors").write_bytes(os.urandom(1000))
+        other_host = tmp_path / f"elsewhere~{pid}~abc"
+        other_host.mkdir()
+        assert remove_orphans(tmp_path) == [orphan]
+        assert Path(mine).is_dir() and other_host.is_dir()  # alive, or not ours to judge
+        assert remove_orphans(tmp_path, include_own=True) == [Path(mine)]
