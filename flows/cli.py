@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -71,6 +72,8 @@ app.add_typer(catalog_app, name="catalog")
 # piped or redirected: lines as wide as a run id or digest needs, not rich's default of 80 columns
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 FLOW_COMMANDS = {"convert", "catalog", "resume"}
+# loggers whose INFO records reach the Prefect UI (PREFECT_LOGGING_EXTRA_LOGGERS) and the CLI's stage display
+RUN_LOGGERS = ("mha2mla.progress", "mha2mla_core", "tasks", "flows")
 # errors that are the user's to fix: printed as one message, no traceback
 USER_ERRORS = (ValueError, LookupError, OSError, StoreCheckError)
 ID_COLUMN = {"overflow": "fold", "min_width": 32}  # run ids and digests are folded onto more lines, never cut short
@@ -86,11 +89,14 @@ def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-
     prefect_home = Path(Settings().prefect_home).resolve()
     prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # to the Prefect UI; the terminal shows WARNING (-v: INFO)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(RUN_LOGGERS))  # our run logs reach the UI too
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # outside a run they stay local
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # first start migrates its db
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, level=level)])  # fmt: skip
     progress = logging.getLogger("mha2mla.progress")
     progress.setLevel(logging.INFO)
     progress.propagate = False  # shown by StageProgress only
@@ -131,22 +137,29 @@ def use_api(url: str) -> None:
 
 
 class StageProgress(logging.Handler):
-    """Shows each stage's start and outcome (ran / cached / failed) from the flows' progress records."""
+    """Shows each stage's start and outcome (ran / cached / failed) from the flows' progress records, and beside the
+    running stage the latest INFO line of our run loggers (training step, loss, tokens/s). When the output is not a
+    terminal, each of these is a plain line, printed as it happens."""
 
     DONE = {"miss": "[green]done", "hit": "[cyan]cached", "failed": "[red]failed"}
 
     def __init__(self, progress: Progress):
         super().__init__(logging.INFO)
-        self.progress, self.rows = progress, {}
+        self.progress, self.rows, self.running = progress, {}, None
 
     def emit(self, record: logging.LogRecord) -> None:
         stage, event = getattr(record, "stage", None), getattr(record, "event", None)
-        if stage is None:
-            return
-        if event == "start":
+        if self.progress.disable:  # piped or redirected
+            line = f"{escape(stage)}: {'started' if event == 'start' else self.DONE.get(event, event)}" if stage else f"  {escape(record.getMessage())}"
+            console.print(f"{datetime.now():%H:%M:%S} {line}", soft_wrap=True, highlight=False)
+        elif stage is None and self.running is not None:
+            self.progress.update(self.rows[self.running], outcome=f"[yellow]{escape(record.getMessage())}")
+        elif event == "start":
             self.rows[stage] = self.progress.add_task(escape(stage), total=1, outcome="[yellow]running")
+            self.running = stage
         elif stage in self.rows:
             self.progress.update(self.rows[stage], completed=1, outcome=self.DONE.get(event, event))
+            self.running = None
 
 
 def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
@@ -158,10 +171,11 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
         api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         use_api(api.url)  # a port taken meanwhile gives a new one
     progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), TextColumn("{task.fields[outcome]}"),
-                        TimeElapsedColumn(), console=console)  # fmt: skip
+                        TimeElapsedColumn(), console=console, disable=not console.is_terminal)  # fmt: skip
     handler = StageProgress(progress)
-    logger = logging.getLogger("mha2mla.progress")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         with progress:
             return fn(*args, **kwargs)
@@ -174,7 +188,8 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
         console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(describe_error(exc))} (--verbose shows the traceback)")
         raise typer.Exit(1) from None
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 def progress_to_stderr(ctx: typer.Context) -> None:

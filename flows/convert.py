@@ -25,6 +25,7 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
+from flows.naming import default_name
 from flows.publish import QualityGate, describe, headline_metrics, model_card, publish, recipe
 from infra.tracking import log_metrics, parent_run, stage_run
 from mha2mla_core import MLAConfig
@@ -47,6 +48,7 @@ from tasks.inputs import (
     DataSource,
     ModelSource,
     load_model_config,
+    model_slug,
     read_text,
     resolve_data,
     resolve_model,
@@ -74,8 +76,8 @@ class ConvertParams(BaseModel):
     evaluation: EvalParams = EvalParams()
     finetune: FinetuneParams | None = None  # None: no fine-tuning
     quantize_kv: KVCacheQuantConfig | None = None  # None: the latent cache stays in the model's dtype
-    # MLflow run name and registry model name; None = "<model>-mla"
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    # MLflow run name, Prefect flow run name and registry model name
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: flows.naming.default_name
     gate: QualityGate | None = None  # a checkpoint that passes becomes the registered model's `champion`
 
 
@@ -100,7 +102,7 @@ class StageRunner:
         name = link.run_name(stage.name)
         progress.info("%s started", name, extra={"stage": name, "event": "start"})
         start = time.monotonic()
-        state = stage(*args, run=link, return_state=True, **kwargs)
+        state = stage.with_options(task_run_name=name)(*args, run=link, return_state=True, **kwargs)
         self.seconds[name] = time.monotonic() - start
         if state.is_failed() or state.is_crashed():
             progress.info("%s failed", name, extra={"stage": name, "event": "failed"})
@@ -115,7 +117,15 @@ class StageRunner:
 
 
 def registry_name(params: ConvertParams, slug: str) -> str:
-    return params.name or f"{slug.replace('/', '--')}-mla"
+    return default_name(params, slug)
+
+
+def flow_run_name() -> str:
+    """The Prefect flow run's name: the MLflow run's (model and config), not a random pair of words."""
+    from prefect.runtime import flow_run
+
+    params = ConvertParams.model_validate(flow_run.parameters["params"])
+    return registry_name(params, model_slug(params.model))
 
 
 SUPERSEDED_TAG = "mha2mla.superseded_by"  # on a version marked corrupt: the version registered in its place
@@ -160,7 +170,7 @@ def check_inputs(params: ConvertParams, model: ModelSource, eval_text: DataSourc
         raise ValueError(f"evaluation text {eval_text.source} is empty; give --eval-text a file with text in it")
 
 
-@flow(name="convert", persist_result=False)
+@flow(name="convert", flow_run_name=flow_run_name, persist_result=False)
 def convert(params: ConvertParams, catalog_run_id: str | None = None) -> ConvertOutcome:
     """Convert `params.model` to MLA, evaluate it against the original, register the checkpoint."""
     settings = context().settings  # the artifact store and tracking server are reachable

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -69,6 +71,12 @@ def test_json_outputs_full_ids_and_a_recipe_that_reproduces_the_checkpoint(cli, 
     assert parent.data.metrics["ppl"] > 0 and parent.data.metrics["kv_saving_pct"] > 0
     assert "seconds.svd-init" in parent.data.metrics and parent.data.tags["mha2mla.gate"] == "passed"
     assert sorted(client.get_model_version(name, version).aliases) == ["candidate", "champion"]
+    assert name == parent.info.run_name == f"{tiny_source.name}-mla-2norm4-kv4-outputaware-shared"
+    with get_client(sync_client=True) as prefect:  # Prefect's runs carry the same name, each task its role
+        flow_run = prefect.read_flow_run(parent.data.tags["mha2mla.prefect_flow_run"])
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    assert flow_run.name == name
+    assert {t.name for t in tasks} == {"sample-calibration", "score-rope", "svd-init", "evaluate[original]", "evaluate[mla]"}
 
     [listed] = [r for r in json.loads(cli("runs", "--json")) if r["run"]["run_id"] == run_id]
     assert [s["name"] for s in listed["stages"]][:3] == ["sample-calibration", "score-rope", "svd-init"]
