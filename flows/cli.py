@@ -416,8 +416,8 @@ def resume(ctx: typer.Context, run_id: str = typer.Argument(..., help="MLflow ru
     from flows.convert import convert as convert_flow
     from infra.tracking import configure
 
-    configure(Settings())
     try:
+        configure(Settings(), create=False)
         stored = _stored_config(mlflow, run_id, (CONFIG_FILE, CATALOG_FILE))
     except USER_ERRORS as exc:
         print_error(exc)
@@ -479,7 +479,11 @@ def runs(
     """Recent flow runs (newest first) with each stage's status and cache outcome."""
     from infra.tracking import configure, recent_runs
 
-    configure(Settings())
+    try:
+        configure(Settings(), create=False)
+    except USER_ERRORS as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
     found = recent_runs(limit)
     if json_output:
         print(json.dumps([dataclasses.asdict(flow_run) for flow_run in found], default=str))
@@ -507,8 +511,8 @@ def lineage(
     from infra.tracking import configure
     from infra.tracking import lineage as find_lineage
 
-    configure(Settings())
     try:
+        configure(Settings(), create=False)
         found = find_lineage(uri)
     except USER_ERRORS as exc:
         print_error(exc)

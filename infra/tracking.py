@@ -88,10 +88,15 @@ _SECRET_KEY = re.compile(
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
-def configure(settings: Settings) -> str:
+def configure(settings: Settings, *, create: bool = True) -> str:
     """Point MLflow at `settings.tracking_uri`, select `settings.experiment` (created with
     `settings.experiment_artifact_location()` if new) and return its id. A sqlite database is
-    created and migrated by one process at a time (two cold runs in one directory)."""
+    created and migrated by one process at a time (two cold runs in one directory).
+
+    `create=False` (commands that only read: runs, lineage, resume) raises LookupError where there is no store
+    yet, instead of making an empty one."""
+    if not create:
+        check_store_exists(settings)
     with _sqlite_lock(settings.tracking_uri):
         mlflow.set_tracking_uri(settings.tracking_uri)
         client = MlflowClient()
@@ -103,6 +108,19 @@ def configure(settings: Settings) -> str:
             experiment_id = client.create_experiment(settings.experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def check_store_exists(settings: Settings) -> None:
+    """LookupError naming the store looked for when its sqlite database or experiment does not exist."""
+    where = f"MHA2MLA_TRACKING_URI={redact_uri(settings.tracking_uri)}"
+    if settings.tracking_uri.startswith("sqlite:///"):
+        path = sqlite_path(settings.tracking_uri)
+        if not path.is_file():
+            raise LookupError(f"no store here: {path.resolve()} does not exist ({where}); run in the folder that "
+                              "holds .mha2mla/, or point MHA2MLA_TRACKING_URI and MHA2MLA_ARTIFACT_ROOT at the store")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    if MlflowClient().get_experiment_by_name(settings.experiment) is None:
+        raise LookupError(f"no experiment {settings.experiment!r} in the store at {where}: nothing has run there yet")
 
 
 @contextmanager

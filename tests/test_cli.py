@@ -178,3 +178,12 @@ def test_catalog_typo_is_reported_before_anything_runs(cli, tmp_path):
     file.write_text("models:\n  - model: smollm2-135m\n    configs:\n      - name: a\n        mla: {kv_rnak: 8}\n")
     out = cli("catalog", "run", str(file), code=2)
     assert "mla.kv_rnak: Unexpected keyword argument (got 8)" in out and "errors.pydantic.dev" not in out
+
+
+def test_read_only_commands_in_a_folder_without_a_store_say_so_and_create_nothing(cli, monkeypatch, tmp_path):
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    monkeypatch.setenv("MHA2MLA_TRACKING_URI", f"sqlite:///{missing}")
+    for args in (("runs",), ("runs", "--json"), ("lineage", "models:/some-model/1"), ("resume", "0" * 32)):
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 2 and f"no store here: {missing} does not exist" in result.output, result.output
+    assert not missing.parent.exists()
