@@ -86,7 +86,11 @@ def print_error(exc: Exception) -> None:
 @app.callback()
 def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
     """Set up logging and the embedded Prefect home before torch, transformers or a flow is imported."""
-    prefect_home = Path(Settings().prefect_home).resolve()
+    try:
+        prefect_home = Path(Settings().prefect_home).resolve()
+    except ValueError as exc:  # a bad MHA2MLA_* variable or .env line
+        print_error(exc)
+        raise typer.Exit(2) from None
     prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # to the Prefect UI; the terminal shows WARNING (-v: INFO)

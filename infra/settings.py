@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr, field_validator
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MHA2MLA_"
+COMPOSE_ACCESS_KEY_ID = "mha2mla-pipeline"  # infra/docker-compose.yml's default for MHA2MLA_AWS_ACCESS_KEY_ID
 
 
 class Settings(BaseSettings):
@@ -69,6 +70,17 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}ARTIFACT_ROOT={value!r}: use a local directory or s3://BUCKET/PREFIX"
             )
         return value
+
+    @model_validator(mode="after")
+    def _complete_credentials(self) -> "Settings":
+        """A secret alone is the compose file's pipeline user (its default key id, as the compose file reads the same
+        .env); a key id alone is an error, not a half-configured boto3 client."""
+        if self.aws_secret_access_key and self.aws_access_key_id is None:
+            self.aws_access_key_id = SecretStr(COMPOSE_ACCESS_KEY_ID)
+        elif self.aws_access_key_id and not self.aws_secret_access_key:
+            raise ValueError(f"{ENV_PREFIX}AWS_ACCESS_KEY_ID is set but {ENV_PREFIX}AWS_SECRET_ACCESS_KEY is not: set "
+                             "both (see .env.example), or neither for boto3's own credential chain")  # fmt: skip
+        return self
 
     @field_validator("s3_max_attempts")
     @classmethod
