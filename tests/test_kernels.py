@@ -20,12 +20,16 @@ from mha2mla_core.kernels.latent_decode import pack_codes, unpack_codes
 
 requires_gpu = pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
 
-# (H, Hkv, Hc, Rc, Dr): SmolLM2-135M shared / per-head latents, Llama-2-7B per-head / shared (DeepSeek-like)
+# (H, Hkv, Hc, Rc, Dr): SmolLM2-135M shared / per-head latents, Llama-2-7B per-head / shared; "-rope" shapes share one
+# rope key among all heads (Hkv = 1), with a shared latent or with per-head latents (Hkv < Hc); the last is DeepSeek's
 SHAPES = {
     "smollm2-shared": (9, 3, 1, 48, 8),
+    "smollm2-shared-rope": (9, 1, 1, 48, 24),
     "smollm2-per_head": (9, 3, 3, 16, 8),
+    "smollm2-per_head-rope": (9, 1, 3, 16, 8),
     "llama2-7b-per_head": (32, 32, 32, 64, 32),
     "llama2-7b-shared": (32, 32, 1, 512, 32),
+    "llama2-7b-shared-rope": (32, 1, 1, 512, 64),
 }
 
 
@@ -60,7 +64,7 @@ def _expanded_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale):
     return torch.einsum("bht,bhtd->bhd", probs, values)  # (B, H, Dv)
 
 
-@pytest.mark.parametrize("layout", ["smollm2-shared", "smollm2-per_head"])
+@pytest.mark.parametrize("layout", ["smollm2-shared", "smollm2-per_head", "smollm2-shared-rope", "smollm2-per_head-rope"])
 def test_reference_equals_expanded_attention(layout):
     H, Hkv, Hc, Rc, Dr = SHAPES[layout]
     Dn, Dv, B, T = 56, 64, 2, 37
@@ -86,8 +90,9 @@ def test_reference_left_padding_equals_unpadded_suffix():
         torch.testing.assert_close(padded[b : b + 1], alone)
 
 
-def test_cpu_dispatch_uses_reference():
-    q_lat, q_pe, c_kv, k_pe = _inputs(2, 9, SHAPES["smollm2-per_head"])
+@pytest.mark.parametrize("layout", ["smollm2-per_head", "smollm2-per_head-rope", "llama2-7b-shared-rope"])
+def test_cpu_dispatch_uses_reference(layout):
+    q_lat, q_pe, c_kv, k_pe = _inputs(2, 9, SHAPES[layout])
     torch.testing.assert_close(
         latent_decode_attention(q_lat, q_pe, c_kv, k_pe, 0.5), latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.5)
     )
@@ -98,6 +103,7 @@ def test_cpu_dispatch_uses_reference():
     [
         (((2, 9, 48), (2, 9, 8), (2, 1, 5, 48), (2, 3, 6, 8)), "tokens"),
         (((2, 9, 48), (2, 9, 8), (2, 2, 5, 48), (2, 3, 5, 8)), re.escape("Hc | Hkv | H")),
+        (((2, 12, 48), (2, 12, 8), (2, 4, 5, 48), (2, 6, 5, 8)), re.escape("Hkv | Hc | H")),
         (((2, 9, 48), (2, 9, 8), (2, 1, 5, 32), (2, 3, 5, 8)), "shape mismatch"),
     ],
 )

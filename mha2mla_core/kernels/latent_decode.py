@@ -1,7 +1,8 @@
 """One decode step of absorbed MLA attention over a latent KV cache.
 
-Legend: B batch, T cached tokens, H query heads, Hkv RoPE-key groups, Hc latent groups (Hc = Hkv for the per-head
-layout, 1 for the shared layout), Rc latent width of one group, Dr kept RoPE dims, G = H // Hc heads per latent group.
+Legend: B batch, T cached tokens, H query heads, Hkv RoPE-key groups (1 for a rope key shared by all heads), Hc latent
+groups (Hc = Hkv for the per-head layout, 1 for the shared layout), Rc latent width of one group, Dr kept RoPE dims,
+G = H // Hc heads per latent group. One of Hc, Hkv divides the other.
 
 Head h scores token t as  scale * (q_lat[h] . c_kv[h // (H // Hc), t] + q_pe[h] . k_pe[h // (H // Hkv), t])  and
 returns the softmax-weighted sum of its group's latents; W_uv is applied by the caller. On CUDA the step runs in the
@@ -171,8 +172,11 @@ def _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start, kv_end=None) -> None
         )
     if c_kv.shape[2] != k_pe.shape[2]:
         raise ValueError(f"c_kv holds {c_kv.shape[2]} tokens but k_pe holds {k_pe.shape[2]}; they must match")
-    if H % Hkv or Hkv % Hc:
-        raise ValueError(f"need Hc | Hkv | H for the head groups; got H={H}, Hkv={Hkv}, Hc={Hc}")
+    if H % Hkv or H % Hc or (Hkv % Hc and Hc % Hkv):
+        raise ValueError(
+            f"need Hc | Hkv | H or Hkv | Hc | H for the head groups (a shared rope key has Hkv = 1); "
+            f"got H={H}, Hkv={Hkv}, Hc={Hc}"
+        )
     if len({q_lat.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype}) != 1:
         raise ValueError(
             f"dtypes differ: q_lat {q_lat.dtype}, q_pe {q_pe.dtype}, c_kv {c_kv.dtype}, k_pe {k_pe.dtype}; "

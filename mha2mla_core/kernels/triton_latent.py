@@ -1,11 +1,14 @@
 """Triton flash-decoding kernels for `latent_decode_attention` (imported only on CUDA).
 
 Legend as in `latent_decode`: B, T, H, Hkv, Hc, Rc, Dr, G = H // Hc heads per latent group, HPG = H // Hkv heads per
-RoPE group, KPC = Hkv // Hc RoPE groups per latent group, S sequence splits.
+RoPE group, KPC = max(1, Hkv // Hc) RoPE groups one latent group's heads read (1 for a shared rope key), S sequence
+splits.
 
 Split kernel: program (s, c, b) reads tokens [s * split_tokens, (s + 1) * split_tokens) of latent group c once and
 scores them for all G heads of the group with two tensor-core dots (the latent part, and the RoPE part as a
-block-diagonal (G, KPC * Dr) query against the group's KPC rope keys), keeping an online softmax in fp32. With one
+block-diagonal (G, KPC * Dr) query against the KPC rope keys its heads read, from group c * G // HPG on), keeping an
+online softmax in fp32. Token strides are compile-time constants, and T and the split sizes are not specialised on,
+so a growing cache does not recompile. With one
 split it writes the output; otherwise it writes unnormalised partials (acc, running max m, running sum l) that the
 combine kernel merges. The int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on
 even and odd channels separately (low and high nibbles), so it never interleaves in registers; the full-precision
@@ -39,12 +42,32 @@ def _online_softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _rope_columns(offs_p, KPC: tl.constexpr, DR: tl.constexpr):
+    """Column p of a program's concatenated rope keys -> (rope group within the program, dim); one group (a shared
+    rope key, or a per-head latent with fewer rope groups than latent groups) needs no division."""
+    if KPC == 1:
+        grp = offs_p * 0
+        dim = offs_p
+    else:
+        grp = offs_p // DR
+        dim = offs_p % DR
+    return grp, dim
+
+
+@triton.jit
+def _rope_query(q_pe_row, offs_p, offs_h, h_ok, HPG: tl.constexpr, KPC: tl.constexpr, DR: tl.constexpr):
+    """(BLOCK_H, len(offs_p)) block-diagonal rope query: head h only meets its own rope group's columns."""
+    grp, dim = _rope_columns(offs_p, KPC, DR)
+    mine = h_ok[:, None] & (offs_p < KPC * DR)[None, :] & ((offs_h // HPG)[:, None] == grp[None, :])
+    return tl.load(q_pe_row + dim[None, :], mask=mine, other=0.0)
+
+
+@triton.jit(do_not_specialize=["T", "pos_offset", "split_tokens", "split_base", "n_splits_total"])
 def _split_kernel(
     Q_lat, Q_pe, C, K, Start, End, Out, O_part, ML_part,
-    stride_qb, stride_qh, stride_pb, stride_ph,
-    stride_cb, stride_ch, stride_ct, stride_kb, stride_kh, stride_kt,
-    stride_ob, stride_oh,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_cb, stride_ch, stride_kb, stride_kh, stride_ob, stride_oh,
     T, pos_offset, split_tokens, split_base, n_splits_total, qk_scale,
+    STRIDE_CT: tl.constexpr, STRIDE_KT: tl.constexpr,
     G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
     RC: tl.constexpr, RC_PAD: tl.constexpr, DR: tl.constexpr, P_PAD: tl.constexpr, P_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -63,14 +86,10 @@ def _split_kernel(
         Q_lat + b * stride_qb + head[:, None] * stride_qh + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0
     )  # (BLOCK_H, RC_PAD)
     c_base = C + b * stride_cb + c * stride_ch
-    k_base = K + b * stride_kb + (c * KPC) * stride_kh
-    q_pe_base = Q_pe + b * stride_pb + head[:, None] * stride_ph
+    k_base = K + b * stride_kb + (c * G // HPG) * stride_kh  # the first rope group this program's heads read
+    q_pe_row = Q_pe + b * stride_pb + head[:, None] * stride_ph
     offs_p0 = tl.arange(0, P_CHUNK)
-    q_pe0 = tl.load(
-        q_pe_base + (offs_p0 % DR)[None, :],
-        mask=h_ok[:, None] & (offs_p0 < KPC * DR)[None, :] & ((offs_h // HPG)[:, None] == (offs_p0 // DR)[None, :]),
-        other=0.0,
-    )  # (BLOCK_H, P_CHUNK) block-diagonal: head h only meets its own rope group's columns
+    q_pe0 = _rope_query(q_pe_row, offs_p0, offs_h, h_ok, HPG, KPC, DR)  # (BLOCK_H, P_CHUNK)
 
     lo = split * split_tokens
     hi = tl.minimum(lo + split_tokens, T)
@@ -88,25 +107,21 @@ def _split_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = (offs_t < hi) & (offs_t >= start)
         c_tile = tl.load(
-            c_base + offs_t[:, None] * stride_ct + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
+            c_base + offs_t[:, None] * STRIDE_CT + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
         )  # (BLOCK_T, RC_PAD)
         s = tl.dot(q_lat, tl.trans(c_tile), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
         for pc in tl.static_range(0, P_PAD, P_CHUNK):
             offs_p = pc + offs_p0
-            p_ok = offs_p < KPC * DR
+            grp, dim = _rope_columns(offs_p, KPC, DR)
             k_tile = tl.load(
-                k_base + (offs_p // DR)[None, :] * stride_kh + offs_t[:, None] * stride_kt + (offs_p % DR)[None, :],
-                mask=t_ok[:, None] & p_ok[None, :],
+                k_base + grp[None, :] * stride_kh + offs_t[:, None] * STRIDE_KT + dim[None, :],
+                mask=t_ok[:, None] & (offs_p < KPC * DR)[None, :],
                 other=0.0,
             )  # (BLOCK_T, P_CHUNK)
             if pc == 0:
                 q_pe = q_pe0
             else:
-                q_pe = tl.load(
-                    q_pe_base + (offs_p % DR)[None, :],
-                    mask=h_ok[:, None] & p_ok[None, :] & ((offs_h // HPG)[:, None] == (offs_p // DR)[None, :]),
-                    other=0.0,
-                )
+                q_pe = _rope_query(q_pe_row, offs_p, offs_h, h_ok, HPG, KPC, DR)
             s += tl.dot(q_pe, tl.trans(k_tile), input_precision=DOT_PREC)
         s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
@@ -123,27 +138,23 @@ def _split_kernel(
 
 
 @triton.jit
-def _dequant_halves(codes, scale_ptr, zero_ptr, ok, DTYPE: tl.constexpr):
-    """(BLOCK_T, N) uint8 int4 codes -> even and odd channels (low and high nibbles), dequantized to DTYPE.
-
-    scale_ptr / zero_ptr: (N,) pointers to the even channels' scale and zero; the odd channel's follow each.
-    """
+def _group_params(scale_ptr, zero_ptr, ok):
+    """fp32 scale and zero of the even channels at scale_ptr / zero_ptr and of the odd ones just after each."""
     s_e = tl.load(scale_ptr, mask=ok, other=0.0).to(tl.float32)
     s_o = tl.load(scale_ptr + 1, mask=ok, other=0.0).to(tl.float32)
     z_e = tl.load(zero_ptr, mask=ok, other=0.0).to(tl.float32)
     z_o = tl.load(zero_ptr + 1, mask=ok, other=0.0).to(tl.float32)
-    x_e = ((codes & 15).to(tl.float32) - z_e[None, :]) * s_e[None, :]
-    x_o = ((codes >> 4).to(tl.float32) - z_o[None, :]) * s_o[None, :]
-    return x_e.to(DTYPE), x_o.to(DTYPE)
+    return s_e, s_o, z_e, z_o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "split_tokens", "n_splits_total"])
 def _split_int4_kernel(
     Q_lat, Q_pe, Cq, Cs, Cz, Kq, Ks, Kz, Start, O_part, ML_part,
     stride_qb, stride_qh, stride_pb, stride_ph,
-    stride_cqb, stride_cqh, stride_cqt, stride_csb, stride_csh, stride_csg,
-    stride_kqb, stride_kqh, stride_kqt, stride_ksb, stride_ksh, stride_ksg,
+    stride_cqb, stride_cqh, stride_csb, stride_csh, stride_csg,
+    stride_kqb, stride_kqh, stride_ksb, stride_ksh, stride_ksg,
     T, split_tokens, n_splits_total, qk_scale,
+    STRIDE_CQT: tl.constexpr, STRIDE_KQT: tl.constexpr,
     G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
     RH: tl.constexpr, RH_PAD: tl.constexpr, DH: tl.constexpr, PH_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GROUP: tl.constexpr,
@@ -162,16 +173,18 @@ def _split_int4_kernel(
     q_ptr = Q_lat + b * stride_qb + head[:, None] * stride_qh + 2 * offs_r[None, :]
     q_e = tl.load(q_ptr, mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_H, RH_PAD) even channels
     q_o = tl.load(q_ptr + 1, mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # odd channels
-    offs_p = tl.arange(0, PH_PAD)  # column p: rope group p // DH, byte p % DH
+    offs_p = tl.arange(0, PH_PAD)  # column p: rope group grp(p), byte dim(p)
     p_ok = offs_p < KPC * DH
-    pe_mask = h_ok[:, None] & p_ok[None, :] & ((offs_h // HPG)[:, None] == (offs_p // DH)[None, :])
-    pe_ptr = Q_pe + b * stride_pb + head[:, None] * stride_ph + 2 * (offs_p % DH)[None, :]
+    grp, dim = _rope_columns(offs_p, KPC, DH)
+    pe_mask = h_ok[:, None] & p_ok[None, :] & ((offs_h // HPG)[:, None] == grp[None, :])
+    pe_ptr = Q_pe + b * stride_pb + head[:, None] * stride_ph + 2 * dim[None, :]
     qp_e = tl.load(pe_ptr, mask=pe_mask, other=0.0)  # (BLOCK_H, PH_PAD) block-diagonal
     qp_o = tl.load(pe_ptr + 1, mask=pe_mask, other=0.0)
+    first_grp = c * G // HPG
     cq_base = Cq + b * stride_cqb + c * stride_cqh
     cs_base = b * stride_csb + c * stride_csh + 2 * offs_r  # (RH_PAD,) even-channel offsets
-    kq_base = Kq + b * stride_kqb + (c * KPC + offs_p // DH)[None, :] * stride_kqh + (offs_p % DH)[None, :]
-    ks_base = b * stride_ksb + (c * KPC + offs_p // DH) * stride_ksh + 2 * (offs_p % DH)  # (PH_PAD,)
+    kq_base = Kq + b * stride_kqb + (first_grp + grp)[None, :] * stride_kqh + dim[None, :]
+    ks_base = b * stride_ksb + (first_grp + grp) * stride_ksh + 2 * dim  # (PH_PAD,)
 
     lo = split * split_tokens
     hi = tl.minimum(lo + split_tokens, T)
@@ -188,13 +201,15 @@ def _split_int4_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = (offs_t < hi) & (offs_t >= start)
         g = t0 // GROUP  # a tile never straddles two quantization groups
-        c_codes = tl.load(cq_base + offs_t[:, None] * stride_cqt + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0)
-        sz = cs_base + g * stride_csg
-        x_e, x_o = _dequant_halves(c_codes, Cs + sz, Cz + sz, r_ok, DTYPE)  # (BLOCK_T, RH_PAD) each
-        k_codes = tl.load(kq_base + offs_t[:, None] * stride_kqt, mask=t_ok[:, None] & p_ok[None, :], other=0)
-        ksz = ks_base + g * stride_ksg
-        k_e, k_o = _dequant_halves(k_codes, Ks + ksz, Kz + ksz, p_ok, DTYPE)  # (BLOCK_T, PH_PAD) each
-        s = tl.dot(q_e, tl.trans(x_e), input_precision=DOT_PREC)
+        c_codes = tl.load(cq_base + offs_t[:, None] * STRIDE_CQT + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0)
+        k_codes = tl.load(kq_base + offs_t[:, None] * STRIDE_KQT, mask=t_ok[:, None] & p_ok[None, :], other=0)
+        s_e, s_o, z_e, z_o = _group_params(Cs + cs_base + g * stride_csg, Cz + cs_base + g * stride_csg, r_ok)
+        ks_e, ks_o, kz_e, kz_o = _group_params(Ks + ks_base + g * stride_ksg, Kz + ks_base + g * stride_ksg, p_ok)
+        x_e = (((c_codes & 15).to(tl.float32) - z_e[None, :]) * s_e[None, :]).to(DTYPE)  # (BLOCK_T, RH_PAD)
+        x_o = (((c_codes >> 4).to(tl.float32) - z_o[None, :]) * s_o[None, :]).to(DTYPE)
+        k_e = (((k_codes & 15).to(tl.float32) - kz_e[None, :]) * ks_e[None, :]).to(DTYPE)  # (BLOCK_T, PH_PAD)
+        k_o = (((k_codes >> 4).to(tl.float32) - kz_o[None, :]) * ks_o[None, :]).to(DTYPE)
+        s = tl.dot(q_e, tl.trans(x_e), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
         s += tl.dot(q_o, tl.trans(x_o), input_precision=DOT_PREC)
         s += tl.dot(qp_e, tl.trans(k_e), input_precision=DOT_PREC)
         s += tl.dot(qp_o, tl.trans(k_o), input_precision=DOT_PREC)
@@ -244,7 +259,7 @@ def _combine_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_r, out.to(Out.dtype.element_ty), mask=r_ok)
 
 
-_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100: 227 KB of shared memory per block)
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100 / H200: 227 KB of shared memory per block)
 
 
 @dataclass(frozen=True)
@@ -267,13 +282,21 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+def _rope_groups_per_program(Hc: int, Hkv: int) -> int:
+    """Rope-key groups the heads of one latent group read: Hkv // Hc, or 1 when there are fewer rope groups than
+    latent groups (a shared rope key)."""
+    return max(1, Hkv // Hc)
+
+
 def default_config(q_lat: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> LaunchConfig:
     """Tiles of about 24 KB of cache (at least 32 tokens where two stages fit), as many stages as fit 200 KB.
 
-    Chosen from sweeps on an H100 over the bench shapes (bench/decode.py); 4 warps won everywhere.
+    Chosen from sweeps on an H100 over the bench shapes (4 warps won everywhere). On an H200 (bench/decode_sweep.py:
+    tiles of 32-256 tokens, 4 or 8 warps, 2 or 4 stages, 1-8 programs per SM) no config was faster at B=64, T=32k;
+    at B=16, T=16k 64-token tiles, 4 stages and 2 programs per SM were 12% faster for the SmolLM2 shapes.
     """
     Hc, Rc, Hkv, Dr = c_kv.shape[1], c_kv.shape[3], k_pe.shape[1], k_pe.shape[3]
-    bytes_per_token = (_pow2(Rc) + _pow2(Hkv // Hc * Dr)) * c_kv.element_size()
+    bytes_per_token = (_pow2(Rc) + _pow2(_rope_groups_per_program(Hc, Hkv) * Dr)) * c_kv.element_size()
     block_t = min(128, 2 ** int(math.log2(max(1, 24576 // bytes_per_token))))
     if block_t < 32:
         block_t = 32 if 2 * 32 * bytes_per_token <= _SMEM_BUDGET else 16
@@ -321,7 +344,7 @@ def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partial
     parts is None."""
     B, H, Rc = q_lat.shape
     Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
-    G, KPC = H // Hc, Hkv // Hc
+    G, KPC = H // Hc, _rope_groups_per_program(Hc, Hkv)
     splits = 1 if parts is None else parts.splits
     split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
     p_pad = _pow2(KPC * Dr)
@@ -331,9 +354,9 @@ def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partial
         q_lat, q_pe, c_kv, k_pe, kv_start if kv_start is not None else q_lat, kv_end if kv_end is not None else q_lat,
         out, o_part, ml_part,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-        c_kv.stride(0), c_kv.stride(1), c_kv.stride(2), k_pe.stride(0), k_pe.stride(1), k_pe.stride(2),
-        out.stride(0), out.stride(1),
+        c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), out.stride(0), out.stride(1),
         T, pos_offset, split_tokens, 0 if parts is None else parts.base, o_part.shape[2], scale * LOG2E,
+        STRIDE_CT=c_kv.stride(2), STRIDE_KT=k_pe.stride(2),  # constants: the compiler then sees aligned rows
         G=G, HPG=H // Hkv, KPC=KPC, RC=Rc, RC_PAD=_pow2(Rc), DR=Dr, P_PAD=p_pad, P_CHUNK=min(p_pad, 128),
         BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t,
         HAS_START=kv_start is not None, HAS_END=kv_end is not None, DIRECT=parts is None,
@@ -390,8 +413,10 @@ def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig)
 
 
 def default_config_int4(q_lat: torch.Tensor, kv: QuantizedLatentKV) -> LaunchConfig:
+    """64-token tiles (32 for wide latents), 8 programs per SM: on an H200 1.25-1.35x faster than 2 per SM for the
+    SmolLM2 shapes at B=16, T=16k and B=64, T=32k (bench/decode_sweep.py)."""
     block_t = 64 if q_lat.shape[2] <= 64 else 32
-    return LaunchConfig(block_t=min(block_t, kv.c_kv.group_size), num_warps=4, num_stages=3)
+    return LaunchConfig(block_t=min(block_t, kv.c_kv.group_size), num_warps=4, num_stages=3, programs_per_sm=8.0)
 
 
 def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None, cfg: LaunchConfig | None = None):
@@ -410,7 +435,7 @@ def _decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale, kv_start, cfg: Launc
         raise ValueError(f"block_t={cfg.block_t} must divide group_size={cq.group_size}")
     B, H, Rc = q_lat.shape
     Hc, Tq, Hkv, Dr = cq.codes.shape[1], cq.num_tokens, kq.codes.shape[1], kq.scale.shape[3]
-    G, KPC = H // Hc, Hkv // Hc
+    G, KPC = H // Hc, _rope_groups_per_program(Hc, Hkv)
     splits, split_tokens = _num_splits(B, Hc, Tq, cfg, q_lat.device)
     n_res = 1 if kv.c_kv_residual.shape[2] > 0 else 0  # the residual window is one more split
     parts = _Partials.empty(B, H, splits + n_res, Rc, q_lat.device)
@@ -419,9 +444,10 @@ def _decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale, kv_start, cfg: Launc
         q_lat, q_pe, cq.codes, cq.scale, cq.zero, kq.codes, kq.scale, kq.zero,
         kv_start if kv_start is not None else q_lat, o_part, ml_part,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-        cq.codes.stride(0), cq.codes.stride(1), cq.codes.stride(2), cq.scale.stride(0), cq.scale.stride(1), cq.scale.stride(2),
-        kq.codes.stride(0), kq.codes.stride(1), kq.codes.stride(2), kq.scale.stride(0), kq.scale.stride(1), kq.scale.stride(2),
+        cq.codes.stride(0), cq.codes.stride(1), cq.scale.stride(0), cq.scale.stride(1), cq.scale.stride(2),
+        kq.codes.stride(0), kq.codes.stride(1), kq.scale.stride(0), kq.scale.stride(1), kq.scale.stride(2),
         Tq, split_tokens, splits + n_res, scale * LOG2E,
+        STRIDE_CQT=cq.codes.stride(2), STRIDE_KQT=kq.codes.stride(2),
         G=G, HPG=H // Hkv, KPC=KPC, RH=Rc // 2, RH_PAD=_pow2(Rc // 2), DH=Dr // 2, PH_PAD=_pow2(KPC * Dr // 2),
         BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t, GROUP=cq.group_size,
         HAS_START=kv_start is not None, DOT_PREC=_dot_precision(q_lat.dtype),
