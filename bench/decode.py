@@ -1,25 +1,30 @@
 """Per-layer decode-step benchmark: SDPA GQA of the original attention vs the fused latent kernels (bf16 and int4).
 
     python bench/decode.py --out runs/bench_decode.jsonl     # needs a CUDA GPU with Triton; ~3 min on an H100
+    python bench/decode.py --batches 16 64 --contexts 16384 32768 --shapes smollm2-135m/shared   # a subset
 
 For each model shape, batch B and context T it times one decode step of one layer (`time_ms`: CUDA-graph replays with
 the L2 flushed before every call, so kernel time without Python launch overhead; `mla_eager_ms` adds that overhead
 back for the bf16 kernel) of: `sdpa` = torch SDPA with enable_gqa on the original (B, Hkv, T, D) bf16 K/V, `mla` = the Triton
 latent kernel on the bf16 latent cache, `mla_int4` = the int4 kernel on `GroupQuant` codes (group 64, 128-token
 residual window), and `torch` = the plain-torch reference (only where it fits easily). Bytes are the cache tensors
-each method must read; GB/s = bytes / time, `%bw` against the datasheet HBM bandwidth (the measured device-to-device
-copy is printed too; it came out below what the kernels reach, so it is no roof). A second
-table gives the largest batch whose KV cache fits a fixed memory budget, from each cache's measured bytes per token.
+each method must read; GB/s = bytes / time, `%bw` against the running device's datasheet HBM bandwidth (`PEAK_HBM_GBS`,
+by device name; the measured device-to-device copy is printed too, and stands in for a device the table lacks). A
+second table gives the largest batch whose KV cache fits a fixed memory budget, from each cache's measured bytes per
+token. The shapes with `rope_heads` 1 are the shared rope key (one k_pe head read by all query heads).
 """
 
 import argparse
 import json
 import math
+import shlex
 import statistics
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
 from triton.testing import do_bench
 
 from mha2mla_core.kernels import (
@@ -37,13 +42,25 @@ GROUP_SIZE = 64  # int4 tokens per scale/zero group
 RESIDUAL = 128  # most recent tokens kept in bf16
 KV_BUDGET_GIB = 60.0  # memory given to the KV cache in the max-batch table
 TORCH_MAX_TOKENS = 16 * 16384  # time the plain-torch reference only up to B * T of this
-PEAK_HBM_GBS = 3350.0  # H100 SXM datasheet
+PEAK_HBM_GBS = {  # datasheet HBM bandwidth, GB/s, by torch.cuda.get_device_name()
+    "NVIDIA H200": 4800.0,
+    "NVIDIA H200 NVL": 4800.0,
+    "NVIDIA H100 80GB HBM3": 3350.0,
+    "NVIDIA H100 NVL": 3900.0,
+    "NVIDIA H100 PCIe": 2000.0,
+    "NVIDIA A100-SXM4-80GB": 2039.0,
+    "NVIDIA A100-SXM4-40GB": 1555.0,
+    "NVIDIA A100 80GB PCIe": 1935.0,
+    "NVIDIA A100-PCIE-40GB": 1555.0,
+    "NVIDIA B200": 8000.0,
+}
 FLUSH_BYTES = 256 << 20  # written between timed calls so that no call finds the cache in L2
 
 
 @dataclass(frozen=True)
 class BenchShape:
-    """Original attention (H, Hkv, D) and its MLA latent layout (Hc, Rc, Dr), as in `latent_decode_attention`."""
+    """Original attention (H, Hkv, D) and its MLA latent layout (Hc, Rc, Dr, rope_heads), as in
+    `latent_decode_attention`: c_kv (B, Hc, T, Rc), k_pe (B, rope_heads, T, Dr)."""
 
     model: str
     layout: str
@@ -54,13 +71,20 @@ class BenchShape:
     Hc: int
     Rc: int
     Dr: int
+    rope_heads: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.layout}"
 
 
 SHAPES = (
-    BenchShape("smollm2-135m", "shared", 30, H=9, Hkv=3, D=64, Hc=1, Rc=48, Dr=8),
-    BenchShape("smollm2-135m", "per_head", 30, H=9, Hkv=3, D=64, Hc=3, Rc=16, Dr=8),
-    BenchShape("llama2-7b", "per_head", 32, H=32, Hkv=32, D=128, Hc=32, Rc=64, Dr=32),
-    BenchShape("llama2-7b", "shared", 32, H=32, Hkv=32, D=128, Hc=1, Rc=512, Dr=32),
+    BenchShape("smollm2-135m", "shared", 30, H=9, Hkv=3, D=64, Hc=1, Rc=48, Dr=8, rope_heads=3),
+    BenchShape("smollm2-135m", "shared-rope", 30, H=9, Hkv=3, D=64, Hc=1, Rc=48, Dr=24, rope_heads=1),
+    BenchShape("smollm2-135m", "per_head", 30, H=9, Hkv=3, D=64, Hc=3, Rc=16, Dr=8, rope_heads=3),
+    BenchShape("llama2-7b", "per_head", 32, H=32, Hkv=32, D=128, Hc=32, Rc=64, Dr=32, rope_heads=32),
+    BenchShape("llama2-7b", "shared", 32, H=32, Hkv=32, D=128, Hc=1, Rc=512, Dr=32, rope_heads=32),
+    BenchShape("llama2-7b", "shared-rope", 32, H=32, Hkv=32, D=128, Hc=1, Rc=512, Dr=64, rope_heads=1),  # DeepSeek's 512 + 64
 )
 
 
@@ -101,6 +125,14 @@ def eager_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def peak_bandwidth_gbs(copy_gbs: float) -> tuple[float, str]:
+    """(GB/s, where it comes from): the running device's datasheet HBM bandwidth, else the measured copy."""
+    name = torch.cuda.get_device_name()
+    if name in PEAK_HBM_GBS:
+        return PEAK_HBM_GBS[name], f"{name} datasheet"
+    return copy_gbs, f"{name} is not in PEAK_HBM_GBS: measured device-to-device copy"
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy, counting bytes read and written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -125,49 +157,61 @@ def time_sdpa(s: BenchShape, B: int, T: int) -> tuple[float, int]:
     return ms, k.nbytes + v.nbytes
 
 
-def time_mla(s: BenchShape, B: int, T: int) -> dict:
+def mla_inputs(s: BenchShape, B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 q_lat (B, H, Rc), q_pe (B, H, Dr), c_kv (B, Hc, T, Rc), k_pe (B, rope_heads, T, Dr)."""
     q_lat = torch.randn(B, s.H, s.Rc, device="cuda", dtype=torch.bfloat16)  # (B, H, Rc)
     q_pe = torch.randn(B, s.H, s.Dr, device="cuda", dtype=torch.bfloat16)  # (B, H, Dr)
     c_kv = torch.randn(B, s.Hc, T, s.Rc, device="cuda", dtype=torch.bfloat16)  # (B, Hc, T, Rc)
-    k_pe = torch.randn(B, s.Hkv, T, s.Dr, device="cuda", dtype=torch.bfloat16)  # (B, Hkv, T, Dr)
+    k_pe = torch.randn(B, s.rope_heads, T, s.Dr, device="cuda", dtype=torch.bfloat16)  # (B, rope_heads, T, Dr)
+    return q_lat, q_pe, c_kv, k_pe
+
+
+def int4_inputs(s: BenchShape, B: int, T: int) -> QuantizedLatentKV:
+    """Random int4 codes for all but the last RESIDUAL + (T - RESIDUAL) % GROUP_SIZE tokens, which stay bf16."""
+    t_res = RESIDUAL + (T - RESIDUAL) % GROUP_SIZE
+    return QuantizedLatentKV(
+        random_int4(B, s.Hc, T - t_res, s.Rc),
+        random_int4(B, s.rope_heads, T - t_res, s.Dr),
+        torch.randn(B, s.Hc, t_res, s.Rc, device="cuda", dtype=torch.bfloat16),  # (B, Hc, R, Rc)
+        torch.randn(B, s.rope_heads, t_res, s.Dr, device="cuda", dtype=torch.bfloat16),  # (B, rope_heads, R, Dr)
+    )
+
+
+def time_mla(s: BenchShape, B: int, T: int, torch_ref: bool) -> dict:
+    q_lat, q_pe, c_kv, k_pe = mla_inputs(s, B, T)
     scale = 1 / math.sqrt(s.D + s.Dr)
     row = {"mla_ms": time_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))}
     row["mla_eager_ms"] = eager_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))
     row["mla_bytes"] = c_kv.nbytes + k_pe.nbytes
-    if B * T <= TORCH_MAX_TOKENS:
+    if torch_ref and B * T <= TORCH_MAX_TOKENS:
         row["torch_ms"] = time_ms(lambda: latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale))
     del c_kv, k_pe
-    t_res = RESIDUAL + (T - RESIDUAL) % GROUP_SIZE
-    kv = QuantizedLatentKV(
-        random_int4(B, s.Hc, T - t_res, s.Rc),
-        random_int4(B, s.Hkv, T - t_res, s.Dr),
-        torch.randn(B, s.Hc, t_res, s.Rc, device="cuda", dtype=torch.bfloat16),  # (B, Hc, R, Rc)
-        torch.randn(B, s.Hkv, t_res, s.Dr, device="cuda", dtype=torch.bfloat16),  # (B, Hkv, R, Dr)
-    )
+    kv = int4_inputs(s, B, T)
     row["int4_ms"] = time_ms(lambda: latent_decode_attention_quantized(q_lat, q_pe, kv, scale))
     row["int4_bytes"] = kv.nbytes
     return row
 
 
-def bench_point(s: BenchShape, B: int, T: int) -> dict:
-    row = {"model": s.model, "layout": s.layout, "B": B, "T": T}
+def bench_point(s: BenchShape, B: int, T: int, peak_gbs: float, torch_ref: bool) -> dict:
+    row = {"model": s.model, "layout": s.layout, "rope_heads": s.rope_heads, "B": B, "T": T}
     row["sdpa_ms"], row["sdpa_bytes"] = time_sdpa(s, B, T)
     torch.cuda.empty_cache()
-    row.update(time_mla(s, B, T))
+    row.update(time_mla(s, B, T, torch_ref))
     torch.cuda.empty_cache()
     for name in ("sdpa", "mla", "int4"):
         row[f"{name}_gbs"] = row[f"{name}_bytes"] / row[f"{name}_ms"] / 1e6
-        row[f"{name}_pct_bw"] = 100 * row[f"{name}_gbs"] / PEAK_HBM_GBS
+        row[f"{name}_pct_bw"] = 100 * row[f"{name}_gbs"] / peak_gbs
     row["speedup_mla"] = row["sdpa_ms"] / row["mla_ms"]
     row["speedup_int4"] = row["sdpa_ms"] / row["int4_ms"]
+    row["int4_vs_mla"] = row["mla_ms"] / row["int4_ms"]
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\nPer-layer decode step, bf16; %bw against the datasheet HBM bandwidth {PEAK_HBM_GBS:.0f} GB/s")
+def print_table(rows: list[dict], peak_gbs: float, peak_source: str) -> None:
+    print(f"\nPer-layer decode step, bf16; %bw against {peak_gbs:.0f} GB/s ({peak_source})")
     print("| model | layout | B | T | SDPA GQA us (GB/s) | MLA us (GB/s, %bw) | x vs SDPA | MLA eager us "
-          "| MLA int4 us (GB/s, %bw) | x vs SDPA | torch ref us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MLA int4 us (GB/s, %bw) | x vs SDPA | int4 x vs MLA | torch ref us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         torch_us = f"{1e3 * r['torch_ms']:.0f}" if "torch_ms" in r else "-"
         print(
@@ -176,17 +220,17 @@ def print_table(rows: list[dict]) -> None:
             f"| {1e3 * r['mla_ms']:.1f} ({r['mla_gbs']:.0f}, {r['mla_pct_bw']:.0f}%) | {r['speedup_mla']:.1f} "
             f"| {1e3 * r['mla_eager_ms']:.1f} "
             f"| {1e3 * r['int4_ms']:.1f} ({r['int4_gbs']:.0f}, {r['int4_pct_bw']:.0f}%) | {r['speedup_int4']:.1f} "
-            f"| {torch_us} |"
+            f"| {r['int4_vs_mla']:.2f} | {torch_us} |"
         )
 
 
-def max_batch_rows(rows: list[dict]) -> list[dict]:
+def max_batch_rows(rows: list[dict], shapes: list[BenchShape], contexts: list[int]) -> list[dict]:
     """Largest batch whose cache (all layers) fits KV_BUDGET_GIB, from measured bytes per token and layer."""
     out = []
-    for s in SHAPES:
+    for s in shapes:
         r = max((r for r in rows if r["model"] == s.model and r["layout"] == s.layout), key=lambda r: r["B"] * r["T"])
         per_token = {k: r[f"{k}_bytes"] / (r["B"] * r["T"]) for k in ("sdpa", "mla", "int4")}
-        for T in CONTEXTS:
+        for T in contexts:
             fit = {k: int(KV_BUDGET_GIB * 2**30 // (v * T * s.layers)) for k, v in per_token.items()}
             out.append({"model": s.model, "layout": s.layout, "T": T, "bytes_per_token_layer": per_token, "max_batch": fit})
     return out
@@ -204,25 +248,37 @@ def print_max_batch(rows: list[dict]) -> None:
         )
 
 
-def main(out: str | None) -> None:
+def main(args: argparse.Namespace) -> None:
+    shapes = [s for s in SHAPES if not args.shapes or s.name in args.shapes]
+    if args.shapes and len(shapes) != len(set(args.shapes)):
+        raise SystemExit(f"--shapes {args.shapes}: known shapes are {[s.name for s in SHAPES]}")
+    command = "python " + shlex.join(sys.argv)
     copy_gbs = copy_bandwidth_gbs()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s (datasheet peak {PEAK_HBM_GBS:.0f})")
+    peak_gbs, peak_source = peak_bandwidth_gbs(copy_gbs)
+    header = {"device": torch.cuda.get_device_name(), "command": command, "copy_gbs": copy_gbs, "peak_gbs": peak_gbs,
+              "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
+    print(f"{header['device']}: copy bandwidth {copy_gbs:.0f} GB/s; peak {peak_gbs:.0f} GB/s ({peak_source})")
+    print(f"command: {command}", flush=True)
     rows = []
-    for s in SHAPES:
-        for B in BATCHES:
-            for T in CONTEXTS:
-                rows.append(bench_point(s, B, T))
+    for s in shapes:
+        for B in args.batches:
+            for T in args.contexts:
+                rows.append(bench_point(s, B, T, peak_gbs, not args.no_torch_ref))
                 print(json.dumps(rows[-1]), flush=True)
-    print_table(rows)
-    fits = max_batch_rows(rows)
+    print_table(rows, peak_gbs, peak_source)
+    fits = max_batch_rows(rows, shapes, args.contexts)
     print_max_batch(fits)
-    if out:
-        with open(out, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             for r in rows + fits:
-                f.write(json.dumps({"copy_gbs": copy_gbs, **r}) + "\n")
+                f.write(json.dumps({**header, **r}) + "\n")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the rows as JSON lines here")
-    main(parser.parse_args().out)
+    parser.add_argument("--shapes", nargs="*", help=f"a subset of {[s.name for s in SHAPES]}")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
+    parser.add_argument("--no-torch-ref", action="store_true", help="skip timing the plain-torch reference")
+    main(parser.parse_args())
