@@ -32,6 +32,7 @@ from mha2mla_core import MLAConfig
 from mha2mla_core.convert import check_convertible
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import (
+    CHECKPOINT_TAGS,
     INTEGRITY_TAG,
     RunLink,
     StageResult,
@@ -129,19 +130,36 @@ def flow_run_name() -> str:
 
 
 SUPERSEDED_TAG = "mha2mla.superseded_by"  # on a version marked corrupt: the version registered in its place
+REPOINTED_TAG = "mha2mla.repointed_from"  # on a version pointed at a good copy: the corrupt copy it pointed at
 
 
 def register_once(name: str, final: StageResult, **publishing) -> str:
     """Register `final` as a version of `name` (`flows.publish.publish`: once per checkpoint); "name/version".
 
-    Versions of `name` marked corrupt (`mha2mla.integrity`) get `mha2mla.superseded_by` = the good one."""
+    Of the versions of `name` marked corrupt (`mha2mla.integrity`), the one that holds `final`'s bytes is pointed
+    at `final`'s good copy (`repoint`); the others get `mha2mla.superseded_by` = the version of `final`."""
     client = MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'")
     number = publish(name, final, **publishing).version
     for version in versions:
-        if INTEGRITY_TAG in version.tags and SUPERSEDED_TAG not in version.tags:
+        if INTEGRITY_TAG not in version.tags or SUPERSEDED_TAG in version.tags:
+            continue
+        if int(version.version) == int(number):
+            repoint(client, version, final.output)
+        else:
             client.set_model_version_tag(name, version.version, SUPERSEDED_TAG, f"{name}/{number}")
     return f"{name}/{number}"
+
+
+def repoint(client: MlflowClient, version, good: ArtifactRef) -> None:
+    """Point a registered version whose checkpoint copy was found corrupt at a good copy of the same bytes: its
+    checkpoint tag becomes `good.uri`, the mark goes, `mha2mla.repointed_from` keeps the corrupt copy's URI."""
+    corrupt, sha256 = registered_source(version)
+    if sha256 != good.sha256:
+        raise ValueError(f"{version.name}/{version.version} holds sha256 {sha256}, not {good.sha256}; not re-pointed")
+    client.set_model_version_tag(version.name, version.version, REPOINTED_TAG, corrupt)
+    client.set_model_version_tag(version.name, version.version, CHECKPOINT_TAGS[0], good.uri)
+    client.delete_model_version_tag(version.name, version.version, INTEGRITY_TAG)
 
 
 def registered_checkpoint(model_version: str) -> ArtifactRef:

@@ -129,7 +129,7 @@ def test_uncached_stages_never_overwrite_a_registered_checkpoint(local_env, tiny
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_a_registered_version_found_corrupt_is_marked_and_superseded(local_env, tiny_source, tiny_params):
+def test_a_registered_version_found_corrupt_is_pointed_at_the_good_copy(local_env, tiny_source, tiny_params):
     from flows.convert import convert, registered_checkpoint
 
     first = convert(tiny_params(tiny_source, name="tiny-mla"))
@@ -139,10 +139,24 @@ def test_a_registered_version_found_corrupt_is_marked_and_superseded(local_env, 
         registered_checkpoint(first.model_version)  # a registered version's bytes are checked on load
 
     second = convert(tiny_params(tiny_source, name="tiny-mla"))  # svd-init is found stale and runs again
-    assert second.cache["svd-init"] == "miss" and second.model_version == "tiny-mla/2"
-    old = MlflowClient().get_model_version("tiny-mla", "1")
-    assert old.tags["mha2mla.integrity"].startswith(f"corrupt: {first.checkpoint.uri}")
-    assert old.tags["mha2mla.superseded_by"] == "tiny-mla/2"
+    assert second.cache["svd-init"] == "miss" and second.checkpoint.uri != first.checkpoint.uri
+    assert second.model_version == first.model_version == "tiny-mla/1"  # the same bytes: the same version
+    version = MlflowClient().get_model_version("tiny-mla", "1")
+    assert "mha2mla.integrity" not in version.tags
+    assert version.tags["mha2mla.repointed_from"] == first.checkpoint.uri
+    assert registered_checkpoint("tiny-mla/1").uri == second.checkpoint.uri
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_a_version_marked_corrupt_is_superseded_by_the_next_one(local_env, tiny_source, tiny_params):
+    from flows.convert import convert, registered_checkpoint
+    from tasks.common import mark_registered
+
+    first = convert(tiny_params(tiny_source, name="tiny-mla"))
+    assert mark_registered(first.checkpoint.uri, "corrupt: found by hand") == ["tiny-mla/1"]
+    second = convert(tiny_params(tiny_source, name="tiny-mla", kv_rank=2))
+    assert second.model_version == "tiny-mla/2"
+    assert MlflowClient().get_model_version("tiny-mla", "1").tags["mha2mla.superseded_by"] == "tiny-mla/2"
     with pytest.raises(DigestMismatchError, match="use the version registered in its place: tiny-mla/2"):
-        registered_checkpoint(first.model_version)
-    assert registered_checkpoint(second.model_version).uri == second.checkpoint.uri
+        registered_checkpoint("tiny-mla/1")
