@@ -72,3 +72,19 @@ def test_catalog_entries_that_share_stages_run_at_once(local_env, tiny_source, t
     for row in outcome.rows:
         assert store.exists(row["checkpoint"])
     assert not list((local_env / ".tmp").iterdir())
+
+
+@pytest.mark.slow
+def test_two_cold_converts_in_one_directory_both_succeed(tiny_source, tmp_path):
+    """`mha2mla convert` twice at once in a fresh directory, on the embedded default: one MLflow database, one
+    Prefect home, one store, the same cache keys."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MHA2MLA_", "PREFECT_"))}
+    env.update(PYTHONPATH=str(REPO), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200")
+    command = [sys.executable, "-c", "from flows.cli import app; app()", "convert", str(tiny_source), "--rope-dims", "4",
+               "--kv-rank", "4", "--calib-tokens", "512", "--eval-tokens", "256", "--no-check"]  # fmt: skip
+    clis = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]  # fmt: skip
+    outputs = [cli.communicate(timeout=600)[0] for cli in clis]
+    for cli, out in zip(clis, outputs):
+        assert cli.returncode == 0, out[-3000:]
+        assert "checkpoint: file://" in out
