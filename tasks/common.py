@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import anyio.to_thread
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import WritableFileSystem
@@ -393,19 +394,28 @@ class StageCachePolicy(CachePolicy):
 
     code: tuple[str, ...] = ()  # core modules the stage calls
 
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
-        fn = task_ctx.task.fn
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        """The key; None (the stage runs uncached, writing to a folder of its own) when the records cannot be
+        read or too many in a row are unusable."""
+        name, fn = task_ctx.task.name, task_ctx.task.fn
         code = code_digest((fn.__module__, *self.code))
-        key = _sha256_json({"stage": task_ctx.task.name, "code": code, "inputs": cache_payload(inputs)})
+        key = _sha256_json({"stage": name, "code": code, "inputs": cache_payload(inputs)})
         store = context().store
-        for _ in range(_REKEY_LIMIT):
-            problem = record_problem(key, store)
-            if problem is None:
-                return key
-            logger.warning("%s: cache record %s/%s %s; treated as a cache miss, the stage runs again",
-                           task_ctx.task.name, RESULTS_PREFIX, key, problem)  # fmt: skip
-            key = _sha256_json({"stale": key})
-        raise RuntimeError(f"{task_ctx.task.name}: {_REKEY_LIMIT} unusable cache records in a row; clear {RESULTS_PREFIX}/")
+        try:
+            for _ in range(_REKEY_LIMIT):
+                problem = record_problem(key, store)
+                if problem is None:
+                    return key
+                logger.warning("%s: cache record %s/%s %s; treated as a cache miss, the stage runs again",
+                               name, RESULTS_PREFIX, key, problem)  # fmt: skip
+                key = _sha256_json({"stale": key})
+        except (OSError, ClientError, BotoCoreError) as exc:
+            logger.warning("%s: cannot read its cache records (%s: %s); the stage runs uncached",
+                           name, type(exc).__name__, str(exc).splitlines()[0][:200])  # fmt: skip
+            return None
+        logger.warning("%s: %d unusable cache records in a row; the stage runs uncached (clear %s/)",
+                       name, _REKEY_LIMIT, RESULTS_PREFIX)  # fmt: skip
+        return None
 
 
 # ------------------------------------------------------------------------------------------ result storage

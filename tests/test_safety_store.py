@@ -109,7 +109,7 @@ def _registered_bytes(model_version: str) -> bytes:
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_uncached_stages_never_overwrite_a_registered_checkpoint(local_env, tiny_source, tiny_params, monkeypatch):
+def test_uncached_stages_never_overwrite_a_registered_checkpoint(local_env, tiny_source, tiny_params, monkeypatch, caplog):
     """Cache lookups that fail (S3 GETs that keep failing, too many stale records) leave the stages uncached; two
     configs run that way must still write their checkpoints to paths of their own."""
     from flows.convert import convert
@@ -119,7 +119,10 @@ def test_uncached_stages_never_overwrite_a_registered_checkpoint(local_env, tiny
         raise OSError("GET prefect-results/... failed 3 times")
 
     monkeypatch.setattr(common, "record_problem", lookup_fails)
-    first = convert(tiny_params(tiny_source, name="shared-name"))
+    with caplog.at_level(logging.WARNING, logger="tasks.common"):
+        first = convert(tiny_params(tiny_source, name="shared-name"))
+    assert "svd-init: cannot read its cache records (OSError: GET prefect-results/... failed 3 times); the stage " \
+           "runs uncached" in caplog.text
     registered = _registered_bytes(first.model_version)
     second = convert(tiny_params(tiny_source, name="shared-name", kv_rank=2))
     assert second.checkpoint.uri != first.checkpoint.uri and second.model_version != first.model_version
