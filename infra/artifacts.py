@@ -410,10 +410,18 @@ class LocalStore(_Store):
     def _publish(self, src: Path, dest: Path, sha: str) -> None:
         """Hard-link the complete file `src` to `dest`, which must not hold other bytes (write-once)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
+        uri = self.uri(dest.relative_to(self._dir).as_posix())
         try:
             os.link(src, dest)  # atomic, and fails if dest exists: a concurrent writer cannot be clobbered
         except FileExistsError:
-            _check_same(self.uri(dest.relative_to(self._dir).as_posix()), sha, sha256_file(dest)[0])
+            _check_same(uri, sha, sha256_file(dest)[0])
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            if dest.exists():  # a file system without hard links: check, then rename (not atomic between writers)
+                _check_same(uri, sha, sha256_file(dest)[0])
+            else:
+                os.replace(src, dest)
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete the temp files that processes of this host which are no longer running left in `.tmp/`."""
@@ -433,6 +441,7 @@ class LocalStore(_Store):
 
 
 _HOST = socket.gethostname().replace("~", "-")
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 def _tmp_prefix() -> str:

@@ -1,6 +1,7 @@
 """Artifact store: round trips, atomic writes, digests, key safety; S3 through moto over HTTP."""
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -205,6 +206,20 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.get_bytes(old.uri, sha256=old.sha256) == b"old"
     assert os.listdir(tmp_path / "store" / "a") == ["w.bin"]  # no temp file left behind
+    assert os.listdir(tmp_path / "store" / ".tmp") == []
+
+
+def test_a_file_system_without_hard_links_still_stores_write_once(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+
+    def unsupported(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", unsupported)
+    ref = store.put_bytes(b"first", "m/w.bin")
+    assert store.put_bytes(b"first", "m/w.bin") == ref and store.verify(ref)
+    with pytest.raises(ArtifactConflictError):
+        store.put_bytes(b"other", "m/w.bin")
     assert os.listdir(tmp_path / "store" / ".tmp") == []
 
 
