@@ -33,6 +33,7 @@ import logging
 import platform
 import re
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -310,10 +311,12 @@ def register_checkpoint(
     if version is None:
         if directory is None:
             raise ValueError(f"{name} has no version of checkpoint {ref.uri} yet; give its folder to log it")
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(directory)},
-            signature=MODEL_SIGNATURE, pip_requirements=_requirements(),
-        )  # fmt: skip
+        with warnings.catch_warnings():  # the signature is given; an input example would load the model to check it
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(directory)},
+                signature=MODEL_SIGNATURE, pip_requirements=_requirements(),
+            )  # fmt: skip
         tags = {CHECKPOINT_URI_TAG: ref.uri, CHECKPOINT_SHA256_TAG: ref.sha256}
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     if description:
