@@ -113,7 +113,8 @@ def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-
     if ctx.invoked_subcommand in FLOW_COMMANDS:
         ctx.obj = boot_prefect_api()
         scratch = scratch_root(Settings())
-        exit_on_signals(*([ctx.obj.stop] if ctx.obj else []), lambda: remove_orphans(scratch, include_own=True))
+        restore = exit_on_signals(*([ctx.obj.stop] if ctx.obj else []), lambda: remove_orphans(scratch, include_own=True))
+        ctx.call_on_close(restore)  # in-process callers (tests) get their own handlers back
 
 
 def boot_prefect_api() -> EphemeralAPI | None:

@@ -134,9 +134,9 @@ def create_app() -> Any:
     return app
 
 
-def exit_on_signals(*cleanups: Callable[[], Any]) -> None:
+def exit_on_signals(*cleanups: Callable[[], Any]) -> Callable[[], None]:
     """On SIGINT (Ctrl-C) or SIGTERM: run `cleanups` (stop the server, drop scratch folders), say how to resume,
-    and end the process at once with status 128 + the signal.
+    and end the process at once with status 128 + the signal. Returns what puts the previous handlers back.
 
     Raising in the main thread would not stop a stage that runs in a worker thread, and the exit would then wait
     for it; finished stages are cached, so the same command picks up where this one stopped."""
@@ -152,8 +152,13 @@ def exit_on_signals(*cleanups: Callable[[], Any]) -> None:
         sys.stdout.flush()
         os._exit(128 + signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _die_with_parent() -> None:

@@ -99,6 +99,15 @@ def test_error_messages_mask_uri_passwords():
     assert "hunter2" not in describe_error(info.value) and "bob:***@db" in describe_error(info.value)
 
 
+def test_the_cli_gives_an_in_process_caller_its_signal_handlers_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no server is started
+    monkeypatch.setenv("MHA2MLA_PREFECT_HOME", str(tmp_path / "prefect"))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code, out = invoke("convert", str(tmp_path / "model"), "--rope-dims", "3")
+    assert code == 2 and "rope_dims" in out
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_cli_and_its_api_server_at_once(tiny_source, tmp_path):
     """The CLI with its own ephemeral API server, interrupted while a stage computes: it exits within seconds with
