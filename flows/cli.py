@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flows.errors import describe_error, quiet_engine_logs
@@ -158,13 +158,25 @@ class StageProgress(logging.Handler):
             line = f"{escape(stage)}: {'started' if event == 'start' else self.DONE.get(event, event)}" if stage else f"  {escape(record.getMessage())}"
             console.print(f"{datetime.now():%H:%M:%S} {line}", soft_wrap=True, highlight=False)
         elif stage is None and self.running is not None:
-            self.progress.update(self.rows[self.running], outcome=f"[yellow]{escape(record.getMessage())}")
+            counts = {}
+            if hasattr(record, "completed") and hasattr(record, "total"):  # e.g. training steps: counts and ETA
+                counts = dict(completed=record.completed, total=record.total, count=f"{record.completed}/{record.total}")
+            self.progress.update(self.rows[self.running], outcome=f"[yellow]{escape(record.getMessage())}", **counts)
         elif event == "start":
-            self.rows[stage] = self.progress.add_task(escape(stage), total=1, outcome="[yellow]running")
+            self.rows[stage] = self.progress.add_task(escape(stage), total=1, outcome="[yellow]running", count="")
             self.running = stage
         elif stage in self.rows:
-            self.progress.update(self.rows[stage], completed=1, outcome=self.DONE.get(event, event))
+            total = self.progress.tasks[self.rows[stage]].total
+            self.progress.update(self.rows[stage], completed=total, outcome=self.DONE.get(event, event))
             self.running = None
+
+
+def stage_progress(out: Console) -> Progress:
+    """A row per stage: its name, step counts where it reports them, elapsed and remaining time, its latest line;
+    disabled (StageProgress prints plain lines) when `out` is not a terminal."""
+    return Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), TextColumn("{task.fields[count]:>11}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[outcome]}"), console=out,
+                    disable=not out.is_terminal)  # fmt: skip
 
 
 def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
@@ -175,9 +187,8 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
 
         api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         use_api(api.url)  # a port taken meanwhile gives a new one
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), TextColumn("{task.fields[outcome]}"),
-                        TimeElapsedColumn(), console=console, disable=not console.is_terminal)  # fmt: skip
-    handler = StageProgress(progress)
+    handler = StageProgress(stage_progress(console))
+    progress = handler.progress
     loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
     for logger in loggers:
         logger.addHandler(handler)

@@ -238,7 +238,8 @@ class _Trainer:
             self.history.append({"kind": kind, "step": self.step, "tokens": tokens, **metrics})
             if kind == "log":
                 logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", self.step, self.total_steps,
-                            metrics["loss"], metrics["lr"], metrics["tokens_per_s"])
+                            metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
+                            extra={"completed": self.step, "total": self.total_steps})  # a progress display's count
         if self.world.is_main:
             event = TrainEvent(kind, self.step, self.total_steps, tokens, metrics, path)
             for callback in callbacks:

@@ -51,3 +51,30 @@ def test_piped_convert_prints_plain_stage_lines_and_prefect_keeps_the_run_logs(p
     messages = [log.message for log in logs]
     assert "svd-init started" in messages and "evaluate[mla] miss" in messages
     assert any(re.fullmatch(r"converted 2 layers in [\d.]+s", m) for m in messages)  # mha2mla_core.convert, in svd-init
+
+
+def test_terminal_progress_counts_training_steps_and_shows_the_latest_line():
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.cli import StageProgress, stage_progress
+
+    out = io.StringIO()
+    handler = StageProgress(stage_progress(Console(file=out, force_terminal=True, width=160)))
+    stage = logging.getLogger("mha2mla.progress")
+    core = logging.getLogger("mha2mla_core.finetune")
+
+    def record(logger, msg, *args, **extra):
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, args, None, extra=extra)
+
+    with handler.progress:
+        handler.emit(record(stage, "finetune started", stage="finetune", event="start"))
+        handler.emit(record(core, "step %d/%d loss %.4f", 40, 100, 2.5, completed=40, total=100))
+        [task] = handler.progress.tasks
+        assert (task.completed, task.total, task.fields["count"]) == (40, 100, "40/100")
+        assert task.fields["outcome"].endswith("step 40/100 loss 2.5000")
+        handler.progress.refresh()
+        handler.emit(record(stage, "finetune miss", stage="finetune", event="miss"))
+    assert task.finished and "40/100" in out.getvalue() and "done" in out.getvalue()
