@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
 from flows.naming import default_name
-from flows.publish import QualityGate, describe, headline_metrics, model_card, publish, recipe
+from flows.publish import QualityGate, RunSummary, headline_metrics, publish
 from infra.tracking import log_metrics, parent_run, stage_run
 from mha2mla_core import MLAConfig
 from mha2mla_core.convert import check_convertible
@@ -234,7 +234,6 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         log_metrics(headline)
         failures = params.gate.failures(headline) if params.gate else ["no quality gate set"]
         mlflow.set_tag("mha2mla.gate", "passed" if not failures else "; ".join(failures))
-        version = register_once(name, final, card=model_card(name, params, model, comparison, headline, stage.results, run_id),
-                                recipe_text=recipe(params, model.digest), description=describe(model, headline, params),
-                                champion=not failures)  # fmt: skip
+        summary = RunSummary(name, params, model, comparison, headline, stage.results, run_id)
+        version = register_once(name, final, summary=summary, champion=not failures)
     return ConvertOutcome(run_id=run_id, checkpoint=final.output, model_version=version, table=table, cache=stage.cache)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -68,16 +70,30 @@ def headline_metrics(table: Comparison, results: Mapping[str, StageResult], seco
     return {key: float(value) for key, value in out.items() if value is not None}
 
 
-def recipe(params: BaseModel, model_digest: str) -> str:
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished `convert` run knows of its final checkpoint: enough to describe, card and reproduce it."""
+
+    name: str  # the registered model's
+    params: BaseModel  # the flow's ConvertParams
+    model: Any  # the source ModelSource: name and digest
+    table: Comparison  # the side-by-side evaluation, the final checkpoint last
+    headline: Mapping[str, float]  # headline_metrics
+    results: Mapping[str, StageResult]  # stage name -> its result
+    run_id: str  # the flow's MLflow run
+
+
+def recipe(summary: RunSummary) -> str:
     """The flow's parameters as YAML, headed by the command that reruns them."""
     header = (f"# mha2mla convert --config {RECIPE_FILE}\n"
-              f"# reproduces this checkpoint: source model digest {model_digest}, mha2mla {code_version()}\n")  # fmt: skip
-    return header + yaml.safe_dump(params.model_dump(mode="json", exclude_none=True), sort_keys=False)
+              f"# reproduces this checkpoint: source model digest {summary.model.digest}, mha2mla {code_version()}\n")  # fmt: skip
+    return header + yaml.safe_dump(summary.params.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def model_card(name: str, params: BaseModel, model, table: Comparison, headline: Mapping[str, float],
-               results: Mapping[str, StageResult], run_id: str) -> str:  # fmt: skip
+def model_card(summary: RunSummary) -> str:
     """README.md of the checkpoint: base model, method, config, data and digests, quality, KV bytes, code version."""
+    name, params, model, table, headline, results, run_id = (summary.name, summary.params, summary.model, summary.table,
+                                                              summary.headline, summary.results, summary.run_id)  # fmt: skip
     mla = params.mla
     hub_id = "/" in model.name and not Path(model.name).exists()
     front = {"library_name": "transformers", "pipeline_tag": "text-generation",
@@ -108,8 +124,9 @@ def model_card(name: str, params: BaseModel, model, table: Comparison, headline:
     return "\n".join(lines)
 
 
-def describe(model, headline: Mapping[str, float], params: BaseModel) -> str:
+def describe(summary: RunSummary) -> str:
     """The registry version's description: source and digest, config, KV saving, PPL."""
+    model, headline, params = summary.model, summary.headline, summary.params
     mla = params.mla
     return (f"{model.name} (sha256 {model.digest}) -> MLA: rope {mla.rope_strategy} r={mla.rope_dims}, "
             f"kv_rank {mla.kv_rank}, svd {mla.svd}, {mla.layout}"
@@ -119,16 +136,16 @@ def describe(model, headline: Mapping[str, float], params: BaseModel) -> str:
             f"({headline.get('kv_saving_pct', 0):.2f}% saved).")  # fmt: skip
 
 
-def publish(name: str, final: StageResult, *, card: str, recipe_text: str, description: str, champion: bool) -> RegisteredCheckpoint:
+def publish(name: str, final: StageResult, *, summary: RunSummary, champion: bool) -> RegisteredCheckpoint:
     """Register the final checkpoint as an MLflow model (card and recipe beside its weights) on the active run; a
     checkpoint already registered under `name` keeps its version and gets the new description and aliases."""
     with scratch_dir() as tmp:
         directory = None
         if checkpoint_version(name, final.sha256) is None:
             directory = context().store.get_dir(final.uri, tmp / "checkpoint", sha256=final.sha256)
-            (directory / CARD_FILE).write_text(card)
-            (directory / RECIPE_FILE).write_text(recipe_text)
-        return register_checkpoint(directory, final.output, name, description=description, champion=champion)
+            (directory / CARD_FILE).write_text(model_card(summary))
+            (directory / RECIPE_FILE).write_text(recipe(summary))
+        return register_checkpoint(directory, final.output, name, description=describe(summary), champion=champion)
 
 
 def read_recipe(path: str | Path) -> dict:
