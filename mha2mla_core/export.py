@@ -1,0 +1,420 @@
+"""Export an MLA model to DeepSeek-V3's checkpoint format, the one vLLM, SGLang, llama.cpp and TensorRT-LLM serve.
+
+Legend: L layers, E hidden, H query heads, Hkv KV heads, n_rep = H / Hkv, D head dim, P shared RoPE pairs,
+Dr = 2P shared RoPE dims, Rc latent dims.
+
+    ours (shared_rope, one latent group)          DeepSeek-V3 (q_lora_rank null)
+    q_proj (H*(Dr+D), E) [q_pe | q_nope]          q_proj (H*(D+Dr), E) [q_nope | q_pe interleaved] * sqrt((D+Dr)/D)
+    kv_a_proj (Rc, E), k_rope_proj (Dr, E)        kv_a_proj_with_mqa (Rc+Dr, E) [latent / s ; k_pe interleaved]
+    (no latent norm)                              kv_a_layernorm (Rc,) = s * sqrt(eps)
+    kv_b_proj (1, Hkv*(D+D), Rc) [k_nope | v]     kv_b_proj (H*(D+D), Rc): each KV head's rows once per query head
+    o_proj, MLPs, norms, embeddings               the same (times alpha where the residual stream is rescaled)
+
+Scores: DeepSeek scales q.k by (D+Dr)**-0.5 and we by D**-0.5, so the q rows carry sqrt((D+Dr)/D). RoPE: our shared
+key's pair j turns with the source's inv_freq[j] (engine_rope keeps the P fastest, j = 0..P-1), which is DeepSeek's
+default RoPE of dim Dr with rope_theta' = theta**(Dr/D); pairs move from rotate-half ([x_0..x_P-1 | y_0..y_P-1]) to
+interleaved ([x_0, y_0, x_1, ...]) order.
+
+The latent norm. DeepSeek always applies RMSNorm(c) = c * rsqrt(mean(c^2) + eps) * w to the latent; ours has none. We
+put it in its linear regime: the latent rows are divided by s and w = s * sqrt(eps), so RMSNorm(c / s) =
+c * sqrt(eps / (mean((c/s)^2) + eps)) = c * (1 - delta) with delta <= mean((c/s)^2) / (2 eps). The latent c = A x
+reads the input norm's output x = g * u, u = h / sqrt(mean(h^2) + eps_in) with ||u||^2 <= E, so mean(c^2) <=
+sigma_max(A diag(g))^2 * E / Rc for every token: s comes from that bound, from the weights alone, so that
+delta <= LATENT_ERROR for any input (measured on calibration tokens when given, see `export_deepseek_v3`).
+What breaks it: the latent rows are ~1e-7 of their old size, so the tensor kv_a_proj_with_mqa must stay in bf16 or
+fp32. fp16 flushes them to subnormals, and per-tensor fp8 / int8 / GGUF q8_0 scales (fitted to the RoPE rows or
+stored in fp16) round them to zero; block-scaled fp8 (128x128, DeepSeek's own) keeps them when Rc is a multiple of 128.
+
+The eps. transformers builds kv_a_layernorm with its default eps 1e-6 whatever the config says; vLLM, SGLang and
+llama.cpp use config.rms_norm_eps. One checkpoint serves all of them when rms_norm_eps = 1e-6: for a source whose
+norms use another eps, the residual stream is scaled by alpha = sqrt(1e-6 / eps) (embeddings, o_proj, down_proj; the
+final norm's weight by 1 / alpha when lm_head is tied), which is exact: RMSNorm(alpha h; alpha^2 eps) = RMSNorm(h; eps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerBase
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from mha2mla_core.modeling_mla import MLAForCausalLM, MLALlamaConfig
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("hf", "llamacpp", "vllm", "trtllm")
+# (kv_lora_rank, qk_rope_head_dim) the MLA kernels of each engine accept; absent: any layout
+ENGINE_LAYOUTS = {"vllm": ((512, 64), (256, 64)), "trtllm": ((512, 64),)}
+MIN_SAVING = 0.5  # an engine layout that saves less KV cache than this vs the original is refused
+LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm(kv_lora_rank) default; rms_norm_eps of every export
+LATENT_ERROR = 1e-6  # bound on the latent's relative error through kv_a_layernorm, for every token
+ROPE_RTOL = 1e-5  # DeepSeek's recomputed RoPE frequencies vs the source's (float32 pow of another base)
+
+
+def export_deepseek_v3(
+    model: MLAForCausalLM,
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    calib_ids: torch.Tensor | None = None,
+    target: str = "hf",
+) -> dict:
+    """Write `model` as a DeepseekV3ForCausalLM checkpoint (config, safetensors, tokenizer, README.md) to `out_dir`.
+
+    Raises ValueError before writing anything if the model cannot be expressed exactly (attention biases, RoPE
+    frequencies other than the fastest P, fp16 weights) or `target`'s kernels refuse its layout. With `calib_ids`
+    (1-D token ids) the latent norm's error and the logits of the written checkpoint are measured against `model`.
+    Returns what was written and measured (JSON-able)."""
+    config = deepseek_config(model.config, target)
+    layout = check_engine_layout(model.config, target)
+    if model.dtype == torch.float16:
+        raise ValueError(
+            "the model is fp16: the exported latent rows are ~1e-7 of their size (the latent norm's linear regime) "
+            "and fp16 flushes them to subnormals; export from fp32 or bf16 (model.to(torch.bfloat16))"
+        )
+    state, scales = deepseek_state_dict(model, config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        exported = DeepseekV3ForCausalLM(config)
+    exported.load_state_dict(state, assign=True, strict=True)
+    exported.tie_weights()
+    exported.generation_config = model.generation_config
+    exported.save_pretrained(out)
+    add_legacy_rope_theta(out / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    summary = {
+        "out_dir": str(out),
+        "target": target,
+        "format": "deepseek_v3",
+        **layout,
+        "rope_theta": config.rope_parameters["rope_theta"],
+        "residual_scale": residual_scale(model.config),
+        "latent_norm_eps": LATENT_NORM_EPS,
+        "latent_error_bound": LATENT_ERROR,
+        "latent_scales": scales,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+    if calib_ids is not None:
+        summary["measured"] = measure_export(model, out, calib_ids, scales)
+    write_model_card(out, summary, model.config)
+    summary["files"] = sorted(p.name for p in out.iterdir())
+    logger.info("exported %s to %s (%s)", model.config.model_type, out, target)
+    return summary
+
+
+# ---- config -----------------------------------------------------------------------------------------------------
+def check_exportable(config: MLALlamaConfig) -> None:
+    """Every reason the model has no exact DeepSeek-V3 form, raised with the fix."""
+    if config.q_bias or config.kv_bias or config.o_bias or getattr(config, "mlp_bias", False):
+        raise ValueError(
+            f"model_type={config.source_model_type} has attention biases (q_bias={config.q_bias}, kv_bias="
+            f"{config.kv_bias}, o_bias={config.o_bias}, mlp_bias={getattr(config, 'mlp_bias', False)}): DeepSeek-V3's "
+            "format has no q/k/v bias to fold them into (attention_bias adds one to kv_a_proj_with_mqa and o_proj "
+            "only, which no engine loads); export a bias-free source (Llama, Mistral, SmolLM) or serve this model "
+            "with our MLAForCausalLM"
+        )
+    if not config.shared_rope or config.kv_latent_groups != 1:
+        raise ValueError(
+            f"DeepSeek-V3 has ONE RoPE key and ONE latent shared by every head; this model has "
+            f"shared_rope={config.shared_rope}, kv_latent_groups={config.kv_latent_groups}: convert with "
+            "MLAConfig(rope_strategy='rotated', layout='shared', engine_rope=True)"
+        )
+    fastest = list(range(config.qk_rope_head_dim // 2))
+    bad = [i for i, pairs in enumerate(config.rope_pairs) if pairs[0] != fastest]
+    if bad:
+        raise ValueError(
+            f"layers {bad[:5]}{'...' if len(bad) > 5 else ''} keep RoPE frequencies {config.rope_pairs[bad[0]][0]}; "
+            f"DeepSeek's RoPE turns pair j at theta'^(-2j/Dr), the fastest {len(fastest)} frequencies {fastest} in "
+            "every layer: convert with MLAConfig(rope_strategy='rotated', engine_rope=True) (`mha2mla convert "
+            "--engine-rope`)"
+        )
+
+
+def deepseek_rope(config: MLALlamaConfig) -> dict:
+    """rope_parameters that make DeepSeek's RoPE of dim Dr turn the source's fastest P frequencies, checked by
+    computing DeepSeek's frequencies with transformers' own rotary embedding."""
+    source = LlamaRotaryEmbedding(config)
+    dr, d = config.qk_rope_head_dim, config.head_dim
+    params = {**config.rope_parameters, "rope_theta": config.rope_parameters["rope_theta"] ** (dr / d)}
+    probe = DeepseekV3Config(qk_rope_head_dim=dr, rope_parameters=dict(params), max_position_embeddings=config.max_position_embeddings)
+    engine = DeepseekV3RotaryEmbedding(probe)
+    want = source.inv_freq[: dr // 2].double()
+    error = ((engine.inv_freq.double() - want).abs() / want).max().item()
+    if error > ROPE_RTOL or engine.attention_scaling != source.attention_scaling:
+        raise ValueError(
+            f"rope_type={params.get('rope_type')!r}: DeepSeek's RoPE of dim {dr} with theta={params['rope_theta']:.6g} "
+            f"turns the kept pairs at frequencies {error:.2e} (relative) away from the source's, scaling "
+            f"{engine.attention_scaling} vs {source.attention_scaling}; only frequency sets that depend on the pair "
+            "index as base**(-2j/D) (default RoPE, or the unscaled fast pairs of llama3 RoPE) are expressible"
+        )
+    return params
+
+
+def residual_scale(config: MLALlamaConfig) -> float:
+    """alpha = sqrt(1e-6 / rms_norm_eps): the residual-stream scale that moves every norm's eps to 1e-6 exactly."""
+    return math.sqrt(LATENT_NORM_EPS / config.rms_norm_eps)
+
+
+def deepseek_config(config: MLALlamaConfig, target: str = "hf") -> DeepseekV3Config:
+    """The DeepseekV3Config of the export: dense MLP in every layer, no q LoRA, one KV head per query head."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is unknown; use one of {TARGETS}")
+    check_exportable(config)
+    rope = deepseek_rope(config)
+    if target != "hf" and rope.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"target={target!r}: the source's RoPE is rope_type={rope['rope_type']!r}; vLLM, SGLang and llama.cpp run "
+            "DeepSeek's non-default RoPE as YaRN, so only default RoPE serves exactly there; use target='hf', or keep "
+            "fewer RoPE dims (rope_dims) so that only the unscaled fast pairs are kept"
+        )
+    layers = config.num_hidden_layers
+    return DeepseekV3Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        moe_intermediate_size=config.intermediate_size,
+        num_hidden_layers=layers,
+        first_k_dense_replace=layers,  # every layer keeps its dense MLP; no router, no experts
+        num_mtp_layers=0,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        q_lora_rank=None,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        qk_nope_head_dim=config.head_dim,
+        v_head_dim=config.head_dim,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        rms_norm_eps=LATENT_NORM_EPS,
+        rope_parameters={"rope_type": "default", **rope},
+        rope_interleave=True,
+        attention_bias=False,
+        attention_dropout=config.attention_dropout,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        architectures=["DeepseekV3ForCausalLM"],
+    )
+
+
+def add_legacy_rope_theta(path: Path) -> None:
+    """Also write rope_theta at the top level of config.json: readers built on transformers 4 (older vLLM, SGLang)
+    take it from there and would otherwise fall back to DeepSeek's default 10000."""
+    raw = json.loads(path.read_text())
+    raw["rope_theta"] = raw["rope_parameters"]["rope_theta"]
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def kv_values(config: MLALlamaConfig) -> dict:
+    """Cached values per token and layer: the export's Rc + Dr vs the source's 2 * Hkv * D, and the saving."""
+    export, original = config.kv_lora_rank + config.qk_rope_head_dim, 2 * config.num_key_value_heads * config.head_dim
+    return {"kv_values_per_layer": export, "original_kv_values_per_layer": original, "kv_saving": 1 - export / original}
+
+
+def engine_configs(config: MLALlamaConfig, target: str) -> list[dict]:
+    """The MLAConfig settings (rope_strategy='rotated', engine_rope=True) whose export `target` accepts for this
+    model shape, with the KV saving each gives; layouts the shape cannot reach are left out."""
+    hkv, d = config.num_key_value_heads, config.head_dim
+    original, found = 2 * hkv * d, []
+    for rank, rope in ENGINE_LAYOUTS.get(target, ()):
+        rope_dims, kv_rank = rope // hkv, rank // hkv
+        if rope % hkv or rope_dims % 2 or rank % hkv or rope > d or rank > min(config.hidden_size, 2 * d * hkv):
+            continue
+        found.append({"rope_dims": rope_dims, "kv_rank": kv_rank, "kv_lora_rank": rank, "qk_rope_head_dim": rope,
+                      "kv_saving": 1 - (rank + rope) / original})  # fmt: skip
+    return found
+
+
+def check_engine_layout(config: MLALlamaConfig, target: str) -> dict:
+    """Raise if `target`'s MLA kernels refuse this model's exported layout (naming the MLAConfig that would pass and
+    its KV saving vs the original 2 * Hkv * D values per layer), or if that layout saves less than MIN_SAVING.
+    Returns the KV figures (`kv_values`) and the layouts the target accepts."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is unknown; use one of {TARGETS}")
+    figures = kv_values(config)
+    accepted = ENGINE_LAYOUTS.get(target)
+    if accepted is None:
+        return {**figures, "engine_layouts": "any"}
+    options = engine_configs(config, target)
+    shape = f"Hkv={config.num_key_value_heads}, head_dim={config.head_dim} ({figures['original_kv_values_per_layer']} values per layer)"
+    passing = [o for o in options if o["kv_saving"] >= MIN_SAVING]
+    hint = "; ".join(
+        f"MLAConfig(rope_strategy='rotated', engine_rope=True, rope_dims={o['rope_dims']}, kv_rank={o['kv_rank']}) "
+        f"-> {o['kv_lora_rank']} + {o['qk_rope_head_dim']}, saves {o['kv_saving']:.1%}"
+        for o in passing
+    ) or (
+        f"none: no rotated config of this shape reaches it with >= {MIN_SAVING:.0%} saving "
+        f"(reachable: {[(o['kv_lora_rank'], o['qk_rope_head_dim'], round(o['kv_saving'], 3)) for o in options]}); "
+        "serve with target='hf' or 'llamacpp'"
+    )
+    here = (config.kv_lora_rank, config.qk_rope_head_dim)
+    if here not in accepted:
+        raise ValueError(
+            f"target={target!r} runs MLA only with (kv_lora_rank, qk_rope_head_dim) in {list(accepted)}; this model "
+            f"has {here}. For {shape}: {hint}"
+        )
+    if figures["kv_saving"] < MIN_SAVING:
+        raise ValueError(
+            f"target={target!r}: layout {here} caches {figures['kv_values_per_layer']} values per layer vs the "
+            f"original's {figures['original_kv_values_per_layer']}, a saving of {figures['kv_saving']:.1%} "
+            f"(< {MIN_SAVING:.0%}). For {shape}: {hint}"
+        )
+    return {**figures, "engine_layouts": [list(layout) for layout in accepted]}
+
+
+# ---- weights ----------------------------------------------------------------------------------------------------
+def interleave(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads * Dr, ...) rotate-half rows [x_0..x_P-1 | y_0..y_P-1] per head -> interleaved [x_0, y_0, x_1, ...]."""
+    dr = rows.shape[0] // heads
+    per_head = rows.reshape(heads, 2, dr // 2, *rows.shape[1:])  # (heads, 2, P, ...)
+    return per_head.transpose(1, 2).reshape(rows.shape)  # (heads, P, 2, ...) -> (heads * Dr, ...)
+
+
+def latent_scale(attn: torch.nn.Module, input_norm: torch.nn.Module) -> float:
+    """s such that mean((c/s)^2) / (2 eps) <= LATENT_ERROR for every token: mean(c^2) <= sigma^2 * E / Rc with
+    sigma = sigma_max(kv_a_proj diag(input_norm.weight)), since the latent reads x = g * u with ||u||^2 <= E."""
+    a = attn.kv_a_proj.weight.double() * input_norm.weight.double()  # (Rc, E)
+    sigma = torch.linalg.matrix_norm(a, ord=2).item()
+    rc, e = a.shape
+    return sigma * math.sqrt(e / (rc * 2 * LATENT_NORM_EPS * LATENT_ERROR))
+
+
+@torch.no_grad()
+def attention_weights(attn: torch.nn.Module, s: float, alpha: float, config: MLALlamaConfig) -> dict:
+    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype)."""
+    h, hkv, d, dr = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.qk_rope_head_dim
+    rc, dtype = config.kv_lora_rank, attn.q_proj.weight.dtype
+    q = attn.q_proj.weight.double().view(h, dr + d, -1)  # (H, Dr + D, E)
+    q_pe = interleave(q[:, :dr].reshape(h * dr, -1), h).view(h, dr, -1)  # (H, Dr, E)
+    q = torch.cat([q[:, dr:], q_pe], dim=1) * math.sqrt((d + dr) / d)  # (H, D + Dr, E)
+    k_pe = interleave(attn.k_rope_proj.weight.double(), 1)  # (Dr, E)
+    kv_a = torch.cat([attn.kv_a_proj.weight.double() / s, k_pe])  # (Rc + Dr, E)
+    kv_b = attn.kv_b_proj.weight.double().view(hkv, 2 * d, rc)  # (Hkv, D + D, Rc)
+    kv_b = kv_b.repeat_interleave(h // hkv, dim=0).reshape(h * 2 * d, rc)  # (H * (D + D), Rc)
+    weights = {
+        "q_proj.weight": q.reshape(h * (d + dr), -1),
+        "kv_a_proj_with_mqa.weight": kv_a,
+        "kv_a_layernorm.weight": torch.full((rc,), s * math.sqrt(LATENT_NORM_EPS), dtype=torch.float64),
+        "kv_b_proj.weight": kv_b,
+        "o_proj.weight": attn.o_proj.weight.double() * alpha,
+    }
+    return {name: t.to(dtype) for name, t in weights.items()}
+
+
+@torch.no_grad()
+def deepseek_state_dict(model: MLAForCausalLM, config: DeepseekV3Config) -> tuple[dict, list[float]]:
+    """DeepseekV3ForCausalLM's state dict for `model` and the latent scale s of each layer."""
+    alpha, src = residual_scale(model.config), model.model
+    state, scales = {"model.embed_tokens.weight": scaled(src.embed_tokens.weight, alpha)}, []
+    for i, layer in enumerate(src.layers):
+        prefix = f"model.layers.{i}."
+        s = latent_scale(layer.self_attn, layer.input_layernorm)
+        scales.append(s)
+        for name, t in attention_weights(layer.self_attn, s, alpha, model.config).items():
+            state[prefix + "self_attn." + name] = t
+        state[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight.detach()
+        state[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.detach()
+        for name in ("gate_proj", "up_proj"):
+            state[f"{prefix}mlp.{name}.weight"] = getattr(layer.mlp, name).weight.detach()
+        state[prefix + "mlp.down_proj.weight"] = scaled(layer.mlp.down_proj.weight, alpha)
+    if config.tie_word_embeddings:  # lm_head is the scaled embedding: the final norm takes the scale back
+        state["model.norm.weight"] = scaled(src.norm.weight, 1 / alpha)
+    else:
+        state["model.norm.weight"] = src.norm.weight.detach()
+        state["lm_head.weight"] = model.lm_head.weight.detach()
+    return state, scales
+
+
+def scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t * factor computed in float64, in t's dtype; t itself (not a copy) when factor is 1."""
+    return t.detach() if factor == 1 else (t.detach().double() * factor).to(t.dtype)
+
+
+# ---- measurement and card ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def latent_errors(model: MLAForCausalLM, ids: torch.Tensor, scales: list[float]) -> float:
+    """Largest relative error 1 - sqrt(eps / (mean((c/s)^2) + eps)) of the latent through kv_a_layernorm, over the
+    tokens `ids` (1, T) and all layers, in float64."""
+    worst, hooks = [0.0], []
+
+    def hook(s):
+        def record(module, inputs, c):
+            m = (c.double() / s).square().mean(-1)  # (B, T)
+            worst[0] = max(worst[0], (1 - torch.sqrt(LATENT_NORM_EPS / (m + LATENT_NORM_EPS))).max().item())
+
+        return record
+
+    for layer, s in zip(model.model.layers, scales):
+        hooks.append(layer.self_attn.kv_a_proj.register_forward_hook(hook(s)))
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return worst[0]
+
+
+@torch.no_grad()
+def measure_export(model: MLAForCausalLM, out: Path, calib_ids: torch.Tensor, scales: list[float], tokens: int = 512) -> dict:
+    """The latent norm's largest relative error and the logits' max-abs difference of the checkpoint in `out`
+    (loaded with transformers' DeepseekV3ForCausalLM) vs `model`, on the first `tokens` calibration tokens."""
+    if calib_ids.dim() != 1:
+        raise ValueError(f"calib_ids must be a 1-D tensor of token ids, got shape {tuple(calib_ids.shape)}")
+    ids = calib_ids[:tokens][None].to(model.device)  # (1, T)
+    exported = DeepseekV3ForCausalLM.from_pretrained(out, dtype=model.dtype).to(model.device).eval()
+    ours, theirs = model(ids, use_cache=False).logits.float(), exported(ids, use_cache=False).logits.float()
+    return {
+        "tokens": ids.shape[1],
+        "latent_rel_error_max": latent_errors(model, ids, scales),
+        "logits_max_abs_diff": (ours - theirs).abs().max().item(),
+        "logits_max_abs": ours.abs().max().item(),
+        "same_argmax": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+    }
+
+
+def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: dict | None = None, quality: dict | None = None) -> None:
+    """README.md of the export: source, conversion config, KV cache per token, the latent norm's bound, measured
+    figures (`summary['measured']`, `quality`)."""
+    dtype_bytes = torch.tensor([], dtype=getattr(torch, summary["dtype"])).element_size()
+    layers = config.num_hidden_layers
+    per_token = summary["kv_values_per_layer"] * layers
+    original = summary["original_kv_values_per_layer"] * layers
+    source = source or {"name": getattr(config, "_name_or_path", "") or config.source_model_type}
+    lines = [
+        "---", "library_name: transformers", "tags: [mla, deepseek_v3, mha2mla]", "---", "",
+        f"# {source['name']} as multi-head latent attention (DeepSeek-V3 format)", "",
+        "Converted by mha2mla from a Llama-family model and written as `DeepseekV3ForCausalLM` (dense MLP in every "
+        "layer, no q LoRA): load it with `AutoModelForCausalLM.from_pretrained(path)`, or serve it with vLLM, SGLang "
+        "or llama.cpp (`convert_hf_to_gguf.py`, architecture deepseek2). No `trust_remote_code`.", "",
+        "| | |", "| --- | --- |",
+        f"| source | {source['name']} |",
+        f"| source sha256 | {source.get('sha256', 'unknown')} |",
+        f"| conversion | `{json.dumps(config.mla_conversion, sort_keys=True)}` |",
+        f"| export target | {summary['target']} |",
+        f"| KV cache per token | {per_token} values = {per_token * dtype_bytes:,} bytes in {summary['dtype']} "
+        f"({layers} layers x (kv_lora_rank {config.kv_lora_rank} + qk_rope_head_dim {config.qk_rope_head_dim})) |",
+        f"| original KV cache per token | {original} values = {original * dtype_bytes:,} bytes |",
+        f"| KV saving | {summary['kv_saving']:.1%} |",
+        f"| RoPE | default, rope_theta {summary['rope_theta']:.6g} on {config.qk_rope_head_dim} dims, interleaved |",
+        "", "## The latent norm", "",
+        "`kv_a_layernorm` runs in its linear regime (latent rows of `kv_a_proj_with_mqa` divided by s, norm weight "
+        f"s * sqrt(1e-6)): the latent's relative error is at most {LATENT_ERROR:g} for every token, by a bound from "
+        "the weights. Keep `kv_a_proj_with_mqa` in bf16 or fp32: fp16, per-tensor fp8, int8 or GGUF q8_0/k-quants of "
+        "that one tensor round its latent rows to zero (with llama.cpp, convert with `--outtype bf16` or `f32`, or "
+        "quantize with `--tensor-type attn_kv_a_mqa=bf16`). `rms_norm_eps` is 1e-6 for every norm, the eps "
+        f"transformers gives this norm; the residual stream was scaled by {summary['residual_scale']:.6g} to keep "
+        "the source's norms exact.",
+    ]  # fmt: skip
+    measured = {**summary.get("measured", {}), **(quality or {})}
+    if measured:
+        lines += ["", "## Measured", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in measured.items()]
+    (out / "README.md").write_text("\n".join(lines) + "\n")

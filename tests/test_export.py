@@ -1,0 +1,188 @@
+"""DeepSeek-V3 export: the checkpoint loads in plain transformers (a process that never imports mha2mla_core, no
+trust_remote_code) as DeepseekV3ForCausalLM with our model's logits and greedy tokens; what cannot be exact or
+served is refused before anything is written (tiny seeded models, CPU)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mha2mla_core import MLAConfig, MLALlamaConfig, convert_to_mla
+from mha2mla_core.export import (
+    LATENT_ERROR, check_engine_layout, deepseek_config, export_deepseek_v3, interleave, latent_scale,
+)  # fmt: skip
+from tests.tiny_models import calib_ids, tiny_model
+
+ENGINE = dict(rope_strategy="rotated", engine_rope=True, rope_dims=4, kv_rank=6, calib_seq_len=64)
+# the attention shapes of Llama-3-8B and Llama-3.2-1B (their config.json), 2 layers and no weights needed
+LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, max_position_embeddings=8192)
+LLAMA32_1B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}, max_position_embeddings=131072)
+SMOLLM2 = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+               rope_parameters={"rope_type": "default", "rope_theta": 100000.0})  # fmt: skip
+
+# run by a fresh interpreter: plain transformers only; argv: a JSON list of export dirs, the token ids
+LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    ids, results = torch.tensor(json.loads(sys.argv[2])), []
+    for out in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            logits = model(ids).logits
+            tokens = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        results.append({"type": type(model).__name__, "logits": logits.tolist(), "tokens": tokens.tolist()})
+    assert not any(name.startswith("mha2mla") for name in sys.modules), "mha2mla was imported"
+    print(json.dumps(results))
+""")
+IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+SOURCES = {"mha": ("llama-mha", 1e-6), "gqa-eps1e-5": ("llama-gqa", 1e-5)}  # GQA's norm eps differs from 1e-6
+
+
+def engine_model(source: str, **overrides):
+    return convert_to_mla(tiny_model(source, **overrides), MLAConfig(**ENGINE), calib_ids())
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict:
+    """name -> (our model, export dir, export summary)."""
+    found = {}
+    for name, (source, eps) in SOURCES.items():
+        mla, out = engine_model(source, rms_norm_eps=eps), tmp_path_factory.mktemp(name)
+        found[name] = (mla, out, export_deepseek_v3(mla, out, calib_ids=calib_ids()))
+    return found
+
+
+@pytest.fixture(scope="module")
+def loaded(exports) -> dict:
+    """name -> what a fresh interpreter with plain transformers computed from the export (one process for all)."""
+    dirs = [str(out) for _, out, _ in exports.values()]
+    run = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(dirs), json.dumps(IDS.tolist())],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return dict(zip(exports, json.loads(run.stdout.strip().splitlines()[-1])))
+
+
+@pytest.fixture(params=list(SOURCES))
+def exported(request, exports):
+    return exports[request.param]
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_plain_transformers_loads_the_export_with_our_logits_and_greedy_tokens(name, exports, loaded):
+    mla = exports[name][0]
+    assert loaded[name]["type"] == "DeepseekV3ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(loaded[name]["logits"]), mla(IDS).logits, atol=1e-4, rtol=0)
+        ours = mla.generate(IDS, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert loaded[name]["tokens"] == ours.tolist()
+
+
+def test_config_is_deepseek_v3_with_dense_layers_and_one_kv_head_per_query_head(exported):
+    mla, out, summary = exported
+    raw = json.loads((out / "config.json").read_text())
+    c = mla.config
+    assert raw["model_type"] == "deepseek_v3" and raw["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert raw["first_k_dense_replace"] == c.num_hidden_layers and raw["q_lora_rank"] is None
+    assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (c.kv_lora_rank, c.qk_rope_head_dim)
+    assert raw["qk_nope_head_dim"] == raw["v_head_dim"] == c.head_dim
+    assert raw["num_key_value_heads"] == c.num_attention_heads and raw["rope_interleave"] is True
+    assert raw["attention_bias"] is False and raw["rms_norm_eps"] == 1e-6
+    d, dr = c.head_dim, c.qk_rope_head_dim
+    assert raw["rope_theta"] == pytest.approx(c.rope_parameters["rope_theta"] ** (dr / d))
+    assert summary["measured"]["logits_max_abs_diff"] < 1e-4
+    assert 0 < summary["measured"]["latent_rel_error_max"] <= LATENT_ERROR
+    assert "README.md" in summary["files"] and "KV saving" in (out / "README.md").read_text()
+
+
+def test_latent_norm_runs_in_its_linear_regime_for_the_worst_input(exported):
+    """The bound holds for the input that maximises the latent: the top right singular vector, at the norm's limit."""
+    mla, _, summary = exported
+    layer = mla.model.layers[0]
+    weight = layer.self_attn.kv_a_proj.weight.double() * layer.input_layernorm.weight.double()  # (Rc, E)
+    _, _, vh = torch.linalg.svd(weight)
+    u = vh[0] * weight.shape[1] ** 0.5  # ||u||^2 = E: the largest RMS-normalised input
+    c = weight @ u / summary["latent_scales"][0]
+    m = c.square().mean()
+    error = 1 - torch.sqrt(1e-6 / (m + 1e-6))
+    assert error <= LATENT_ERROR * (1 + 1e-6)
+    assert summary["latent_scales"][0] == pytest.approx(latent_scale(layer.self_attn, layer.input_layernorm))
+
+
+def test_interleave_moves_rotate_half_pairs_next_to_each_other():
+    rows = torch.arange(8.0)  # one head, P = 4: [x0 x1 x2 x3 | y0 y1 y2 y3]
+    assert interleave(rows, 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    two = torch.arange(8.0).repeat(2)
+    assert interleave(two, 2).tolist() == [0, 4, 1, 5, 2, 6, 3, 7] * 2
+
+
+def test_sources_with_attention_biases_are_refused(tmp_path):
+    mla = engine_model("qwen2-bias")
+    with pytest.raises(ValueError, match="attention biases.*no q/k/v bias to fold them into"):
+        export_deepseek_v3(mla, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_frequencies_other_than_the_fastest_are_refused_naming_engine_rope(tmp_path):
+    cfg = MLAConfig(rope_strategy="rotated", rope_dims=4, kv_rank=6, calib_seq_len=64)  # ranked slots, repeats
+    mla = convert_to_mla(tiny_model("llama-gqa"), cfg, calib_ids())
+    assert mla.config.rope_pairs[0][0] != list(range(4))
+    with pytest.raises(ValueError, match="keep RoPE frequencies.*engine_rope=True"):
+        export_deepseek_v3(mla, tmp_path / "out")
+    per_head = convert_to_mla(tiny_model("llama-gqa"), MLAConfig(layout="per_head", kv_rank=6), calib_ids())
+    with pytest.raises(ValueError, match="ONE RoPE key and ONE latent.*engine_rope=True"):
+        export_deepseek_v3(per_head, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def shape_config(shape: dict, rope_dims: int, kv_rank: int) -> MLALlamaConfig:
+    """The MLA config an engine_rope conversion of `shape` gets (2 layers; the checks read no weights)."""
+    hkv, p = shape["num_key_value_heads"], rope_dims * shape["num_key_value_heads"] // 2
+    return MLALlamaConfig(
+        **shape, num_hidden_layers=2, intermediate_size=64, vocab_size=128, shared_rope=True,
+        qk_rope_head_dim=2 * p, kv_lora_rank=kv_rank * hkv, rope_pairs=[[list(range(p))]] * 2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("target", ["vllm", "trtllm"])
+def test_llama3_8b_shape_exports_flashmla_layout_for_every_engine(target):
+    config = shape_config(LLAMA3_8B, rope_dims=8, kv_rank=64)  # 512 + 64 vs 2 * 8 * 128
+    figures = check_engine_layout(config, target)
+    assert figures["kv_values_per_layer"] == 576 and figures["kv_saving"] == pytest.approx(1 - 576 / 2048)
+    ds = deepseek_config(config, target)
+    assert (ds.kv_lora_rank, ds.qk_rope_head_dim, ds.rope_parameters["rope_type"]) == (512, 64, "default")
+
+
+def test_llama32_1b_shape_passes_vllms_320_layout_and_is_refused_where_it_saves_too_little():
+    assert check_engine_layout(shape_config(LLAMA32_1B, 8, 32), "vllm")["kv_saving"] == pytest.approx(1 - 320 / 1024)
+    with pytest.raises(ValueError, match=r"saving of 43.8%.*rope_dims=8, kv_rank=32\) -> 256 \+ 64, saves 68.8%"):
+        check_engine_layout(shape_config(LLAMA32_1B, 8, 64), "vllm")
+    with pytest.raises(ValueError, match=r"trtllm.*none: no rotated config"):
+        check_engine_layout(shape_config(LLAMA32_1B, 8, 32), "trtllm")
+
+
+def test_llama3_rope_is_exact_in_transformers_but_refused_for_engines():
+    """llama3 RoPE scales the slow pairs: transformers' DeepSeek computes it as the source does (Dr = D here), while
+    vLLM/llama.cpp would run DeepSeek's non-default RoPE as YaRN."""
+    config = shape_config(LLAMA32_1B, 8, 32)
+    assert deepseek_config(config, "hf").rope_parameters["rope_type"] == "llama3"
+    with pytest.raises(ValueError, match="rope_type='llama3'.*as YaRN"):
+        deepseek_config(config, "vllm")
+
+
+def test_smollm2_shape_has_no_vllm_layout_and_llamacpp_takes_any():
+    config = shape_config(SMOLLM2, rope_dims=8, kv_rank=16)  # 48 + 24 of 384 values
+    with pytest.raises(ValueError, match=r"Hkv=3, head_dim=64 \(384 values per layer\): none: no rotated config"):
+        check_engine_layout(config, "vllm")
+    assert check_engine_layout(config, "llamacpp")["kv_saving"] == pytest.approx(1 - 72 / 384)
+    with pytest.raises(ValueError, match="target='sglang' is unknown"):
+        check_engine_layout(config, "sglang")
