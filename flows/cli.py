@@ -488,6 +488,38 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="a converted checkpoint: local folder, models:/NAME/VERSION, models:/NAME@ALIAS or artifact URI (file://, s3://)"),
+    out: Path = typer.Argument(..., help="new or empty folder to write the exported model to"),
+    export_format: str = typer.Option("deepseek_v3", "--format", help="deepseek_v3: the format vLLM, SGLang, llama.cpp and TensorRT-LLM run MLA in"),
+    target: str = typer.Option("hf", help="hf | llamacpp | vllm | trtllm: refuse a layout the engine's MLA kernels do not run"),
+    check_tokens: int = typer.Option(512, help="packaged calibration tokens on which the export's logits are compared with the checkpoint's; 0 = no check"),
+    json_output: bool = typer.Option(False, "--json", help="print what was written and measured as one JSON object on stdout"),
+) -> None:
+    """Write a converted checkpoint in a serving engine's format (README: Serving)."""
+    from tasks.export import ExportParams, export_checkpoint
+
+    if export_format != "deepseek_v3":
+        raise typer.BadParameter(f"--format {export_format!r}: the one export format is deepseek_v3")
+    try:
+        summary = export_checkpoint(checkpoint, out, ExportParams(target=target, check_tokens=check_tokens))
+    except USER_ERRORS as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
+    if json_output:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"{escape(checkpoint)} -> {escape(str(out))} (deepseek_v3, target {target})", show_header=False)
+    table.add_column("what")
+    table.add_column("value", **ID_COLUMN)
+    table.add_row("KV values per token and layer", f"{summary['kv_values_per_layer']} (original {summary['original_kv_values_per_layer']}, saves {summary['kv_saving']:.1%})")
+    for key, value in summary.get("measured", {}).items():
+        table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
+    table.add_row("files", ", ".join(summary["files"]))
+    console.print(table)
+
+
+@app.command()
 def runs(
     limit: int = typer.Option(10, min=1, help="how many flow runs"),
     json_output: bool = typer.Option(False, "--json", help="print the runs as a JSON list on stdout"),

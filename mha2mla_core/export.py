@@ -76,8 +76,10 @@ def export_deepseek_v3(
             "the model is fp16: the exported latent rows are ~1e-7 of their size (the latent norm's linear regime) "
             "and fp16 flushes them to subnormals; export from fp32 or bf16 (model.to(torch.bfloat16))"
         )
-    state, scales = deepseek_state_dict(model, config)
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder: export into a new or empty folder")
+    state, scales = deepseek_state_dict(model, config)
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         exported = DeepseekV3ForCausalLM(config)

@@ -186,3 +186,25 @@ def test_smollm2_shape_has_no_vllm_layout_and_llamacpp_takes_any():
     assert check_engine_layout(config, "llamacpp")["kv_saving"] == pytest.approx(1 - 72 / 384)
     with pytest.raises(ValueError, match="target='sglang' is unknown"):
         check_engine_layout(config, "sglang")
+
+
+def test_cli_exports_a_saved_checkpoint_and_refuses_an_engine_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tests.eval_tiny import tiny_lm, tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)  # the CLI's embedded Prefect home is created here, not in the repository
+    tokenizer = tiny_tokenizer()
+    mla = convert_to_mla(tiny_lm(tokenizer), MLAConfig(**ENGINE), calib_ids())
+    mla.save_pretrained(tmp_path / "mla")
+    tokenizer.save_pretrained(tmp_path / "mla")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "out"), "--json", "--check-tokens", "128"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["measured"]["logits_max_abs_diff"] < 1e-4 and "tokenizer.json" in summary["files"]
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "vllm"), "--target", "vllm"])
+    assert refused.exit_code == 2 and "target='vllm' runs MLA only with" in refused.output
+    again = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "out")])
+    assert again.exit_code == 2 and "is not an empty folder" in again.output
+    assert not (tmp_path / "vllm").exists()

@@ -1,0 +1,73 @@
+"""Stage `export`: an MLA checkpoint written in DeepSeek-V3's format, which vLLM, SGLang, llama.cpp and TensorRT-LLM
+serve (`mha2mla_core.export`); its logits are checked against the checkpoint's on calibration tokens."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.tracking import stage_run
+from mha2mla_core.export import export_deepseek_v3, write_model_card
+from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
+from tasks.inputs import ModelSource, load_checkpoint, load_tensors
+
+STAGE = "export"
+
+
+class ExportParams(BaseModel):
+    """Which engine the export must run on, and how many calibration tokens check it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: Literal["hf", "llamacpp", "vllm", "trtllm"] = "hf"  # vllm/trtllm: only layouts their MLA kernels run
+    check_tokens: int = Field(512, ge=0)  # 0: no logits check
+
+
+@stage_task(STAGE, code=("mha2mla_core.export", "mha2mla_core.modeling_mla"))
+def export(
+    checkpoint: StageResult, model: ModelSource, calibration: StageResult, quality: dict, params: ExportParams, run: RunLink
+) -> StageResult:
+    """The DeepSeek-V3 directory (config, safetensors, tokenizer, model card with the source, `quality` and the
+    export's own measurements)."""
+    with stage_run(run.run_name(STAGE), params.model_dump(), parent_run_id=run.parent_run_id):
+        mla, tokenizer = load_checkpoint(checkpoint)
+        calib_ids = load_tensors(calibration)["input_ids"][: params.check_tokens] if params.check_tokens else None
+        with scratch_dir() as tmp:
+            summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target)
+            source = {"name": model.name, "sha256": model.digest}
+            write_model_card(tmp / "model", summary, mla.config, source=source, quality=quality)
+            output = context().store.put_dir(tmp / "model", artifact_key(model.slug, STAGE, "model"), move=True)
+        figures = {**summary, **summary.get("measured", {})}
+        metrics = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return finish_stage(STAGE, output, params=params, metrics=metrics)
+
+
+def export_checkpoint(checkpoint: str, out: Path, params: ExportParams) -> dict:
+    """`mha2mla export`: a converted checkpoint (a local folder, or a models:/ or artifact URI of this store) written
+    to `out` in DeepSeek-V3's format, its logits checked on the packaged calibration text. Returns the summary."""
+    from mha2mla_core import default_calibration_texts, load_model, sample_calibration
+
+    with tempfile.TemporaryDirectory(prefix="mha2mla-export-") as tmp:
+        model, tokenizer = load_model(str(local_checkpoint(checkpoint, Path(tmp))))
+    calib_ids = None
+    if params.check_tokens:
+        sample = sample_calibration(default_calibration_texts(), tokenizer, params.check_tokens)
+        calib_ids = sample.input_ids
+    return export_deepseek_v3(model, out, tokenizer, calib_ids, params.target)
+
+
+def local_checkpoint(checkpoint: str, tmp: Path) -> Path:
+    """A local folder as it is; a models:/ or artifact URI downloaded from the store, every file's digest checked."""
+    if Path(checkpoint).is_dir():
+        return Path(checkpoint)
+    from infra.artifacts import open_store
+    from infra.settings import Settings
+    from infra.tracking import configure, lineage
+
+    settings = Settings()
+    configure(settings, create=False)
+    found = lineage(checkpoint)
+    return open_store(settings.artifact_root, settings).get_dir(found.uri, tmp / "model", sha256=found.sha256)
