@@ -66,6 +66,7 @@ class Variant:
     kv_rank: int = 16  # per KV head: 16 -> 81.25% KV saving, 8 -> 87.5%
     rope: str = "2-norm"  # or "rotated": one RoPE key shared by all heads, same budget (Hkv * rope_dims dims)
     rope_dims: int = 8
+    rope_window: int | None = None  # rotated: rank slots by energy x what losing the rotation costs over this window
     svd: str = "aware"
     layout: str = "shared"
     recon_steps: int = 300  # block-wise reconstruction steps before end-to-end training; 0 = none
@@ -82,6 +83,7 @@ class Variant:
     # pipeline's `finetune` stage), the same 65,536 tokens either way
 
 
+ROT = dict(svd="output-aware", rope="rotated", rope_window=512)  # rotated partial RoPE, position-aware slots
 VARIANTS = {
     "kd-aware-kv16-5m": Variant(),
     "kd-aware-kv16-20m": Variant(tokens=20_000_000, eval_every_tokens=2_000_000),
@@ -120,6 +122,17 @@ VARIANTS = {
     "kd-oaware-kv16-datafree-reconrows-5m": Variant(svd="output-aware", synthetic_frac=1.0, recon_on="train"),
     "kd-oaware-kv8-tcalib-datafree-20m": Variant(svd="output-aware", kv_rank=8, calib="teacher", synthetic_frac=1.0,
                                                  tokens=20_000_000, eval_every_tokens=2_000_000),
+    "kd-rot-kv16-5m": Variant(**ROT),
+    "kd-rot-kv16-tcalib-datafree-5m": Variant(**ROT, calib="teacher", synthetic_frac=1.0),
+    "kd-rot-kv16-tcalib-datafree-20m": Variant(**ROT, calib="teacher", synthetic_frac=1.0, tokens=20_000_000,
+                                               eval_every_tokens=2_000_000, decay_frac=0.5),
+    "kd-rot-kv8-tcalib-datafree-5m": Variant(**ROT, kv_rank=8, calib="teacher", synthetic_frac=1.0),
+    # rotated without a window: the fastest frequencies, one component each, in every layer (the default; exportable)
+    "kd-erot-kv16-tcalib-datafree-5m": Variant(svd="output-aware", rope="rotated", calib="teacher", synthetic_frac=1.0),
+    "kd-erot-kv8-tcalib-datafree-5m": Variant(svd="output-aware", rope="rotated", kv_rank=8, calib="teacher",
+                                              synthetic_frac=1.0),
+    "kd-erot-kv16-tcalib-datafree-20m": Variant(svd="output-aware", rope="rotated", calib="teacher", synthetic_frac=1.0,
+                                                tokens=20_000_000, eval_every_tokens=2_000_000, decay_frac=0.5),
 }
 
 
@@ -175,7 +188,8 @@ def train_flops_per_token(model: nn.Module, seq_len: int, backward: bool = True)
 
 
 def convert(source: nn.Module, variant: Variant, calib: torch.Tensor) -> nn.Module:
-    cfg = MLAConfig(rope_strategy=variant.rope, rope_dims=variant.rope_dims, kv_rank=variant.kv_rank, svd=variant.svd,
+    cfg = MLAConfig(rope_strategy=variant.rope, rope_dims=variant.rope_dims, rope_window=variant.rope_window,
+                    kv_rank=variant.kv_rank, svd=variant.svd,
                     layout=variant.layout, calib_seq_len=512)
     return convert_to_mla(copy.deepcopy(source), cfg, calib)
 
@@ -309,6 +323,8 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     """The converted (and reconstructed) student, from the disk cache when an earlier call made it."""
     key = f"{variant.svd}-{variant.layout}-kv{variant.kv_rank}-recon{variant.recon_steps}-lr{variant.recon_lr:g}"
     key += "" if (variant.rope, variant.rope_dims) == ("2-norm", 8) else f"-{variant.rope}{variant.rope_dims}"
+    key += "" if variant.rope_window is None else f"-w{variant.rope_window}"
+    key += "-engine" if variant.rope == "rotated" and variant.rope_window is None else ""
     key += "" if variant.calib == "books" else f"-calib{variant.calib}"
     if variant.recon_on == "train":
         key += f"-recontrain-mix{variant.synthetic_frac:g}-{variant.tokens}"

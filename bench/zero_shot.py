@@ -54,13 +54,12 @@ GRIDS = {
     "rotated": [  # one shared rotated RoPE key against per-head 2-norm pairs, at the same cache budget
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=None),
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=None),
+        dict(rope_strategy="rotated", rope_dims=8, rope_window=512, kv_rank=None),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared"),
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared"),
-        dict(rope_strategy="rotated", rope_dims=4, kv_rank=20, svd="output-aware", layout="shared"),
-        dict(rope_strategy="rotated", rope_dims=12, kv_rank=12, svd="output-aware", layout="shared"),
+        dict(rope_strategy="rotated", rope_dims=8, rope_window=512, kv_rank=16, svd="output-aware", layout="shared"),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
-        dict(rope_strategy="rotated", rope_dims=4, kv_rank=12, svd="output-aware", layout="shared"),
     ],
     "quick": [
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="shared"),

@@ -27,11 +27,14 @@ class MLAConfig:
     """
 
     # partial RoPE: keep RoPE on `rope_dims` of each head's D dims (rope_dims / 2 frequency pairs); "rotated" spends
-    # the same budget, Hkv * rope_dims dims, on ONE RoPE key shared by all query heads (mixes of the KV heads' pairs)
-    rope_strategy: RopeStrategy = "2-norm"
+    # the same budget, Hkv * rope_dims dims, on ONE RoPE key shared by all query heads (mixes of the KV heads' pairs).
+    # None: "rotated" with the shared latent (best measured, see README), "2-norm" with per-head latents
+    rope_strategy: RopeStrategy | None = None
     rope_dims: int = 8
-    # rotated only: rank the (frequency, component) slots by their energy times what losing the rotation costs over
-    # a causal window of this many tokens (`mha2mla_core.rope.rotation_loss`); None ranks by energy alone
+    # rotated: every layer keeps the first component of the fastest rope_dims * Hkv / 2 frequencies, i.e. ordinary
+    # RoPE on one shared key, the layout of DeepSeek's format that serving engines run (`mha2mla export`). A window
+    # instead ranks each layer's (frequency, component) slots by their energy times what losing the rotation costs
+    # over that many tokens (`mha2mla_core.rope.rotation_loss`): as good after fine-tuning, but not exportable
     rope_window: int | None = None
     # low-rank latent: rank per KV head (the paper's d_kv); None = partial RoPE only, no low rank
     kv_rank: int | None = 16
@@ -42,12 +45,14 @@ class MLAConfig:
     calib_seq_len: int = 512
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} is unknown; use one of {LAYOUTS}")
+        if self.rope_strategy is None:
+            object.__setattr__(self, "rope_strategy", "rotated" if self.layout == "shared" else "2-norm")
         if self.rope_strategy not in ROPE_STRATEGIES:
             raise ValueError(f"rope_strategy={self.rope_strategy!r} is unknown; use one of {ROPE_STRATEGIES}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd={self.svd!r} is unknown; use one of {SVD_METHODS}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout={self.layout!r} is unknown; use one of {LAYOUTS}")
         if self.rope_dims < 2 or self.rope_dims % 2:
             raise ValueError(
                 f"rope_dims={self.rope_dims} must be an even number >= 2 (RoPE rotates dims in pairs); "
@@ -73,11 +78,17 @@ class MLAConfig:
         if self.calib_seq_len < 2:
             raise ValueError(f"calib_seq_len={self.calib_seq_len} must be >= 2 tokens")
 
-    def check_against(self, head_dim: int, model_type: str) -> None:
+    def check_against(self, head_dim: int, model_type: str, num_kv_heads: int = 1) -> None:
         """Raise before any heavy work if this config cannot apply to heads of `head_dim` dims."""
         if self.rope_dims > head_dim:
             raise ValueError(
                 f"rope_dims={self.rope_dims} > head_dim={head_dim} for model_type={model_type}; use <= {head_dim}"
+            )
+        if self.rope_strategy == "rotated" and self.rope_window is None and self.rope_dims * num_kv_heads > head_dim:
+            raise ValueError(
+                f"rope_strategy='rotated' keeps the rope_dims * Hkv / 2 = {self.rope_dims * num_kv_heads // 2} fastest "
+                f"frequencies, but a head has {head_dim // 2}; use rope_dims <= {head_dim // num_kv_heads // 2 * 2} "
+                "(or a rope_window, whose slots may repeat a frequency)"
             )
         if self.kv_rank is None:
             return

@@ -65,7 +65,7 @@ def latent_shape(config, cfg: MLAConfig) -> tuple[int, int]:
 def check_convertible(config, cfg: MLAConfig) -> ArchSpec:
     """Every check that can fail, before any heavy work."""
     spec = arch_spec(config)
-    cfg.check_against(head_dim_of(config), config.model_type)
+    cfg.check_against(head_dim_of(config), config.model_type, config.num_key_value_heads)
     groups, rank = latent_shape(config, cfg)
     if cfg.kv_rank is not None and rank > config.hidden_size:
         raise ValueError(
@@ -312,7 +312,8 @@ def convert_to_mla_with_report(
 
     def visit(i, attn, x_in):
         if cfg.rope_strategy == "rotated":
-            rot = rotate_rope(*query_key_states(attn, x_in, d), keep=cfg.rope_dims * hkv // 2, position_loss=position_loss)
+            q, k = query_key_states(attn, x_in, d)
+            rot = rotate_rope(q, k, cfg.rope_dims * hkv // 2, position_loss, prefix=position_loss is None)
             scores.append(rot.energy.T.float().cpu())  # (Hkv components, D/2)
             mla_config.rope_pairs[i] = [rot.pairs.tolist()]
             src = SourceAttention.rotated(attn, rot, d, hkv)

@@ -38,7 +38,7 @@ def test_full_budget_rotated_rope_reproduces_the_original_logits(source, kv_rank
     reference = model(ids).logits
     hkv = model.config.num_key_value_heads
     rank = None if kv_rank is None else 64 // hkv  # Rc = hidden: the latent spans every row the layer can make
-    cfg = MLAConfig(rope_strategy="rotated", rope_dims=HEAD_DIM, kv_rank=rank, svd="output-aware", calib_seq_len=64)
+    cfg = MLAConfig(rope_dims=HEAD_DIM, rope_window=64, kv_rank=rank, svd="output-aware", calib_seq_len=64)
     mla = convert_to_mla(model, cfg, calib_ids())
     assert mla.config.shared_rope and mla.config.qk_rope_head_dim == HEAD_DIM * hkv
     torch.testing.assert_close(mla(ids).logits, reference, atol=1e-4, rtol=0)
@@ -140,6 +140,17 @@ def test_save_and_reload_keeps_the_shared_key(mla, tmp_path):
     assert torch.equal(reloaded(ids).logits, mla(ids).logits)
 
 
+def test_default_conversion_keeps_the_fastest_frequencies_in_every_layer():
+    """The default (shared latent) is rotated RoPE with ordinary frequencies: DeepSeek's exportable layout."""
+    cfg = MLAConfig(rope_dims=4, kv_rank=6, calib_seq_len=64)
+    assert (cfg.rope_strategy, cfg.rope_window) == ("rotated", None)
+    assert MLAConfig(layout="per_head").rope_strategy == "2-norm"
+    mla = convert_to_mla(tiny_model("llama-gqa"), cfg, calib_ids())
+    assert mla.config.rope_pairs == [[[0, 1, 2, 3]]] * 2
+    with pytest.raises(ValueError, match=r"keeps the rope_dims \* Hkv / 2 = 16 fastest frequencies.*use rope_dims <= 8"):
+        convert_to_mla(tiny_model("llama-gqa"), MLAConfig(rope_dims=16, calib_seq_len=64), calib_ids())
+
+
 def test_report_holds_component_energies_and_config_errors_are_early():
     cfg = MLAConfig(rope_strategy="rotated", rope_dims=4, kv_rank=6, calib_seq_len=64)
     _, report = convert_to_mla_with_report(tiny_model("llama-gqa"), cfg, calib_ids())
@@ -157,7 +168,7 @@ def test_rotation_loss_is_what_losing_the_rotation_costs_over_the_window():
     assert loss[0] > 1.5 and loss[2] < 1e-5  # a fast pair loses almost everything, a slow one almost nothing
 
 
-def test_rope_window_keeps_fast_frequencies_that_energy_alone_would_drop():
+def test_rope_window_keeps_the_frequencies_whose_rotation_matters_over_the_window():
     q, k = _layer_states("llama-gqa")
     inv_freq = tiny_model("llama-gqa").model.rotary_emb.inv_freq
     by_energy = rotate_rope(q, k, keep=4)
