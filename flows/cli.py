@@ -233,7 +233,7 @@ def convert(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="hub id, local HF directory, .gguf file, or smollm2-135m (or the recipe's)"),
     config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections); options given too override it"),
-    rope_strategy: Optional[str] = typer.Option(None, help="high | low | uniform | 2-norm (default: MLAConfig's)"),
+    rope_strategy: Optional[str] = typer.Option(None, help="rotated | high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
     svd: Optional[str] = typer.Option(None, help="split | joint | aware | output-aware (default: MLAConfig's)"),
