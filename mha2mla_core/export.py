@@ -11,7 +11,7 @@ Dr = 2P shared RoPE dims, Rc latent dims.
     o_proj, MLPs, norms, embeddings               the same (times alpha where the residual stream is rescaled)
 
 Scores: DeepSeek scales q.k by (D+Dr)**-0.5 and we by D**-0.5, so the q rows carry sqrt((D+Dr)/D). RoPE: our shared
-key's pair j turns with the source's inv_freq[j] (engine_rope keeps the P fastest, j = 0..P-1), which is DeepSeek's
+key's pair j turns with the source's inv_freq[j] (rotated RoPE without a rope_window keeps the P fastest, j < P): DeepSeek's
 default RoPE of dim Dr with rope_theta' = theta**(Dr/D); pairs move from rotate-half ([x_0..x_P-1 | y_0..y_P-1]) to
 interleaved ([x_0, y_0, x_1, ...]) order.
 
@@ -125,7 +125,7 @@ def check_exportable(config: MLALlamaConfig) -> None:
         raise ValueError(
             f"DeepSeek-V3 has ONE RoPE key and ONE latent shared by every head; this model has "
             f"shared_rope={config.shared_rope}, kv_latent_groups={config.kv_latent_groups}: convert with "
-            "MLAConfig(rope_strategy='rotated', layout='shared', engine_rope=True)"
+            "MLAConfig(layout='shared', rope_strategy='rotated') without a rope_window (the default)"
         )
     fastest = list(range(config.qk_rope_head_dim // 2))
     bad = [i for i, pairs in enumerate(config.rope_pairs) if pairs[0] != fastest]
@@ -133,8 +133,8 @@ def check_exportable(config: MLALlamaConfig) -> None:
         raise ValueError(
             f"layers {bad[:5]}{'...' if len(bad) > 5 else ''} keep RoPE frequencies {config.rope_pairs[bad[0]][0]}; "
             f"DeepSeek's RoPE turns pair j at theta'^(-2j/Dr), the fastest {len(fastest)} frequencies {fastest} in "
-            "every layer: convert with MLAConfig(rope_strategy='rotated', engine_rope=True) (`mha2mla convert "
-            "--engine-rope`)"
+            "every layer: convert with rope_strategy='rotated' and no rope_window (MLAConfig's default for "
+            "layout='shared'); a rope_window ranks each layer's own slots, which DeepSeek's format cannot hold"
         )
 
 
@@ -222,7 +222,7 @@ def kv_values(config: MLALlamaConfig) -> dict:
 
 
 def engine_configs(config: MLALlamaConfig, target: str) -> list[dict]:
-    """The MLAConfig settings (rope_strategy='rotated', engine_rope=True) whose export `target` accepts for this
+    """The MLAConfig settings (rope_strategy='rotated', no rope_window) whose export `target` accepts for this
     model shape, with the KV saving each gives; layouts the shape cannot reach are left out."""
     hkv, d = config.num_key_value_heads, config.head_dim
     original, found = 2 * hkv * d, []
@@ -249,7 +249,7 @@ def check_engine_layout(config: MLALlamaConfig, target: str) -> dict:
     shape = f"Hkv={config.num_key_value_heads}, head_dim={config.head_dim} ({figures['original_kv_values_per_layer']} values per layer)"
     passing = [o for o in options if o["kv_saving"] >= MIN_SAVING]
     hint = "; ".join(
-        f"MLAConfig(rope_strategy='rotated', engine_rope=True, rope_dims={o['rope_dims']}, kv_rank={o['kv_rank']}) "
+        f"MLAConfig(rope_strategy='rotated', rope_dims={o['rope_dims']}, kv_rank={o['kv_rank']}) "
         f"-> {o['kv_lora_rank']} + {o['qk_rope_head_dim']}, saves {o['kv_saving']:.1%}"
         for o in passing
     ) or (

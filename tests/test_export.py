@@ -16,7 +16,7 @@ from mha2mla_core.export import (
 )  # fmt: skip
 from tests.tiny_models import calib_ids, tiny_model
 
-ENGINE = dict(rope_strategy="rotated", engine_rope=True, rope_dims=4, kv_rank=6, calib_seq_len=64)
+ENGINE = dict(rope_strategy="rotated", rope_dims=4, kv_rank=6, calib_seq_len=64)
 # the attention shapes of Llama-3-8B and Llama-3.2-1B (their config.json), 2 layers and no weights needed
 LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, max_position_embeddings=8192)
@@ -132,20 +132,20 @@ def test_sources_with_attention_biases_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_frequencies_other_than_the_fastest_are_refused_naming_engine_rope(tmp_path):
-    cfg = MLAConfig(rope_strategy="rotated", rope_dims=4, kv_rank=6, calib_seq_len=64)  # ranked slots, repeats
+def test_frequencies_other_than_the_fastest_are_refused_naming_the_fix(tmp_path):
+    cfg = MLAConfig(rope_strategy="rotated", rope_dims=4, kv_rank=6, rope_window=64, calib_seq_len=64)  # ranked slots
     mla = convert_to_mla(tiny_model("llama-gqa"), cfg, calib_ids())
     assert mla.config.rope_pairs[0][0] != list(range(4))
-    with pytest.raises(ValueError, match="keep RoPE frequencies.*engine_rope=True"):
+    with pytest.raises(ValueError, match="keep RoPE frequencies.*convert with rope_strategy='rotated' and no rope_window"):
         export_deepseek_v3(mla, tmp_path / "out")
     per_head = convert_to_mla(tiny_model("llama-gqa"), MLAConfig(layout="per_head", kv_rank=6), calib_ids())
-    with pytest.raises(ValueError, match="ONE RoPE key and ONE latent.*engine_rope=True"):
+    with pytest.raises(ValueError, match="ONE RoPE key and ONE latent.*without a rope_window"):
         export_deepseek_v3(per_head, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def shape_config(shape: dict, rope_dims: int, kv_rank: int) -> MLALlamaConfig:
-    """The MLA config an engine_rope conversion of `shape` gets (2 layers; the checks read no weights)."""
+    """The MLA config a rotated conversion (no rope_window) of `shape` gets (2 layers; the checks read no weights)."""
     hkv, p = shape["num_key_value_heads"], rope_dims * shape["num_key_value_heads"] // 2
     return MLALlamaConfig(
         **shape, num_hidden_layers=2, intermediate_size=64, vocab_size=128, shared_rope=True,
