@@ -49,8 +49,10 @@ def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_s
     out = cli("convert", str(tiny_source), *TINY, *suites)
     assert "mla, reloaded (fresh process)" in out and "greedy sample (MLAForCausalLM, reloaded)" in out
     assert "arc_easy acc" in out and "decode tok/s B=4 T=32" in out and "KV bytes/token" in out
-    assert "5 ran, 0 cached" in out
+    stages = int(re.search(r"stages: (\d+) ran, 0 cached", out).group(1))  # 2-norm adds score-rope to the four
+    assert stages >= 4
     run = latest_flow_run()
+    assert 0 <= run.data.metrics["mc_avg_acc"] <= 100 and "mc_avg_acc_original" in run.data.metrics  # in %
     checkpoint = MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")[0].tags["mha2mla.checkpoint_uri"]
 
     out = cli("lineage", checkpoint)
@@ -61,7 +63,7 @@ def test_convert_reloads_in_a_fresh_process_then_runs_lineage_resume(cli, tiny_s
     assert run.info.run_id in out and "svd-init: finished (miss)" in out
 
     out = cli("resume", run.info.run_id)
-    assert "0 ran, 5 cached" in out
+    assert f"0 ran, {stages} cached" in out
 
 
 def test_json_outputs_full_ids_and_a_recipe_that_reproduces_the_checkpoint(cli, tiny_source, tmp_path):
@@ -104,12 +106,20 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
     file = tmp_path / "catalog.yaml"
     file.write_text(
         "max_concurrency: 1\n"
-        "defaults: {mla: {rope_dims: 4, calib_seq_len: 64}, calibration: {num_tokens: 512}, evaluation: {max_tokens: 256, window: 64}}\n"
+        "defaults: {mla: {rope_dims: 4, calib_seq_len: 64}, calibration: {num_tokens: 512}, evaluation: {max_tokens: 256, window: 64},"
+        " gate: {max_ppl: 1.0e9}}\n"
         f"models:\n  - model: {tiny_source}\n    configs:\n      - {{name: ok, mla: {{kv_rank: 4}}}}\n"
         "      - {name: too-big, mla: {kv_rank: 60, svd: joint}}\n"
     )
     out = cli("catalog", "run", str(file), code=1)
     assert "catalog summary" in out and "ok" in out and "kv_rank=60" in out
+
+    summary = json.loads(cli("catalog", "run", str(file), "--json", code=1))  # a rerun: the ok entry is cached
+    assert re.fullmatch(r"[0-9a-f]{32}", summary["run_id"]) and summary["failed"] == 1
+    ok, failed = summary["rows"]
+    assert (ok["status"], failed["status"]) == ("ok", "failed") and "kv_rank=60" in failed["error"]
+    version = MlflowClient().get_model_version_by_alias(ok["entry"], "champion")  # the catalog's gate passed
+    assert version.tags["mha2mla.checkpoint_uri"] == ok["checkpoint"]
 
 
 @pytest.mark.parametrize(
