@@ -254,6 +254,7 @@ def convert(
     synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1]; 1 = data-free, and fine-tunes without --finetune-data; default 0"),
     reconstruct_steps: Optional[int] = typer.Option(None, help="steps of the reconstruct stage, which fits each converted attention layer to the original's output before end-to-end fine-tuning; 0 = none (default: 300)"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
+    export_target: Optional[str] = typer.Option(None, help="also export the final checkpoint in DeepSeek-V3's format for hf | llamacpp | vllm | trtllm (README: Serving); default: no export"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
     mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),
     mc_data_dir: Optional[str] = typer.Option(None, help="directory of the normalized MC JSONL files (default: shared/data/mc)"),
@@ -303,6 +304,7 @@ def convert(
                           **given(synthetic_fraction=synthetic_fraction), **_reconstruct(reconstruct_steps))
             if finetune_data or synthetic_fraction is not None else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
+            export=dict(target=export_target) if export_target else None,
             gate=given(max_ppl=champion_max_ppl, max_ppl_change_pct=champion_max_ppl_change),
         )))  # fmt: skip
     except (ValueError, OSError) as exc:

@@ -2,6 +2,7 @@
 
     sample-calibration -> score-rope (2-norm only) -> svd-init -> [finetune-data -> [reconstruct] -> finetune]
     -> [quantize-kv]
+    -> [export] (DeepSeek-V3 format, of the last full-precision checkpoint, after the evaluations)
     evaluate[original], evaluate[mla], [evaluate[finetuned]], [evaluate[int4]]
 
 One MLflow parent run per flow run (params = the resolved config, tags = model source and digest, code and
@@ -42,6 +43,7 @@ from tasks.common import (
     registered_source,
 )
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
+from tasks.export import ExportParams, check_export_inputs, export
 from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct, training_device
 from tasks.inputs import (
     DEFAULT_CALIBRATION,
@@ -77,6 +79,7 @@ class ConvertParams(BaseModel):
     evaluation: EvalParams = EvalParams()
     finetune: FinetuneParams | None = None  # None: no fine-tuning
     quantize_kv: KVCacheQuantConfig | None = None  # None: the latent cache stays in the model's dtype
+    export: ExportParams | None = None  # None: no DeepSeek-V3 export of the final checkpoint
     # MLflow run name, Prefect flow run name and registry model name
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: flows.naming.default_name
     gate: QualityGate | None = None  # a checkpoint that passes becomes the registered model's `champion`
@@ -88,6 +91,7 @@ class ConvertOutcome(BaseModel):
     model_version: str  # "registry name/version"
     table: dict  # side-by-side evaluation (Comparison JSON): a row per metric, a value and delta per model
     cache: dict[str, str]  # stage run name -> "hit" | "miss"
+    export: ArtifactRef | None = None  # the DeepSeek-V3 directory, when params.export
 
 
 class StageRunner:
@@ -184,6 +188,8 @@ def check_inputs(params: ConvertParams, model: ModelSource, eval_text: DataSourc
     """Before any stage: the MLA config fits the model (the core's own checks, against the model's config) and
     the evaluation text has text in it."""
     check_convertible(load_model_config(model), params.mla)
+    if params.export:
+        check_export_inputs(load_model_config(model), params.mla, params.export)
     if Path(eval_text.source).is_file() and not read_text(eval_text).strip():
         raise ValueError(f"evaluation text {eval_text.source} is empty; give --eval-text a file with text in it")
 
@@ -228,6 +234,10 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         after = {label: stage(evaluate, ckpt, model.slug, eval_text, params.evaluation, label=label)
                  for label, ckpt in checkpoints.items()}  # fmt: skip
         comparison = log_comparison(before, after)
+        exported = None
+        if params.export:  # the last full-precision checkpoint; a quantized cache is our own class's
+            label = "finetuned" if "finetuned" in checkpoints else "mla"
+            exported = stage(export, checkpoints[label], model, calib, after[label].metrics, params.export).output
         table = json.loads(comparison.to_json())
         final = list(checkpoints.values())[-1]
         headline = headline_metrics(comparison, stage.results, stage.seconds)
@@ -236,4 +246,5 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         mlflow.set_tag("mha2mla.gate", "passed" if not failures else "; ".join(failures))
         summary = RunSummary(name, params, model, comparison, headline, stage.results, run_id)
         version = register_once(name, final, summary=summary, champion=not failures)
-    return ConvertOutcome(run_id=run_id, checkpoint=final.output, model_version=version, table=table, cache=stage.cache)
+    return ConvertOutcome(run_id=run_id, checkpoint=final.output, model_version=version, table=table, cache=stage.cache,
+                          export=exported)

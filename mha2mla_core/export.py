@@ -117,9 +117,9 @@ def check_exportable(config: MLALlamaConfig) -> None:
         raise ValueError(
             f"model_type={config.source_model_type} has attention biases (q_bias={config.q_bias}, kv_bias="
             f"{config.kv_bias}, o_bias={config.o_bias}, mlp_bias={getattr(config, 'mlp_bias', False)}): DeepSeek-V3's "
-            "format has no q/k/v bias to fold them into (attention_bias adds one to kv_a_proj_with_mqa and o_proj "
-            "only, which no engine loads); export a bias-free source (Llama, Mistral, SmolLM) or serve this model "
-            "with our MLAForCausalLM"
+            "format has no q/k/v bias to fold them into (its attention_bias adds one to kv_a_proj_with_mqa and "
+            "o_proj only, and vLLM and llama.cpp load neither); export a bias-free source (Llama, Mistral, SmolLM) "
+            "or serve this model with our MLAForCausalLM"
         )
     if not config.shared_rope or config.kv_latent_groups != 1:
         raise ValueError(
@@ -329,6 +329,7 @@ def deepseek_state_dict(model: MLAForCausalLM, config: DeepseekV3Config) -> tupl
         state[prefix + "mlp.down_proj.weight"] = scaled(layer.mlp.down_proj.weight, alpha)
     if config.tie_word_embeddings:  # lm_head is the scaled embedding: the final norm takes the scale back
         state["model.norm.weight"] = scaled(src.norm.weight, 1 / alpha)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     else:
         state["model.norm.weight"] = src.norm.weight.detach()
         state["lm_head.weight"] = model.lm_head.weight.detach()
@@ -395,7 +396,8 @@ def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: d
         f"# {source['name']} as multi-head latent attention (DeepSeek-V3 format)", "",
         "Converted by mha2mla from a Llama-family model and written as `DeepseekV3ForCausalLM` (dense MLP in every "
         "layer, no q LoRA): load it with `AutoModelForCausalLM.from_pretrained(path)`, or serve it with vLLM, SGLang "
-        "or llama.cpp (`convert_hf_to_gguf.py`, architecture deepseek2). No `trust_remote_code`.", "",
+        "or llama.cpp (`convert_hf_to_gguf.py`, architecture deepseek2). No `trust_remote_code`. Serve it in bf16 or "
+        "fp32 (`vllm serve --dtype bfloat16`), never fp16.", "",
         "| | |", "| --- | --- |",
         f"| source | {source['name']} |",
         f"| source sha256 | {source.get('sha256', 'unknown')} |",

@@ -10,7 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.tracking import stage_run
-from mha2mla_core.export import export_deepseek_v3, write_model_card
+from mha2mla_core.config import MLAConfig
+from mha2mla_core.export import check_engine_layout, deepseek_config, export_deepseek_v3, write_model_card
 from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
 from tasks.inputs import ModelSource, load_checkpoint, load_tensors
 
@@ -24,6 +25,21 @@ class ExportParams(BaseModel):
 
     target: Literal["hf", "llamacpp", "vllm", "trtllm"] = "hf"  # vllm/trtllm: only layouts their MLA kernels run
     check_tokens: int = Field(512, ge=0)  # 0: no logits check
+
+
+def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> None:
+    """Before any stage: the conversion `mla` of a model with `source_config` has an exact DeepSeek-V3 form that
+    `params.target` runs (the export's own checks, on the config the conversion will produce)."""
+    from mha2mla_core.convert import check_convertible, mla_config_from
+
+    if mla.rope_strategy != "rotated" or mla.rope_window is not None:
+        raise ValueError(
+            f"an export needs rotated RoPE on the fastest frequencies (rope_strategy='rotated', no rope_window); "
+            f"this conversion has rope_strategy={mla.rope_strategy!r}, rope_window={mla.rope_window}"
+        )
+    config = mla_config_from(source_config, mla, check_convertible(source_config, mla))
+    deepseek_config(config, params.target)
+    check_engine_layout(config, params.target)
 
 
 @stage_task(STAGE, code=("mha2mla_core.export", "mha2mla_core.modeling_mla"))

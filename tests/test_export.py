@@ -16,6 +16,8 @@ from mha2mla_core.export import (
 )  # fmt: skip
 from tests.tiny_models import calib_ids, tiny_model
 
+pytest_plugins = ["pipeline_fixtures"]
+
 ENGINE = dict(rope_strategy="rotated", rope_dims=4, kv_rank=6, calib_seq_len=64)
 # the attention shapes of Llama-3-8B and Llama-3.2-1B (their config.json), 2 layers and no weights needed
 LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
@@ -43,7 +45,8 @@ LOADER = textwrap.dedent("""
     print(json.dumps(results))
 """)
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
-SOURCES = {"mha": ("llama-mha", 1e-6), "gqa-eps1e-5": ("llama-gqa", 1e-5)}  # GQA's norm eps differs from 1e-6
+# name -> (source, overrides): the GQA source's norm eps differs from DeepSeek's latent norm's, and its lm_head is tied
+SOURCES = {"mha": ("llama-mha", {}), "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True))}
 
 
 def engine_model(source: str, **overrides):
@@ -54,8 +57,8 @@ def engine_model(source: str, **overrides):
 def exports(tmp_path_factory) -> dict:
     """name -> (our model, export dir, export summary)."""
     found = {}
-    for name, (source, eps) in SOURCES.items():
-        mla, out = engine_model(source, rms_norm_eps=eps), tmp_path_factory.mktemp(name)
+    for name, (source, overrides) in SOURCES.items():
+        mla, out = engine_model(source, **overrides), tmp_path_factory.mktemp(name)
         found[name] = (mla, out, export_deepseek_v3(mla, out, calib_ids=calib_ids()))
     return found
 
@@ -97,6 +100,7 @@ def test_config_is_deepseek_v3_with_dense_layers_and_one_kv_head_per_query_head(
     assert raw["qk_nope_head_dim"] == raw["v_head_dim"] == c.head_dim
     assert raw["num_key_value_heads"] == c.num_attention_heads and raw["rope_interleave"] is True
     assert raw["attention_bias"] is False and raw["rms_norm_eps"] == 1e-6
+    assert raw["tie_word_embeddings"] == c.tie_word_embeddings
     d, dr = c.head_dim, c.qk_rope_head_dim
     assert raw["rope_theta"] == pytest.approx(c.rope_parameters["rope_theta"] ** (dr / d))
     assert summary["measured"]["logits_max_abs_diff"] < 1e-4
@@ -208,3 +212,24 @@ def test_cli_exports_a_saved_checkpoint_and_refuses_an_engine_in_one_line(tmp_pa
     again = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "out")])
     assert again.exit_code == 2 and "is not an empty folder" in again.output
     assert not (tmp_path / "vllm").exists()
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_convert_flow_exports_after_the_evaluations_and_refuses_early(local_env, tiny_source, tiny_params, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flows.convert import convert
+    from tasks.common import context
+
+    base = tiny_params(tiny_source)
+    params = type(base).model_validate({**base.model_dump(mode="json"), "export": {"check_tokens": 128}})
+    outcome = convert(params)
+    assert outcome.cache["export"] == "miss"
+    directory = context().store.get_dir(outcome.export.uri, tmp_path / "exported", outcome.export.sha256)
+    assert type(AutoModelForCausalLM.from_pretrained(directory)).__name__ == "DeepseekV3ForCausalLM"
+    card = (directory / "README.md").read_text()
+    assert str(tiny_source) in card and "| ppl |" in card and "logits_max_abs_diff" in card
+    windowed = type(base).model_validate({**params.model_dump(mode="json"), "mla": {**params.mla.to_dict(), "rope_window": 64}})
+    with pytest.raises(ValueError, match="an export needs rotated RoPE on the fastest frequencies"):
+        convert(windowed)
