@@ -148,12 +148,15 @@ class StageProgress(logging.Handler):
 
     DONE = {"miss": "[green]done", "hit": "[cyan]cached", "failed": "[red]failed"}
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: Progress, shown_from: int = logging.WARNING):
         super().__init__(logging.INFO)
         self.progress, self.rows, self.running = progress, {}, None
+        self.shown_from = shown_from  # the console's log handler prints records from this level on
 
     def emit(self, record: logging.LogRecord) -> None:
         stage, event = getattr(record, "stage", None), getattr(record, "event", None)
+        if stage is None and record.levelno >= self.shown_from and self.progress.disable:
+            return  # already a line of the log handler's
         if self.progress.disable:  # piped or redirected
             line = f"{escape(stage)}: {'started' if event == 'start' else self.DONE.get(event, event)}" if stage else f"  {escape(record.getMessage())}"
             console.print(f"{datetime.now():%H:%M:%S} {line}", soft_wrap=True, highlight=False)
@@ -187,7 +190,8 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
 
         api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
         use_api(api.url)  # a port taken meanwhile gives a new one
-    handler = StageProgress(stage_progress(console))
+    verbose = ctx.find_root().params.get("verbose")
+    handler = StageProgress(stage_progress(console), logging.INFO if verbose else logging.WARNING)
     progress = handler.progress
     loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
     for logger in loggers:

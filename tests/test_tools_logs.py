@@ -78,3 +78,23 @@ def test_terminal_progress_counts_training_steps_and_shows_the_latest_line():
         handler.progress.refresh()
         handler.emit(record(stage, "finetune miss", stage="finetune", event="miss"))
     assert task.finished and "40/100" in out.getvalue() and "done" in out.getvalue()
+
+
+def test_piped_progress_prints_info_lines_and_leaves_warnings_to_the_log_handler(monkeypatch):
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=200))  # not a terminal
+    handler = cli.StageProgress(cli.stage_progress(cli.console), shown_from=logging.WARNING)
+    core = logging.getLogger("mha2mla_core.calibration")
+    for level, message in ((logging.INFO, "loaded 1 documents"), (logging.WARNING, "fewer tokens than asked")):
+        handler.emit(core.makeRecord(core.name, level, __file__, 0, message, (), None))
+    handler.emit(core.makeRecord("mha2mla.progress", logging.INFO, __file__, 0, "x", (), None,
+                                 extra={"stage": "evaluate[mla]", "event": "hit"}))  # fmt: skip
+    lines = [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines == ["  loaded 1 documents", "evaluate[mla]: cached"]
