@@ -39,8 +39,8 @@ def test_piped_convert_prints_plain_stage_lines_and_prefect_keeps_the_run_logs(p
     end = time.monotonic()
     lines = [line for _, line in arrivals]
     stage_lines = [line.split(" ", 1)[1] for line in lines if re.match(r"\d\d:\d\d:\d\d \S+: ", line)]
-    assert stage_lines[:4] == ["sample-calibration: started", "sample-calibration: done", "score-rope: started",
-                               "score-rope: done"]  # fmt: skip
+    assert stage_lines[:2] == ["sample-calibration: started", "sample-calibration: done"]
+    assert stage_lines.index("svd-init: started") + 1 == stage_lines.index("svd-init: done")
     assert "evaluate[mla]: done" in stage_lines and not any("running" in line for line in lines)  # no live display
     first = next(t for t, line in arrivals if line.endswith("sample-calibration: done"))
     assert end - first > 1.0  # printed while the run went on, not all at its end
