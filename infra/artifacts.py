@@ -12,10 +12,11 @@
   holds other bytes is never replaced (`ArtifactConflictError`; writing the same bytes again is a no-op).
   Local: a temp file under `ROOT/.tmp/`, fsynced, then hard-linked to its key (`link` fails if the key
   exists, so two writers cannot clobber each other). A crash leaves its temp file in `.tmp/`, never in a
-  published folder; `check()` removes the temp files of dead processes of this host. S3: upload
-  (multipart above `Settings.s3_multipart_mb`) to a temp key under `PREFIX/.tmp/`, check its size,
-  server-side copy to the final key unless it exists, delete the temp key. A crash can leave `.tmp/`
-  objects behind; expire them with a bucket lifecycle rule.
+  published folder; `check()` removes the temp files of dead processes of this host. S3, below
+  `Settings.s3_multipart_mb`: one PUT with `If-None-Match: *` (atomic write-once, as locally). Above it:
+  multipart upload to a temp key under `PREFIX/.tmp/`, check its size, server-side copy to the final key
+  unless it exists (checked, not atomic), delete the temp key. A crash can leave `.tmp/` objects behind;
+  expire them with a bucket lifecycle rule.
 - Every read given a digest verifies it and raises `DigestMismatchError` on a mismatch.
 - A directory (a `save_pretrained` output) is stored as its files plus `KEY/_manifest.json`
   mapping each relative path to its sha256 and size; the directory's digest is the manifest's.
@@ -549,6 +550,10 @@ class S3Store(_Store):
         sha, size = _hash_chunks(iter(lambda: fh.read(_CHUNK), b""))
         fh.seek(0)
         ref = ArtifactRef(uri=self.uri(key), sha256=sha, size=size)
+        if size < self._transfer.multipart_threshold:
+            with self._writing(key):
+                self._put_once(fh.read(), key, ref)
+            return ref
         tmp = f"{self._prefix}{TMP_DIR}/{uuid.uuid4().hex}"
         try:
             with self._writing(key):
@@ -560,6 +565,22 @@ class S3Store(_Store):
         finally:
             self._discard(tmp)
         return ref
+
+    def _put_once(self, data: bytes, key: str, ref: ArtifactRef) -> None:
+        """One conditional PUT (`If-None-Match: *`): atomic and write-once, so of two writers of a key the second
+        finds the first's bytes. A store that does not implement the condition gets a checked plain PUT."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if _error_code(exc) in {"PreconditionFailed", "412"}:
+                _check_same(ref.uri, ref.sha256, self._digest(key))
+            elif _error_code(exc) in {"NotImplemented", "501"}:
+                if self._exists(key):
+                    _check_same(ref.uri, ref.sha256, self._digest(key))
+                else:
+                    self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data)
+            else:
+                raise
 
     def _publish(self, tmp: str, final: str, size: int) -> None:
         """Check the temp object is complete, then copy it (server-side) to its final key."""

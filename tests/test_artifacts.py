@@ -390,6 +390,28 @@ def test_s3_failed_upload_leaves_nothing(s3_settings):
 
 
 @pytest.mark.services
+def test_s3_writers_of_one_key_at_once_never_clobber(s3_settings):
+    """Small objects (records, results) go up in one conditional PUT: of writers racing on one key, exactly one
+    wins, the others get ArtifactConflictError, and the key holds the winner's bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [open_store(s3_settings.artifact_root, s3_settings) for _ in range(4)]
+    conditions = []
+    stores[0].client.meta.events.register("before-send.s3.PutObject", lambda request, **_: conditions.append(request.headers.get("If-None-Match")))  # fmt: skip
+
+    def write(i):
+        try:
+            return stores[i].put_bytes(f"writer {i}".encode() * 100, "prefect-results/key")
+        except ArtifactConflictError:
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        refs = list(pool.map(write, range(4)))
+    [winner] = [ref for ref in refs if ref is not None]
+    assert stores[0].verify(winner) and conditions == [b"*"]
+
+
+@pytest.mark.services
 def test_s3_missing_bucket_is_a_clear_error(s3_settings):
     with pytest.raises(StoreCheckError, match="no-such-bucket.*does not exist.*ARTIFACT_ROOT"):
         open_store("s3://no-such-bucket/x", s3_settings)
