@@ -41,6 +41,7 @@ from mha2mla_core.export import export_deepseek_v3
 from mha2mla_core.loading import packaged_model_file
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose sdist (llama.cpp + convert_hf_to_gguf.py) is used
+DISKCACHE = "5.6.3"  # llama-cpp-python's one dependency that the project's environment lacks
 CONFIG = MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=16)  # no rope_window: the fastest 12 pairs
 PROMPT = "The old house at the end of the lane had been empty for years, until"
 NEW_TOKENS, EVAL_TOKENS, WINDOW, N_CTX = 32, 4096, 512, 1024
@@ -105,7 +106,8 @@ def build_llama_cpp(work: Path) -> tuple[Path, Path]:
     if not (site / "llama_cpp").exists():
         env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
                "-DLLAMA_BUILD_TOOLS=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}  # fmt: skip
-        subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(sdist)], check=True, env=env)
+        subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(sdist), f"diskcache=={DISKCACHE}"],
+                       check=True, env=env)  # fmt: skip
     return site, src / "vendor" / "llama.cpp"
 
 

@@ -6,8 +6,9 @@ Dr = 2P shared RoPE dims, Rc latent dims.
     ours (shared_rope, one latent group)          DeepSeek-V3 (q_lora_rank null)
     q_proj (H*(Dr+D), E) [q_pe | q_nope]          q_proj (H*(D+Dr), E) [q_nope | q_pe interleaved] * sqrt((D+Dr)/D)
     kv_a_proj (Rc, E), k_rope_proj (Dr, E)        kv_a_proj_with_mqa (Rc+Dr, E) [latent / s ; k_pe interleaved]
-    (no latent norm)                              kv_a_layernorm (Rc,) = s * sqrt(eps)
-    kv_b_proj (1, Hkv*(D+D), Rc) [k_nope | v]     kv_b_proj (H*(D+D), Rc): each KV head's rows once per query head
+    (no latent norm)                              kv_a_layernorm (Rc,) = 1
+    kv_b_proj (1, Hkv*(D+D), Rc) [k_nope | v]     kv_b_proj (H*(D+D), Rc) * s * sqrt(eps): each KV head's rows once
+                                                  per query head
     o_proj, MLPs, norms, embeddings               the same (times alpha where the residual stream is rescaled)
 
 Scores: DeepSeek scales q.k by (D+Dr)**-0.5 and we by D**-0.5, so the q rows carry sqrt((D+Dr)/D). RoPE: our shared
@@ -16,14 +17,17 @@ default RoPE of dim Dr with rope_theta' = theta**(Dr/D); pairs move from rotate-
 interleaved ([x_0, y_0, x_1, ...]) order.
 
 The latent norm. DeepSeek always applies RMSNorm(c) = c * rsqrt(mean(c^2) + eps) * w to the latent; ours has none. We
-put it in its linear regime: the latent rows are divided by s and w = s * sqrt(eps), so RMSNorm(c / s) =
-c * sqrt(eps / (mean((c/s)^2) + eps)) = c * (1 - delta) with delta <= mean((c/s)^2) / (2 eps). The latent c = A x
-reads the input norm's output x = g * u, u = h / sqrt(mean(h^2) + eps_in) with ||u||^2 <= E, so mean(c^2) <=
-sigma_max(A diag(g))^2 * E / Rc for every token: s comes from that bound, from the weights alone, so that
-delta <= LATENT_ERROR for any input (measured on calibration tokens when given, see `export_deepseek_v3`).
-What breaks it: the latent rows are ~1e-7 of their old size, so the tensor kv_a_proj_with_mqa must stay in bf16 or
+put it in its linear regime: the latent rows are divided by s = 2^m and w = 1, so RMSNorm(c / s) = c / (s sqrt(eps)) *
+(1 - delta) with delta <= mean((c/s)^2) / (2 eps), and kv_b_proj carries s * sqrt(eps). The latent c = A x reads the
+input norm's output x = g * u, u = h / sqrt(mean(h^2) + eps_in) with ||u||^2 <= E, so mean(c^2) <= sigma_max(A diag(g))^2
+* E / Rc for every token: s comes from that bound, from the weights alone, so that delta <= LATENT_ERROR for any input
+(measured on calibration tokens when given, see `export_deepseek_v3`). A power of two divides the rows exactly and the
+norm weight 1 is exact in every format, so casting the export to bf16 only rounds each weight, as any cast does.
+What breaks it: the latent rows are ~1e-6 of their old size, so the tensor kv_a_proj_with_mqa must stay in bf16 or
 fp32. fp16 flushes them to subnormals, and per-tensor fp8 / int8 / GGUF q8_0 scales (fitted to the RoPE rows or
 stored in fp16) round them to zero; block-scaled fp8 (128x128, DeepSeek's own) keeps them when Rc is a multiple of 128.
+llama.cpp reads q_lora_rank for every DeepSeek model but V2-Lite, so `target="llamacpp"` adds a q LoRA of rank E in the
+same regime: q_a_proj = I / s, q_a_layernorm = 1, q_b_proj = the q rows * s * sqrt(eps) (exact to the same bound).
 
 The eps. transformers builds kv_a_layernorm with its default eps 1e-6 whatever the config says; vLLM, SGLang and
 llama.cpp use config.rms_norm_eps. One checkpoint serves all of them when rms_norm_eps = 1e-6: for a source whose
@@ -99,7 +103,7 @@ def export_deepseek_v3(
         "residual_scale": residual_scale(model.config),
         "latent_norm_eps": LATENT_NORM_EPS,
         "latent_error_bound": LATENT_ERROR,
-        "latent_scales": scales,
+        "latent_scales": [list(pair) for pair in scales],  # per layer (kv, q) powers of two
         "dtype": str(model.dtype).removeprefix("torch."),
     }
     if calib_ids is not None:
@@ -186,7 +190,8 @@ def deepseek_config(config: MLALlamaConfig, target: str = "hf") -> DeepseekV3Con
         num_mtp_layers=0,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads,
-        q_lora_rank=None,
+        # llama.cpp requires q_lora_rank unless the model has DeepSeek-V2-Lite's 26/27 layers: a q LoRA of rank E
+        q_lora_rank=config.hidden_size if target == "llamacpp" else None,
         kv_lora_rank=config.kv_lora_rank,
         qk_rope_head_dim=config.qk_rope_head_dim,
         qk_nope_head_dim=config.head_dim,
@@ -280,47 +285,57 @@ def interleave(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return per_head.transpose(1, 2).reshape(rows.shape)  # (heads, P, 2, ...) -> (heads * Dr, ...)
 
 
-def latent_scale(attn: torch.nn.Module, input_norm: torch.nn.Module) -> float:
-    """s such that mean((c/s)^2) / (2 eps) <= LATENT_ERROR for every token: mean(c^2) <= sigma^2 * E / Rc with
-    sigma = sigma_max(kv_a_proj diag(input_norm.weight)), since the latent reads x = g * u with ||u||^2 <= E."""
-    a = attn.kv_a_proj.weight.double() * input_norm.weight.double()  # (Rc, E)
-    sigma = torch.linalg.matrix_norm(a, ord=2).item()
-    rc, e = a.shape
-    return sigma * math.sqrt(e / (rc * 2 * LATENT_NORM_EPS * LATENT_ERROR))
+def linear_regime_scale(sigma: float, rows: int, cols: int) -> float:
+    """s = 2^m, the smallest power of two with mean((c/s)^2) / (2 eps) <= LATENT_ERROR for every c = W x, where
+    sigma = sigma_max(W diag(g)) (W: rows x cols) and x = g * u reads the input norm (||u||^2 <= cols), so that
+    mean(c^2) <= sigma^2 * cols / rows. A power of two divides W exactly, in any float format."""
+    return 2.0 ** math.ceil(math.log2(sigma * math.sqrt(cols / (rows * 2 * LATENT_NORM_EPS * LATENT_ERROR))))
+
+
+def latent_scales(attn: torch.nn.Module, input_norm: torch.nn.Module) -> tuple[float, float]:
+    """(s of the kv latent kv_a_proj x, s of the q LoRA latent x itself) of one layer (`linear_regime_scale`)."""
+    g = input_norm.weight.double()
+    a = attn.kv_a_proj.weight.double() * g  # (Rc, E)
+    kv = linear_regime_scale(torch.linalg.matrix_norm(a, ord=2).item(), *a.shape)
+    return kv, linear_regime_scale(g.abs().max().item(), g.numel(), g.numel())
 
 
 @torch.no_grad()
-def attention_weights(attn: torch.nn.Module, s: float, alpha: float, config: MLALlamaConfig) -> dict:
-    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype)."""
-    h, hkv, d, dr = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.qk_rope_head_dim
-    rc, dtype = config.kv_lora_rank, attn.q_proj.weight.dtype
+def attention_weights(attn: torch.nn.Module, scales: tuple[float, float], alpha: float, ds: DeepseekV3Config) -> dict:
+    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype). A latent in the
+    linear regime of its RMSNorm (weight 1) comes out as (c/s) / sqrt(eps): its up-projection carries s * sqrt(eps)."""
+    h, d, dr, rc = ds.num_attention_heads, ds.v_head_dim, ds.qk_rope_head_dim, ds.kv_lora_rank
+    hkv, dtype, up = attn.num_kv_heads, attn.q_proj.weight.dtype, math.sqrt(LATENT_NORM_EPS)
     q = attn.q_proj.weight.double().view(h, dr + d, -1)  # (H, Dr + D, E)
     q_pe = interleave(q[:, :dr].reshape(h * dr, -1), h).view(h, dr, -1)  # (H, Dr, E)
-    q = torch.cat([q[:, dr:], q_pe], dim=1) * math.sqrt((d + dr) / d)  # (H, D + Dr, E)
+    q = torch.cat([q[:, dr:], q_pe], dim=1).reshape(h * (d + dr), -1) * math.sqrt((d + dr) / d)  # (H * (D + Dr), E)
     k_pe = interleave(attn.k_rope_proj.weight.double(), 1)  # (Dr, E)
-    kv_a = torch.cat([attn.kv_a_proj.weight.double() / s, k_pe])  # (Rc + Dr, E)
     kv_b = attn.kv_b_proj.weight.double().view(hkv, 2 * d, rc)  # (Hkv, D + D, Rc)
     kv_b = kv_b.repeat_interleave(h // hkv, dim=0).reshape(h * 2 * d, rc)  # (H * (D + D), Rc)
     weights = {
-        "q_proj.weight": q.reshape(h * (d + dr), -1),
-        "kv_a_proj_with_mqa.weight": kv_a,
-        "kv_a_layernorm.weight": torch.full((rc,), s * math.sqrt(LATENT_NORM_EPS), dtype=torch.float64),
-        "kv_b_proj.weight": kv_b,
+        "kv_a_proj_with_mqa.weight": torch.cat([attn.kv_a_proj.weight.double() / scales[0], k_pe]),  # (Rc + Dr, E)
+        "kv_a_layernorm.weight": torch.ones(rc, dtype=torch.float64),
+        "kv_b_proj.weight": kv_b * (scales[0] * up),
         "o_proj.weight": attn.o_proj.weight.double() * alpha,
     }
+    if ds.q_lora_rank is None:
+        weights["q_proj.weight"] = q
+    else:  # q LoRA of rank E: x / s through its norm, then the q rows
+        weights["q_a_proj.weight"] = torch.eye(ds.q_lora_rank, dtype=torch.float64) / scales[1]
+        weights["q_a_layernorm.weight"] = torch.ones(ds.q_lora_rank, dtype=torch.float64)
+        weights["q_b_proj.weight"] = q * (scales[1] * up)
     return {name: t.to(dtype) for name, t in weights.items()}
 
 
 @torch.no_grad()
-def deepseek_state_dict(model: MLAForCausalLM, config: DeepseekV3Config) -> tuple[dict, list[float]]:
-    """DeepseekV3ForCausalLM's state dict for `model` and the latent scale s of each layer."""
+def deepseek_state_dict(model: MLAForCausalLM, config: DeepseekV3Config) -> tuple[dict, list[tuple[float, float]]]:
+    """DeepseekV3ForCausalLM's state dict for `model` and each layer's (kv, q) latent scales."""
     alpha, src = residual_scale(model.config), model.model
     state, scales = {"model.embed_tokens.weight": scaled(src.embed_tokens.weight, alpha)}, []
     for i, layer in enumerate(src.layers):
         prefix = f"model.layers.{i}."
-        s = latent_scale(layer.self_attn, layer.input_layernorm)
-        scales.append(s)
-        for name, t in attention_weights(layer.self_attn, s, alpha, model.config).items():
+        scales.append(latent_scales(layer.self_attn, layer.input_layernorm))
+        for name, t in attention_weights(layer.self_attn, scales[-1], alpha, config).items():
             state[prefix + "self_attn." + name] = t
         state[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight.detach()
         state[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.detach()
@@ -343,30 +358,33 @@ def scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
 
 # ---- measurement and card ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def latent_errors(model: MLAForCausalLM, ids: torch.Tensor, scales: list[float]) -> float:
-    """Largest relative error 1 - sqrt(eps / (mean((c/s)^2) + eps)) of the latent through kv_a_layernorm, over the
-    tokens `ids` (1, T) and all layers, in float64."""
-    worst, hooks = [0.0], []
+def latent_errors(model: MLAForCausalLM, ids: torch.Tensor, scales: list[tuple[float, float]]) -> tuple[float, float]:
+    """Largest relative errors 1 - sqrt(eps / (mean((c/s)^2) + eps)) of the kv latent c = kv_a_proj x and of the q
+    LoRA latent c = x through their RMSNorms, over the tokens `ids` (1, T) and all layers, in float64."""
+    worst, hooks = [0.0, 0.0], []
 
-    def hook(s):
+    def error(c: torch.Tensor, s: float) -> float:
+        m = (c.double() / s).square().mean(-1)  # (B, T)
+        return (1 - torch.sqrt(LATENT_NORM_EPS / (m + LATENT_NORM_EPS))).max().item()
+
+    def hook(kv_scale, q_scale):
         def record(module, inputs, c):
-            m = (c.double() / s).square().mean(-1)  # (B, T)
-            worst[0] = max(worst[0], (1 - torch.sqrt(LATENT_NORM_EPS / (m + LATENT_NORM_EPS))).max().item())
+            worst[0], worst[1] = max(worst[0], error(c, kv_scale)), max(worst[1], error(inputs[0], q_scale))
 
         return record
 
-    for layer, s in zip(model.model.layers, scales):
-        hooks.append(layer.self_attn.kv_a_proj.register_forward_hook(hook(s)))
+    for layer, (kv_scale, q_scale) in zip(model.model.layers, scales):
+        hooks.append(layer.self_attn.kv_a_proj.register_forward_hook(hook(kv_scale, q_scale)))
     try:
         model(ids, use_cache=False)
     finally:
         for handle in hooks:
             handle.remove()
-    return worst[0]
+    return worst[0], worst[1]
 
 
 @torch.no_grad()
-def measure_export(model: MLAForCausalLM, out: Path, calib_ids: torch.Tensor, scales: list[float], tokens: int = 512) -> dict:
+def measure_export(model: MLAForCausalLM, out: Path, calib_ids: torch.Tensor, scales: list, tokens: int = 512) -> dict:
     """The latent norm's largest relative error and the logits' max-abs difference of the checkpoint in `out`
     (loaded with transformers' DeepseekV3ForCausalLM) vs `model`, on the first `tokens` calibration tokens."""
     if calib_ids.dim() != 1:
@@ -374,9 +392,11 @@ def measure_export(model: MLAForCausalLM, out: Path, calib_ids: torch.Tensor, sc
     ids = calib_ids[:tokens][None].to(model.device)  # (1, T)
     exported = DeepseekV3ForCausalLM.from_pretrained(out, dtype=model.dtype).to(model.device).eval()
     ours, theirs = model(ids, use_cache=False).logits.float(), exported(ids, use_cache=False).logits.float()
+    kv_error, q_error = latent_errors(model, ids, scales)
     return {
         "tokens": ids.shape[1],
-        "latent_rel_error_max": latent_errors(model, ids, scales),
+        "latent_rel_error_max": kv_error,
+        **({"q_latent_rel_error_max": q_error} if exported.config.q_lora_rank else {}),
         "logits_max_abs_diff": (ours - theirs).abs().max().item(),
         "logits_max_abs": ours.abs().max().item(),
         "same_argmax": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
@@ -409,9 +429,9 @@ def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: d
         f"| KV saving | {summary['kv_saving']:.1%} |",
         f"| RoPE | default, rope_theta {summary['rope_theta']:.6g} on {config.qk_rope_head_dim} dims, interleaved |",
         "", "## The latent norm", "",
-        "`kv_a_layernorm` runs in its linear regime (latent rows of `kv_a_proj_with_mqa` divided by s, norm weight "
-        f"s * sqrt(1e-6)): the latent's relative error is at most {LATENT_ERROR:g} for every token, by a bound from "
-        "the weights. Keep `kv_a_proj_with_mqa` in bf16 or fp32: fp16, per-tensor fp8, int8 or GGUF q8_0/k-quants of "
+        "`kv_a_layernorm` (and `q_a_layernorm`, when present) runs in its linear regime (latent rows of "
+        "`kv_a_proj_with_mqa` divided by a power of two s, norm weight 1, `kv_b_proj` times s * sqrt(1e-6)): the "
+        f"latent's relative error is at most {LATENT_ERROR:g} for every token, by a bound from the weights. Keep `kv_a_proj_with_mqa` in bf16 or fp32: fp16, per-tensor fp8, int8 or GGUF q8_0/k-quants of "
         "that one tensor round its latent rows to zero (with llama.cpp, convert with `--outtype bf16` or `f32`, or "
         "quantize with `--tensor-type attn_kv_a_mqa=bf16`). `rms_norm_eps` is 1e-6 for every norm, the eps "
         f"transformers gives this norm; the residual stream was scaled by {summary['residual_scale']:.6g} to keep "

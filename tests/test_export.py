@@ -3,6 +3,7 @@ trust_remote_code) as DeepseekV3ForCausalLM with our model's logits and greedy t
 served is refused before anything is written (tiny seeded models, CPU)."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import torch
 
 from mha2mla_core import MLAConfig, MLALlamaConfig, convert_to_mla
 from mha2mla_core.export import (
-    LATENT_ERROR, check_engine_layout, deepseek_config, export_deepseek_v3, interleave, latent_scale,
+    LATENT_ERROR, check_engine_layout, deepseek_config, export_deepseek_v3, interleave,
 )  # fmt: skip
 from tests.tiny_models import calib_ids, tiny_model
 
@@ -45,8 +46,13 @@ LOADER = textwrap.dedent("""
     print(json.dumps(results))
 """)
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
-# name -> (source, overrides): the GQA source's norm eps differs from DeepSeek's latent norm's, and its lm_head is tied
-SOURCES = {"mha": ("llama-mha", {}), "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True))}
+# name -> (source, overrides, target): the GQA source's norm eps differs from DeepSeek's latent norm's and its lm_head
+# is tied; target llamacpp adds a q LoRA (llama.cpp's loader needs one)
+SOURCES = {
+    "mha": ("llama-mha", {}, "hf"),
+    "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True), "hf"),
+    "gqa-llamacpp": ("llama-gqa", dict(rms_norm_eps=1e-5), "llamacpp"),
+}
 
 
 def engine_model(source: str, **overrides):
@@ -57,9 +63,9 @@ def engine_model(source: str, **overrides):
 def exports(tmp_path_factory) -> dict:
     """name -> (our model, export dir, export summary)."""
     found = {}
-    for name, (source, overrides) in SOURCES.items():
+    for name, (source, overrides, target) in SOURCES.items():
         mla, out = engine_model(source, **overrides), tmp_path_factory.mktemp(name)
-        found[name] = (mla, out, export_deepseek_v3(mla, out, calib_ids=calib_ids()))
+        found[name] = (mla, out, export_deepseek_v3(mla, out, calib_ids=calib_ids(), target=target))
     return found
 
 
@@ -95,7 +101,8 @@ def test_config_is_deepseek_v3_with_dense_layers_and_one_kv_head_per_query_head(
     raw = json.loads((out / "config.json").read_text())
     c = mla.config
     assert raw["model_type"] == "deepseek_v3" and raw["architectures"] == ["DeepseekV3ForCausalLM"]
-    assert raw["first_k_dense_replace"] == c.num_hidden_layers and raw["q_lora_rank"] is None
+    assert raw["first_k_dense_replace"] == c.num_hidden_layers
+    assert raw["q_lora_rank"] == (c.hidden_size if summary["target"] == "llamacpp" else None)
     assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (c.kv_lora_rank, c.qk_rope_head_dim)
     assert raw["qk_nope_head_dim"] == raw["v_head_dim"] == c.head_dim
     assert raw["num_key_value_heads"] == c.num_attention_heads and raw["rope_interleave"] is True
@@ -105,21 +112,26 @@ def test_config_is_deepseek_v3_with_dense_layers_and_one_kv_head_per_query_head(
     assert raw["rope_theta"] == pytest.approx(c.rope_parameters["rope_theta"] ** (dr / d))
     assert summary["measured"]["logits_max_abs_diff"] < 1e-4
     assert 0 < summary["measured"]["latent_rel_error_max"] <= LATENT_ERROR
+    assert summary["measured"].get("q_latent_rel_error_max", 0) <= LATENT_ERROR
     assert "README.md" in summary["files"] and "KV saving" in (out / "README.md").read_text()
 
 
-def test_latent_norm_runs_in_its_linear_regime_for_the_worst_input(exported):
-    """The bound holds for the input that maximises the latent: the top right singular vector, at the norm's limit."""
+def test_latent_norms_run_in_their_linear_regime_for_the_worst_input(exported):
+    """The bound holds, tightly, for the inputs that maximise each latent: the top right singular vector of the kv
+    latent's map, the largest input-norm weight for the q latent, each at the input norm's limit ||u||^2 = E."""
     mla, _, summary = exported
     layer = mla.model.layers[0]
-    weight = layer.self_attn.kv_a_proj.weight.double() * layer.input_layernorm.weight.double()  # (Rc, E)
-    _, _, vh = torch.linalg.svd(weight)
-    u = vh[0] * weight.shape[1] ** 0.5  # ||u||^2 = E: the largest RMS-normalised input
-    c = weight @ u / summary["latent_scales"][0]
-    m = c.square().mean()
-    error = 1 - torch.sqrt(1e-6 / (m + 1e-6))
-    assert error <= LATENT_ERROR * (1 + 1e-6)
-    assert summary["latent_scales"][0] == pytest.approx(latent_scale(layer.self_attn, layer.input_layernorm))
+    g = layer.input_layernorm.weight.double()
+    weight = layer.self_attn.kv_a_proj.weight.double() * g  # (Rc, E)
+    kv_u = torch.linalg.svd(weight).Vh[0] * g.numel() ** 0.5
+    q_u = torch.zeros_like(g).index_fill_(0, g.abs().argmax(), g.numel() ** 0.5)
+
+    def error(c):
+        return 1 - torch.sqrt(1e-6 / (c.square().mean() + 1e-6))
+
+    for c, s in ((weight @ kv_u, summary["latent_scales"][0][0]), (g * q_u, summary["latent_scales"][0][1])):
+        assert math.log2(s).is_integer()
+        assert error(c / s) <= LATENT_ERROR < error(c / (s / 2))  # s is the smallest power of two that holds
 
 
 def test_interleave_moves_rotate_half_pairs_next_to_each_other():
