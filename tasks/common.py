@@ -47,11 +47,11 @@ import anyio.to_thread
 from botocore.exceptions import BotoCoreError, ClientError
 from prefect import task
 from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
+from prefect.serializers import JSONSerializer
 from prefect.tasks import exponential_backoff
 from prefect.transactions import get_transaction
-from prefect.context import TaskRunContext
-from prefect.serializers import JSONSerializer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra import tracking
@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 RESULTS_PREFIX = "prefect-results"
 STAGES_PREFIX = "stages"
 CACHE_TAG = "mha2mla.cache"  # "hit" | "miss" on every stage run
+INTEGRITY_TAG = "mha2mla.integrity"  # on a registered version whose checkpoint was found corrupt
+CHECKPOINT_TAGS = ("mha2mla.checkpoint_uri", "mha2mla.checkpoint_sha256")  # a version's checkpoint in the store
 _REKEY_LIMIT = 8  # stale records skipped per key before the stage gives up caching
 _CORE = "mha2mla_core"
 
@@ -352,10 +354,6 @@ def record_problem(key: str, store: ArtifactStore) -> str | None:
         for version in mark_registered(ref.uri, f"corrupt: {ref.uri} no longer hashes to {ref.sha256}"):
             logger.warning("registered model %s points at the corrupt %s; tagged %s", version, ref.uri, INTEGRITY_TAG)
     return f"has missing or changed artifacts ({', '.join(ref.uri for ref in broken)})"
-
-
-INTEGRITY_TAG = "mha2mla.integrity"  # on a registered version whose checkpoint was found corrupt
-CHECKPOINT_TAGS = ("mha2mla.checkpoint_uri", "mha2mla.checkpoint_sha256")  # a version's checkpoint in the store
 
 
 def registered_source(version) -> tuple[str, str]:
