@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -56,7 +56,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from pydantic import BaseModel, SecretBytes, SecretStr
 
-from infra.artifacts import ArtifactRef
+from infra.artifacts import MANIFEST_NAME, ArtifactRef, sha256_file
 from infra.locks import file_lock
 from infra.settings import Settings, redact_uri, sqlite_path
 
@@ -340,6 +340,26 @@ def _requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
+def resolve_checkpoint(target: str) -> tuple[str, str | None]:
+    """(artifact URI, sha256 or None) from what a user holds: `models:/NAME/VERSION` or `models:/NAME@ALIAS` (the
+    version's checkpoint tags), a local folder or file:// URI (its manifest's digest, when it is a stored
+    checkpoint), or an s3:// URI (no digest)."""
+    if target.startswith("models:/"):
+        uri = resolve_checkpoint_uri(target)
+        return uri, _registered_sha256(target)
+    uri = resolve_checkpoint_uri(target)
+    manifest = Path(unquote(urlsplit(uri).path)) / MANIFEST_NAME if uri.startswith("file://") else None
+    return uri, sha256_file(manifest)[0] if manifest is not None and manifest.is_file() else None
+
+
+def _registered_sha256(target: str) -> str | None:
+    name, _, version = target.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    client = MlflowClient()
+    found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    return found.tags.get(CHECKPOINT_SHA256_TAG)
+
+
 def resolve_checkpoint_uri(target: str) -> str:
     """An artifact URI from what a user holds: `models:/NAME/VERSION` or `models:/NAME@ALIAS` (the version's
     checkpoint tag), a local folder (its file:// URI), or an artifact URI as it is."""
@@ -406,10 +426,14 @@ class Lineage:
 def lineage(target: str) -> Lineage:
     """The lineage of a checkpoint recorded with `log_output`, given as an artifact URI, a `models:/` URI or a local
     folder (`resolve_checkpoint_uri`); LookupError if none. The producer is the stage run that wrote it: the first
-    one that logged it and was not served from the cache."""
-    uri = resolve_checkpoint_uri(target)
+    one that logged it and was not served from the cache. A checkpoint whose store was copied or moved since is
+    found by its digest."""
+    uri, sha256 = resolve_checkpoint(target)
     client = MlflowClient()
     runs = _search(client, f"tags.`{OUTPUT_URI_TAG}` = '{_quoted(uri)}'")
+    if not runs and sha256:
+        runs = _search(client, f"tags.`{OUTPUT_SHA256_TAG}` = '{_quoted(sha256)}'")
+        uri = runs[0].data.tags[OUTPUT_URI_TAG] if runs else uri
     if not runs:
         raise LookupError(f"no run logged output {uri}; is MHA2MLA_TRACKING_URI the right store?")
     writers = [run for run in runs if run.data.tags.get(CACHE_TAG) != "hit"] or runs

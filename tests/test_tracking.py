@@ -2,6 +2,7 @@
 registry versions and lineage lookups."""
 
 import dataclasses
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -143,6 +144,10 @@ def test_lineage_of_a_registered_checkpoint(settings, tmp_path):
     folder = Path(settings.artifact_root) / "tiny" / "mla"
     for target in ("models:/tiny-mla/1", "models:/tiny-mla@candidate", str(folder)):
         assert lineage(target).producer.run_id == svd_id, target
+    copied = shutil.copytree(folder, tmp_path / "a copied store" / "mla")  # found by its manifest's digest
+    for target in (str(copied), copied.as_uri()):
+        moved = lineage(target)
+        assert (moved.producer.run_id, moved.uri, moved.model_versions) == (svd_id, ckpt.uri, ("tiny-mla/1",))
     with pytest.raises(LookupError, match="no run logged output"):
         lineage(store.uri("tiny/never-written"))
     with pytest.raises(LookupError, match="models:/tiny-mla/7: no such registered model version"):
