@@ -40,6 +40,7 @@ from tasks.common import (
     context,
     ensure_result_storage,
     log_stage,
+    mark_registered,
     registered_source,
 )
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
@@ -176,11 +177,17 @@ def registered_checkpoint(model_version: str) -> ArtifactRef:
         raise DigestMismatchError(f"registered model {model_version} is marked {version.tags[INTEGRITY_TAG]}; "
                                   f"use the version registered in its place: {instead}")  # fmt: skip
     store, (uri, sha256) = context().store, registered_source(version)
-    files = store.get_json(f"{uri}/{MANIFEST_NAME}", sha256=sha256)["files"]
-    ref = ArtifactRef(uri=uri, sha256=sha256, size=sum(f["size"] for f in files.values()), kind="dir")
-    if not store.verify(ref):
-        raise DigestMismatchError(f"registered model {model_version}: the files at {ref.uri} no longer hash to "
-                                  "their manifest; run the conversion again", uri=ref.uri, expected=sha256)  # fmt: skip
+    try:
+        files = store.get_json(f"{uri}/{MANIFEST_NAME}", sha256=sha256)["files"]
+        ref = ArtifactRef(uri=uri, sha256=sha256, size=sum(f["size"] for f in files.values()), kind="dir")
+        intact = store.verify(ref)
+    except (DigestMismatchError, FileNotFoundError):
+        intact = False
+    if not intact:
+        mark_registered(uri, f"corrupt: {uri} no longer hashes to {sha256}")
+        raise DigestMismatchError(f"registered model {model_version}: the files at {uri} no longer hash to the "
+                                  "digest it was registered with (now tagged mha2mla.integrity); run the conversion "
+                                  "again", uri=uri, expected=sha256)  # fmt: skip
     return ref
 
 

@@ -157,6 +157,8 @@ def test_a_registered_version_found_corrupt_is_pointed_at_the_good_copy(local_en
     weights.write_bytes(weights.read_bytes()[:-8] + b"bit rot!")
     with pytest.raises(DigestMismatchError, match="no longer hash"):
         registered_checkpoint(first.model_version)  # a registered version's bytes are checked on load
+    marked = MlflowClient().get_model_version("tiny-mla", "1").tags["mha2mla.integrity"]
+    assert marked.startswith(f"corrupt: {first.checkpoint.uri}")
 
     second = convert(tiny_params(tiny_source, name="tiny-mla"))  # svd-init is found stale and runs again
     assert second.cache["svd-init"] == "miss" and second.checkpoint.uri != first.checkpoint.uri
