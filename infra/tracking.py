@@ -95,7 +95,8 @@ def configure(settings: Settings, *, create: bool = True) -> str:
     created and migrated by one process at a time (two cold runs in one directory).
 
     `create=False` (commands that only read: runs, lineage, resume) raises LookupError where there is no store
-    yet, instead of making an empty one."""
+    yet, instead of making an empty one. Writers get a ValueError where the experiment's artifacts live in another
+    store's folder (this one was copied or moved), rather than writing new runs there."""
     if not create:
         check_store_exists(settings)
     with _sqlite_lock(settings.tracking_uri):
@@ -103,12 +104,26 @@ def configure(settings: Settings, *, create: bool = True) -> str:
         client = MlflowClient()
         experiment = client.get_experiment_by_name(settings.experiment)
         if experiment is not None:
+            if create:
+                _check_artifact_location(experiment.artifact_location, settings)
             experiment_id = experiment.experiment_id
         else:
             location = settings.experiment_artifact_location()
             experiment_id = client.create_experiment(settings.experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _check_artifact_location(location: str, settings: Settings) -> None:
+    """MLflow keeps an experiment's artifact location as an absolute URI: in a store copied or moved elsewhere it
+    still names the old folder."""
+    expected = settings.experiment_artifact_location()
+    if expected and expected.startswith("file://") and location.startswith("file://") and location != expected:
+        raise ValueError(
+            f"experiment {settings.experiment!r} keeps its run artifacts in {location}, not beside this store "
+            f"({expected}): the store was copied or moved. Its runs stay readable (mha2mla runs, lineage); to run "
+            f"here, set MHA2MLA_EXPERIMENT to a new name, whose artifacts will live beside this store"
+        )
 
 
 def check_store_exists(settings: Settings) -> None:

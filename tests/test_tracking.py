@@ -18,6 +18,7 @@ from infra.artifacts import LocalStore
 from infra.settings import Settings
 from infra.tracking import (
     CACHE_TAG,
+    configure,
     LIBRARIES,
     flatten_params,
     lineage,
@@ -200,3 +201,24 @@ def test_markdown_table_artifact(settings):
     artifact_uri = MlflowClient().get_run(flow_id).info.artifact_uri
     assert artifact_uri.startswith(settings.experiment_artifact_location())
     assert mlflow.artifacts.load_text(f"{artifact_uri}/summary.md") == markdown
+
+
+def test_a_copied_store_does_not_write_new_runs_into_the_old_folder(mlflow_db_template, tmp_path):
+    def store(folder):
+        return Settings(_env_file=None, tracking_uri=f"sqlite:///{folder}/mlflow.db", artifact_root=str(folder / "a"))
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    shutil.copyfile(mlflow_db_template, old / "mlflow.db")
+    configure(store(old))
+    with parent_run("before"):
+        pass
+    shutil.copytree(old, new)
+    with pytest.raises(ValueError, match="the store was copied or moved.*set MHA2MLA_EXPERIMENT"):
+        configure(store(new))
+    configure(store(new), create=False)  # reading still works
+    assert [r.run.name for r in recent_runs()] == ["before"]
+    configure(store(new).model_copy(update={"experiment": "here"}))
+    with parent_run("after") as run_id:
+        mlflow.log_text("x", "x.txt")
+    assert MlflowClient().get_run(run_id).info.artifact_uri.startswith((new / "mlruns").as_uri())
