@@ -84,7 +84,7 @@ def print_error(exc: Exception) -> None:
 
 
 @app.callback()
-def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Log INFO from every library.")) -> None:
+def main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", "--debug", help="Log INFO from every library; an error shows its traceback.")) -> None:
     """Set up logging and the embedded Prefect home before torch, transformers or a flow is imported."""
     try:
         prefect_home = Path(Settings().prefect_home).resolve()
@@ -205,7 +205,7 @@ def run_with_progress(ctx: typer.Context, fn, *args, **kwargs):
     except Exception as exc:  # a fault of ours or of a library: one line, the traceback with --verbose
         if ctx.find_root().params.get("verbose"):
             raise
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(describe_error(exc))} (--verbose shows the traceback)")
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(describe_error(exc))} (--debug shows the traceback)")
         raise typer.Exit(1) from None
     finally:
         for logger in loggers:

@@ -199,3 +199,14 @@ def test_read_only_commands_in_a_folder_without_a_store_say_so_and_create_nothin
         result = CliRunner().invoke(app, list(args))
         assert result.exit_code == 2 and f"no store here: {missing} does not exist" in result.output, result.output
     assert not missing.parent.exists()
+
+
+def test_debug_shows_the_traceback_that_a_plain_run_keeps_to_one_line(cli, tiny_source, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault of ours")
+
+    monkeypatch.setattr("flows.convert.convert", broken)
+    plain = CliRunner().invoke(app, ["convert", str(tiny_source), "--no-check"])
+    assert plain.exit_code == 1 and "RuntimeError: a fault of ours (--debug shows the traceback)" in plain.output
+    debug = CliRunner().invoke(app, ["--debug", "convert", str(tiny_source), "--no-check"])
+    assert isinstance(debug.exception, RuntimeError) and "a fault of ours" in str(debug.exception)
