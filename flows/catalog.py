@@ -152,7 +152,7 @@ def summary_row(params: ConvertParams, state) -> dict:
                    kv_saving_pct=-kv.deltas[last], suites=suites, checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
     else:
         error = state.result(raise_on_failure=False)
-        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        row["error"] = f"{type(error).__name__}: {describe_error(error)}".splitlines()[0][:300]  # URI passwords masked
     return row
 
 
