@@ -6,9 +6,9 @@ Dr = 2P shared RoPE dims, Rc latent dims.
     ours (shared_rope, one latent group)          DeepSeek-V3 (q_lora_rank null)
     q_proj (H*(Dr+D), E) [q_pe | q_nope]          q_proj (H*(D+Dr), E) [q_nope | q_pe interleaved] * sqrt((D+Dr)/D)
     kv_a_proj (Rc, E), k_rope_proj (Dr, E)        kv_a_proj_with_mqa (Rc+Dr, E) [latent / s ; k_pe interleaved]
-    (no latent norm)                              kv_a_layernorm (Rc,) = 1
-    kv_b_proj (1, Hkv*(D+D), Rc) [k_nope | v]     kv_b_proj (H*(D+D), Rc) * s * sqrt(eps): each KV head's rows once
-                                                  per query head
+    (no latent norm)                              kv_a_layernorm (Rc,) = w ~ s * sqrt(eps), a power of two
+    kv_b_proj (1, Hkv*(D+D), Rc) [k_nope | v]     kv_b_proj (H*(D+D), Rc) * s * sqrt(eps) / w: each KV head's rows
+                                                  once per query head
     o_proj, MLPs, norms, embeddings               the same (times alpha where the residual stream is rescaled)
 
 Scores: DeepSeek scales q.k by (D+Dr)**-0.5 and we by D**-0.5, so the q rows carry sqrt((D+Dr)/D). RoPE: our shared
@@ -17,17 +17,18 @@ default RoPE of dim Dr with rope_theta' = theta**(Dr/D); pairs move from rotate-
 interleaved ([x_0, y_0, x_1, ...]) order.
 
 The latent norm. DeepSeek always applies RMSNorm(c) = c * rsqrt(mean(c^2) + eps) * w to the latent; ours has none. We
-put it in its linear regime: the latent rows are divided by s = 2^m and w = 1, so RMSNorm(c / s) = c / (s sqrt(eps)) *
-(1 - delta) with delta <= mean((c/s)^2) / (2 eps), and kv_b_proj carries s * sqrt(eps). The latent c = A x reads the
-input norm's output x = g * u, u = h / sqrt(mean(h^2) + eps_in) with ||u||^2 <= E, so mean(c^2) <= sigma_max(A diag(g))^2
-* E / Rc for every token: s comes from that bound, from the weights alone, so that delta <= LATENT_ERROR for any input
-(measured on calibration tokens when given, see `export_deepseek_v3`). A power of two divides the rows exactly and the
-norm weight 1 is exact in every format, so casting the export to bf16 only rounds each weight, as any cast does.
+put it in its linear regime: the latent rows are divided by s = 2^m, so RMSNorm(c / s) = c * w / (s sqrt(eps)) *
+(1 - delta) with delta <= mean((c/s)^2) / (2 eps); w, a power of two near s * sqrt(eps), keeps the normed (cached)
+latent at the size of c, and kv_b_proj carries what is left, s * sqrt(eps) / w in [0.7, 1.4]. The latent c = A x
+reads the input norm's output x = g * u, u = h / sqrt(mean(h^2) + eps_in) with ||u||^2 <= E, so mean(c^2) <=
+sigma_max(A diag(g))^2 * E / Rc for every token: s comes from that bound, from the weights alone, so that
+delta <= LATENT_ERROR for any input (measured on calibration tokens when given, see `export_deepseek_v3`). Powers of
+two divide the rows and make the norm weight exactly, so casting the export to bf16 only rounds each weight.
 What breaks it: the latent rows are ~1e-6 of their old size, so the tensor kv_a_proj_with_mqa must stay in bf16 or
 fp32. fp16 flushes them to subnormals, and per-tensor fp8 / int8 / GGUF q8_0 scales (fitted to the RoPE rows or
 stored in fp16) round them to zero; block-scaled fp8 (128x128, DeepSeek's own) keeps them when Rc is a multiple of 128.
 llama.cpp reads q_lora_rank for every DeepSeek model but V2-Lite, so `target="llamacpp"` adds a q LoRA of rank E in the
-same regime: q_a_proj = I / s, q_a_layernorm = 1, q_b_proj = the q rows * s * sqrt(eps) (exact to the same bound).
+same regime: q_a_proj = I / s, q_a_layernorm = w, q_b_proj = the q rows * s * sqrt(eps) / w (same bound).
 
 The eps. transformers builds kv_a_layernorm with its default eps 1e-6 whatever the config says; vLLM, SGLang and
 llama.cpp use config.rms_norm_eps. One checkpoint serves all of them when rms_norm_eps = 1e-6: for a source whose
@@ -300,30 +301,41 @@ def latent_scales(attn: torch.nn.Module, input_norm: torch.nn.Module) -> tuple[f
     return kv, linear_regime_scale(g.abs().max().item(), g.numel(), g.numel())
 
 
+def norm_and_up_scales(s: float) -> tuple[float, float]:
+    """(norm weight w, up-projection factor) for rows divided by s: the norm's output (c/s) * w / sqrt(eps) is c times
+    a factor in [0.7, 1.4] that the up-projection takes back, so the cached latent keeps its size (engines compute
+    with it in f16: llama.cpp's absorbed q . W_uk would overflow if W_uk carried s * sqrt(eps)); w is a power of two,
+    exact in every format."""
+    gain = s * math.sqrt(LATENT_NORM_EPS)
+    w = 2.0 ** round(math.log2(gain))
+    return w, gain / w
+
+
 @torch.no_grad()
 def attention_weights(attn: torch.nn.Module, scales: tuple[float, float], alpha: float, ds: DeepseekV3Config) -> dict:
-    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype). A latent in the
-    linear regime of its RMSNorm (weight 1) comes out as (c/s) / sqrt(eps): its up-projection carries s * sqrt(eps)."""
+    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype)."""
     h, d, dr, rc = ds.num_attention_heads, ds.v_head_dim, ds.qk_rope_head_dim, ds.kv_lora_rank
-    hkv, dtype, up = attn.num_kv_heads, attn.q_proj.weight.dtype, math.sqrt(LATENT_NORM_EPS)
+    hkv, dtype = attn.num_kv_heads, attn.q_proj.weight.dtype
     q = attn.q_proj.weight.double().view(h, dr + d, -1)  # (H, Dr + D, E)
     q_pe = interleave(q[:, :dr].reshape(h * dr, -1), h).view(h, dr, -1)  # (H, Dr, E)
     q = torch.cat([q[:, dr:], q_pe], dim=1).reshape(h * (d + dr), -1) * math.sqrt((d + dr) / d)  # (H * (D + Dr), E)
     k_pe = interleave(attn.k_rope_proj.weight.double(), 1)  # (Dr, E)
     kv_b = attn.kv_b_proj.weight.double().view(hkv, 2 * d, rc)  # (Hkv, D + D, Rc)
     kv_b = kv_b.repeat_interleave(h // hkv, dim=0).reshape(h * 2 * d, rc)  # (H * (D + D), Rc)
+    w, up = norm_and_up_scales(scales[0])
     weights = {
         "kv_a_proj_with_mqa.weight": torch.cat([attn.kv_a_proj.weight.double() / scales[0], k_pe]),  # (Rc + Dr, E)
-        "kv_a_layernorm.weight": torch.ones(rc, dtype=torch.float64),
-        "kv_b_proj.weight": kv_b * (scales[0] * up),
+        "kv_a_layernorm.weight": torch.full((rc,), w, dtype=torch.float64),
+        "kv_b_proj.weight": kv_b * up,
         "o_proj.weight": attn.o_proj.weight.double() * alpha,
     }
     if ds.q_lora_rank is None:
         weights["q_proj.weight"] = q
     else:  # q LoRA of rank E: x / s through its norm, then the q rows
+        w, up = norm_and_up_scales(scales[1])
         weights["q_a_proj.weight"] = torch.eye(ds.q_lora_rank, dtype=torch.float64) / scales[1]
-        weights["q_a_layernorm.weight"] = torch.ones(ds.q_lora_rank, dtype=torch.float64)
-        weights["q_b_proj.weight"] = q * (scales[1] * up)
+        weights["q_a_layernorm.weight"] = torch.full((ds.q_lora_rank,), w, dtype=torch.float64)
+        weights["q_b_proj.weight"] = q * up
     return {name: t.to(dtype) for name, t in weights.items()}
 
 
@@ -430,7 +442,8 @@ def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: d
         f"| RoPE | default, rope_theta {summary['rope_theta']:.6g} on {config.qk_rope_head_dim} dims, interleaved |",
         "", "## The latent norm", "",
         "`kv_a_layernorm` (and `q_a_layernorm`, when present) runs in its linear regime (latent rows of "
-        "`kv_a_proj_with_mqa` divided by a power of two s, norm weight 1, `kv_b_proj` times s * sqrt(1e-6)): the "
+        "`kv_a_proj_with_mqa` divided by a power of two s, norm weight a power of two w near s * sqrt(1e-6), "
+        "`kv_b_proj` times s * sqrt(1e-6) / w): the "
         f"latent's relative error is at most {LATENT_ERROR:g} for every token, by a bound from the weights. Keep `kv_a_proj_with_mqa` in bf16 or fp32: fp16, per-tensor fp8, int8 or GGUF q8_0/k-quants of "
         "that one tensor round its latent rows to zero (with llama.cpp, convert with `--outtype bf16` or `f32`, or "
         "quantize with `--tensor-type attn_kv_a_mqa=bf16`). `rms_norm_eps` is 1e-6 for every norm, the eps "
