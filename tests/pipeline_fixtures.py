@@ -16,7 +16,8 @@ import pytest
 from eval_tiny import tiny_lm, tiny_tokenizer
 
 S3_SECRET = "s3cr3t-that-must-never-be-logged"
-TINY_MLA = {"rope_dims": 4, "kv_rank": 4, "calib_seq_len": 64}
+# 2-norm, so that the flow runs every stage (score-rope too); the default (rotated) has a test of its own
+TINY_MLA = {"rope_strategy": "2-norm", "rope_dims": 4, "kv_rank": 4, "calib_seq_len": 64}
 # stage -> (task module, name of the core function it calls)
 CORE_CALLS = {
     "sample-calibration": ("tasks.sample_calibration", "sample_ids"),

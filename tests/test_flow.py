@@ -138,6 +138,18 @@ def test_data_free_calibration_is_the_models_own_continuations(local_env, tiny_s
     assert torch.equal(a[:, :4], b[:, :4]) and not torch.equal(a[:, 4:], b[:, 4:])  # same prompts, sampled rest
 
 
+def test_default_rotated_rope_runs_without_score_rope_and_reruns_from_cache(local_env, tiny_source, executions, tiny_params):
+    """The default MLAConfig (rotated RoPE) ranks nothing across layers, so the flow skips the score-rope stage."""
+    params = tiny_params(tiny_source, rope_strategy=None)
+    assert params.mla.rope_strategy == "rotated"
+    stages = tuple(stage for stage in STAGES if stage != "score-rope")
+    assert run_convert(params).cache == dict.fromkeys(stages, "miss")
+    assert dict(executions) == {"sample-calibration": 1, "svd-init": 1, "evaluate": 2}
+    executions.clear()
+    assert run_convert(params).cache == dict.fromkeys(stages, "hit")
+    assert not executions
+
+
 def test_config_change_reruns_that_stage_and_downstream_only(local_env, tiny_source, executions, tiny_params):
     run_convert(tiny_params(tiny_source))
     executions.clear()
