@@ -329,7 +329,8 @@ def convert_to_mla_with_report(
         whitening = Whitening.from_second_moment(second_moment(x_in)) if aware else None
         report.spectra.append(spectrum(src, whitening))
         attentions.append(build_attention(src, mla_config, i, cfg, whitening))
-        logger.debug("layer %d converted: kept pairs %s", i, mla_config.rope_pairs[i])
+        logger.info("layer %d of %d converted", i + 1, len(model.model.layers))
+        logger.debug("layer %d kept pairs %s", i, mla_config.rope_pairs[i])
 
     stream_layers(model, batches, visit)  # visit returns None: the source keeps its own attention
     mla = assemble(model, mla_config, attentions)
