@@ -78,8 +78,8 @@ def export_deepseek_v3(
     layout = check_engine_layout(model.config, target)
     if model.dtype == torch.float16:
         raise ValueError(
-            "the model is fp16: the exported latent rows are ~1e-7 of their size (the latent norm's linear regime) "
-            "and fp16 flushes them to subnormals; export from fp32 or bf16 (model.to(torch.bfloat16))"
+            "the model is fp16: the exported latent rows are a millionth of their size or less (the latent norm's "
+            "linear regime) and fp16 flushes them to subnormals; export from fp32 or bf16 (model.to(torch.bfloat16))"
         )
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

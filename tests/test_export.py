@@ -148,6 +148,12 @@ def test_sources_with_attention_biases_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_fp16_models_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="fp16 flushes them to subnormals; export from fp32 or bf16"):
+        export_deepseek_v3(engine_model("llama-gqa").half(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_frequencies_other_than_the_fastest_are_refused_naming_the_fix(tmp_path):
     cfg = MLAConfig(rope_strategy="rotated", rope_dims=4, kv_rank=6, rope_window=64, calib_seq_len=64)  # ranked slots
     mla = convert_to_mla(tiny_model("llama-gqa"), cfg, calib_ids())
