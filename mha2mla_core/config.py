@@ -96,7 +96,7 @@ class MLAConfig:
         rows = 2 * head_dim - (0 if self.rope_strategy == "rotated" else self.rope_dims)
         if self.kv_rank > rows:
             raise ValueError(
-                f"kv_rank={self.kv_rank} > rows it factors per KV head (2*head_dim - rope_dims = {rows}) "
+                f"kv_rank={self.kv_rank} > rows it factors per KV head ({rows}: non-RoPE key rows + value rows) "
                 f"for model_type={model_type}; use kv_rank <= {rows}"
             )
         if self.svd == "split" and self.kv_rank // 2 > rows - head_dim:

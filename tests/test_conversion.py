@@ -78,7 +78,8 @@ def test_score_rope_matches_conversion_scores_and_kept_pairs():
     model = tiny_model("llama-gqa")
     scores = score_rope(model, calib_ids(), seq_len=64)
     assert scores.shape == (2, 2, HEAD_DIM // 2)
-    _, report = convert_to_mla_with_report(model, MLAConfig(rope_dims=4, kv_rank=8, calib_seq_len=64), calib_ids())
+    cfg = MLAConfig(rope_strategy="2-norm", rope_dims=4, kv_rank=8, calib_seq_len=64)
+    _, report = convert_to_mla_with_report(model, cfg, calib_ids())
     torch.testing.assert_close(report.rope_scores, scores)
     assert report.rope_pairs[1] == scores[1].topk(2).indices.sort().values.tolist()
 
@@ -173,7 +174,8 @@ def test_bad_config_is_rejected_with_the_value_and_fix(kwargs, message):
     "kwargs, message",
     [
         (dict(rope_dims=18), "rope_dims=18 > head_dim=16"),
-        (dict(rope_dims=4, kv_rank=29), "kv_rank=29 > rows it factors per KV head"),
+        (dict(rope_strategy="2-norm", rope_dims=4, kv_rank=29), "kv_rank=29 > rows it factors per KV head (28"),
+        (dict(rope_dims=4, kv_rank=33), "kv_rank=33 > rows it factors per KV head (32"),  # rotated: all key rows
     ],
 )
 def test_config_that_does_not_fit_the_model_fails_before_work(kwargs, message):

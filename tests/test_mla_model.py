@@ -16,7 +16,8 @@ HEAD_DIM = 16
 
 @pytest.fixture(scope="module", params=["per_head", "shared"])
 def mla(request):
-    cfg = MLAConfig(rope_dims=4, kv_rank=6, svd="aware", layout=request.param, calib_seq_len=64)
+    # per-KV-head 2-norm pairs with either latent layout (the shared RoPE key has tests/test_rotated_rope.py)
+    cfg = MLAConfig(rope_strategy="2-norm", rope_dims=4, kv_rank=6, svd="aware", layout=request.param, calib_seq_len=64)
     return convert_to_mla(tiny_model("qwen2-bias"), cfg, calib_ids())
 
 
