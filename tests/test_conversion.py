@@ -174,8 +174,8 @@ def test_bad_config_is_rejected_with_the_value_and_fix(kwargs, message):
     "kwargs, message",
     [
         (dict(rope_dims=18), "rope_dims=18 > head_dim=16"),
-        (dict(rope_strategy="2-norm", rope_dims=4, kv_rank=29), "kv_rank=29 > rows it factors per KV head (28"),
-        (dict(rope_dims=4, kv_rank=33), "kv_rank=33 > rows it factors per KV head (32"),  # rotated: all key rows
+        (dict(rope_strategy="2-norm", rope_dims=4, kv_rank=29), r"kv_rank=29 > rows it factors per KV head \(28"),
+        (dict(rope_dims=4, kv_rank=33), r"kv_rank=33 > rows it factors per KV head \(32"),  # rotated: all key rows
     ],
 )
 def test_config_that_does_not_fit_the_model_fails_before_work(kwargs, message):
