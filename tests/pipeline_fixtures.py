@@ -64,6 +64,21 @@ def tiny_params():
     return make_tiny_params
 
 
+def write_tiny_catalog(path, model, configs: str):
+    """A catalog of `model` with two entries at a time and the tiny model's sizes; `configs` is the YAML list of
+    its entries (one flow-style mapping a line). Returns `path`."""
+    entries = "\n".join(f"      - {line.strip()}" for line in configs.strip().splitlines())
+    path.write_text(
+        "max_concurrency: 2\n"
+        "defaults:\n"
+        f"  mla: {{rope_strategy: {TINY_MLA['rope_strategy']}, rope_dims: 4, calib_seq_len: 64}}\n"
+        "  calibration: {num_tokens: 512}\n"
+        "  evaluation: {max_tokens: 256, window: 64}\n"
+        f"models:\n  - model: {model}\n    configs:\n{entries}\n"
+    )
+    return path
+
+
 def _reset_process_state(reopen: bool = True):
     """Forget the process's store, MLflow target and loaded models; reopen them from the environment."""
     from tasks import common, inputs

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from infra.artifacts import DigestMismatchError, StoreCheckError
 from infra.tracking import lineage
+from pipeline_fixtures import write_tiny_catalog
 
 pytest_plugins = ["pipeline_fixtures"]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -423,19 +424,10 @@ def test_bad_input_fails_before_any_stage(local_env, tiny_source, executions, fr
 def test_catalog_runs_every_entry_and_survives_a_failure(local_env, tiny_source, tmp_path, executions):
     from flows.catalog import catalog
 
-    file = tmp_path / "tiny.yaml"
-    file.write_text(textwrap.dedent(f"""
-        max_concurrency: 2
-        defaults:
-          mla: {{rope_dims: 4, calib_seq_len: 64}}
-          calibration: {{num_tokens: 512}}
-          evaluation: {{max_tokens: 256, window: 64}}
-        models:
-          - model: {tiny_source}
-            configs:
-              - {{name: k4, mla: {{kv_rank: 4}}, evaluation: {{speed: {{contexts: [16], batch_sizes: [1]}}}}}}
-              - {{name: k60, mla: {{kv_rank: 60, svd: joint}}}}
-    """))  # k60 > 2*16-4 = 28 rows per KV head: fails in svd-init
+    file = write_tiny_catalog(tmp_path / "tiny.yaml", tiny_source, """
+        {name: k4, mla: {kv_rank: 4}, evaluation: {speed: {contexts: [16], batch_sizes: [1]}}}
+        {name: k60, mla: {kv_rank: 60, svd: joint}}
+    """)  # k60 > 2*16-4 = 28 rows per KV head: fails in svd-init
     outcome = catalog(str(file))
     rows = {row["entry"].rsplit("-", 1)[1]: row for row in outcome.rows}
     assert outcome.failed == 1 and rows["k4"]["status"] == "ok" and rows["k60"]["status"] == "failed"

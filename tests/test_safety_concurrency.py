@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_fixtures import write_tiny_catalog
 
 pytest_plugins = ["pipeline_fixtures"]
 
@@ -53,19 +54,10 @@ def test_catalog_entries_that_share_stages_run_at_once(local_env, tiny_source, t
     from flows.catalog import catalog
     from tasks.common import context
 
-    file = tmp_path / "catalog.yaml"
-    file.write_text(textwrap.dedent(f"""
-        max_concurrency: 2
-        defaults:
-          mla: {{rope_dims: 4, calib_seq_len: 64}}
-          calibration: {{num_tokens: 512}}
-          evaluation: {{max_tokens: 256, window: 64}}
-        models:
-          - model: {tiny_source}
-            configs:
-              - {{name: k4, mla: {{kv_rank: 4}}}}
-              - {{name: k2, mla: {{kv_rank: 2}}}}
-    """))
+    file = write_tiny_catalog(tmp_path / "catalog.yaml", tiny_source, """
+        {name: k4, mla: {kv_rank: 4}}
+        {name: k2, mla: {kv_rank: 2}}
+    """)
     outcome = catalog(str(file))
     assert outcome.failed == 0, outcome.rows
     store = context().store
