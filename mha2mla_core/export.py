@@ -144,23 +144,27 @@ def check_exportable(config: MLALlamaConfig) -> None:
 
 
 def deepseek_rope(config: MLALlamaConfig) -> dict:
-    """rope_parameters that make DeepSeek's RoPE of dim Dr turn the source's fastest P frequencies, checked by
-    computing DeepSeek's frequencies with transformers' own rotary embedding."""
+    """rope_parameters that make DeepSeek's RoPE of dim Dr turn the source's fastest P frequencies: default RoPE with
+    theta' = theta**(Dr/D) if that matches (also the unscaled fast pairs of llama3 RoPE), else the source's own RoPE
+    type with theta'; each checked by computing DeepSeek's frequencies with transformers' own rotary embedding."""
     source = LlamaRotaryEmbedding(config)
     dr, d = config.qk_rope_head_dim, config.head_dim
-    params = {**config.rope_parameters, "rope_theta": config.rope_parameters["rope_theta"] ** (dr / d)}
-    probe = DeepseekV3Config(qk_rope_head_dim=dr, rope_parameters=dict(params), max_position_embeddings=config.max_position_embeddings)
-    engine = DeepseekV3RotaryEmbedding(probe)
+    theta = config.rope_parameters["rope_theta"] ** (dr / d)
     want = source.inv_freq[: dr // 2].double()
-    error = ((engine.inv_freq.double() - want).abs() / want).max().item()
-    if error > ROPE_RTOL or engine.attention_scaling != source.attention_scaling:
-        raise ValueError(
-            f"rope_type={params.get('rope_type')!r}: DeepSeek's RoPE of dim {dr} with theta={params['rope_theta']:.6g} "
-            f"turns the kept pairs at frequencies {error:.2e} (relative) away from the source's, scaling "
-            f"{engine.attention_scaling} vs {source.attention_scaling}; only frequency sets that depend on the pair "
-            "index as base**(-2j/D) (default RoPE, or the unscaled fast pairs of llama3 RoPE) are expressible"
-        )
-    return params
+    found = []
+    for params in ({"rope_type": "default", "rope_theta": theta}, {**config.rope_parameters, "rope_theta": theta}):
+        probe = DeepseekV3Config(qk_rope_head_dim=dr, rope_parameters=dict(params),
+                                 max_position_embeddings=config.max_position_embeddings)  # fmt: skip
+        engine = DeepseekV3RotaryEmbedding(probe)
+        error = ((engine.inv_freq.double() - want).abs() / want).max().item()
+        if error <= ROPE_RTOL and engine.attention_scaling == source.attention_scaling:
+            return params
+        found.append(f"{params['rope_type']}: {error:.2e}")
+    raise ValueError(
+        f"DeepSeek's RoPE of dim {dr} with theta={theta:.6g} turns the kept pairs away from the source's frequencies "
+        f"(relative error by rope type: {', '.join(found)}); only frequency sets that depend on the pair index as "
+        "theta**(-2j/D) (default RoPE, or the unscaled fast pairs of llama3 RoPE) are expressible"
+    )
 
 
 def residual_scale(config: MLALlamaConfig) -> float:

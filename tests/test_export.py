@@ -200,6 +200,8 @@ def test_llama3_rope_is_exact_in_transformers_but_refused_for_engines():
     assert deepseek_config(config, "hf").rope_parameters["rope_type"] == "llama3"
     with pytest.raises(ValueError, match="rope_type='llama3'.*as YaRN"):
         deepseek_config(config, "vllm")
+    fast = shape_config(LLAMA32_1B, 2, 32)  # Dr = 16: pairs 0..7, which llama3 RoPE leaves unscaled
+    assert deepseek_config(fast, "llamacpp").rope_parameters == {"rope_type": "default", "rope_theta": 500000.0**0.25}
 
 
 def test_smollm2_shape_has_no_vllm_layout_and_llamacpp_takes_any():
