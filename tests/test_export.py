@@ -252,6 +252,14 @@ def test_convert_flow_exports_after_the_evaluations_and_refuses_early(local_env,
     assert type(AutoModelForCausalLM.from_pretrained(directory)).__name__ == "DeepseekV3ForCausalLM"
     card = (directory / "README.md").read_text()
     assert str(tiny_source) in card and "| ppl |" in card and "logits_max_abs_diff" in card
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    registered = f"models:/{outcome.model_version}"  # `mha2mla export` of the registered checkpoint, from the store
+    result = CliRunner().invoke(app, ["export", registered, str(tmp_path / "cli"), "--json", "--check-tokens", "64"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["measured"]["logits_max_abs_diff"] < 1e-4
     windowed = type(base).model_validate({**params.model_dump(mode="json"), "mla": {**params.mla.to_dict(), "rope_window": 64}})
     with pytest.raises(ValueError, match="an export needs rotated RoPE on the fastest frequencies"):
         convert(windowed)
