@@ -115,7 +115,8 @@ def describe(row: dict) -> str:
     if cfg == "original":
         return "original"
     rank = "-" if cfg["kv_rank"] is None else f"{cfg['kv_rank']} {cfg['svd']} {cfg['layout']}"
-    return f"{cfg['rope_strategy']} r={cfg['rope_dims']} kv_rank={rank}"
+    window = f" window={cfg['rope_window']}" if cfg.get("rope_window") else ""
+    return f"{cfg['rope_strategy']} r={cfg['rope_dims']}{window} kv_rank={rank}"
 
 
 def markdown(rows: list[dict]) -> str:
