@@ -28,20 +28,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
 from flows.naming import default_name
 from flows.publish import QualityGate, RunSummary, headline_metrics, publish
-from infra.tracking import log_metrics, parent_run, stage_run
+from infra.tracking import (
+    CHECKPOINT_TAGS, INTEGRITY_TAG, log_metrics, mark_registered, parent_run, registered_source, stage_run,
+)  # fmt: skip
 from mha2mla_core import MLAConfig
 from mha2mla_core.convert import check_convertible
 from mha2mla_core.quant_cache import KVCacheQuantConfig
 from tasks.common import (
-    CHECKPOINT_TAGS,
-    INTEGRITY_TAG,
     RunLink,
     StageResult,
     context,
     ensure_result_storage,
     log_stage,
-    mark_registered,
-    registered_source,
 )
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.export import ExportParams, check_export_inputs, export

@@ -71,6 +71,8 @@ CODE_VERSION_TAG = "mha2mla.code_version"
 CACHE_TAG = "mha2mla.cache"  # on a stage run: "hit" (served from the cache) or "miss" (ran, wrote its outputs)
 CHECKPOINT_URI_TAG = "mha2mla.checkpoint_uri"  # on a registered model version: the artifact-store checkpoint
 CHECKPOINT_SHA256_TAG = "mha2mla.checkpoint_sha256"
+CHECKPOINT_TAGS = (CHECKPOINT_URI_TAG, CHECKPOINT_SHA256_TAG)
+INTEGRITY_TAG = "mha2mla.integrity"  # on a registered version whose checkpoint was found corrupt
 CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: every new version, and the ones that pass the gate
 MODEL_CODE = Path(__file__).resolve().with_name("mlflow_model.py")
 MODEL_SIGNATURE = ModelSignature(
@@ -517,3 +519,24 @@ def _dataset_record(dataset_input: Any) -> DatasetRecord:
         source=dataset.source,
         context=tags.get("mlflow.data.context", ""),
     )
+
+
+# ------------------------------------------------------------------------------ registry integrity
+def registered_source(version) -> tuple[str, str]:
+    """(artifact URI, sha256) of the checkpoint a registered MLflow model version stands for: its checkpoint
+    tags, or for a version registered straight from the store, its source and `sha256` tag."""
+    uri_tag, sha_tag = CHECKPOINT_TAGS
+    return version.tags.get(uri_tag, version.source), version.tags.get(sha_tag, version.tags.get("sha256", ""))
+
+
+def mark_registered(uri: str, note: str) -> list[str]:
+    """Tag every registered model version whose checkpoint is `uri` with `mha2mla.integrity=note`; "name/version"s."""
+    client, marked = MlflowClient(), []
+    quoted = uri.replace("'", "")  # a store URI holds no quote (safe_key); never let one end the filter
+    found = {(v.name, v.version): v for filter_string in (f"source_path = '{quoted}'", f"tags.`{CHECKPOINT_TAGS[0]}` = '{quoted}'")
+             for v in client.search_model_versions(filter_string)}  # fmt: skip
+    for (name, number), version in sorted(found.items()):
+        if registered_source(version)[0] == uri:
+            client.set_model_version_tag(name, number, INTEGRITY_TAG, note)
+            marked.append(f"{name}/{number}")
+    return marked

@@ -120,7 +120,7 @@ class GroupedLinear(nn.Module):
 def rope_pair_cos_sin(
     cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select the kept frequency pairs of each KV head from Llama's (B, T, D) cos/sin.
+    """Select the kept frequency pairs of each RoPE key from Llama's (B, T, D) cos/sin.
 
     pairs: (Hp, P) long. Returns cos, sin of shape (B, Hp, T, 2P) in rotate-half order.
     """

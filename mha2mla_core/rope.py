@@ -75,8 +75,9 @@ class RotatedRope:
     is `key_mix[c] . k^f` (a 2-dim key shared by all query heads), and the queries of KV head g read it with weight
     `query_mix[c][g]`. With all Hkv components of a frequency, sum_c query_mix[c] key_mix[c]^T = I: the attention
     is unchanged. The mixes come from a per-frequency PCA of the keys across KV heads, weighted by how strongly the
-    queries read each head, so that the first components carry most of the logits' positional energy; the kept
-    slots are the top (frequency, component) pairs by that energy within the budget (2-norm is the unrotated case).
+    queries read each head, so that the first components carry most of the logits' key energy. Which slots are kept
+    is `rotate_rope`'s choice: the first component of the fastest frequencies (the conversion's default), or the
+    top (frequency, component) slots by a score (2-norm ranks unrotated pairs alike).
 
     pairs (P,), key_mix / query_mix (P, Hkv): the kept slots, ascending by (frequency, component).
     energy (D/2, Hkv): the score every (frequency, component) was ranked by (`rotate_rope`), descending per frequency.

@@ -55,6 +55,7 @@ from prefect.transactions import get_transaction
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra import tracking
+from infra.tracking import CACHE_TAG, INTEGRITY_TAG, mark_registered
 from infra.artifacts import (
     ArtifactConflictError,
     ArtifactRef,
@@ -72,9 +73,6 @@ logger = logging.getLogger(__name__)
 
 RESULTS_PREFIX = "prefect-results"
 STAGES_PREFIX = "stages"
-CACHE_TAG = "mha2mla.cache"  # "hit" | "miss" on every stage run
-INTEGRITY_TAG = "mha2mla.integrity"  # on a registered version whose checkpoint was found corrupt
-CHECKPOINT_TAGS = ("mha2mla.checkpoint_uri", "mha2mla.checkpoint_sha256")  # a version's checkpoint in the store
 _REKEY_LIMIT = 8  # stale records skipped per key before the stage gives up caching
 _CORE = "mha2mla_core"
 
@@ -354,28 +352,6 @@ def record_problem(key: str, store: ArtifactStore) -> str | None:
         for version in mark_registered(ref.uri, f"corrupt: {ref.uri} no longer hashes to {ref.sha256}"):
             logger.warning("registered model %s points at the corrupt %s; tagged %s", version, ref.uri, INTEGRITY_TAG)
     return f"has missing or changed artifacts ({', '.join(ref.uri for ref in broken)})"
-
-
-def registered_source(version) -> tuple[str, str]:
-    """(artifact URI, sha256) of the checkpoint a registered MLflow model version stands for: its checkpoint
-    tags, or for a version registered straight from the store, its source and `sha256` tag."""
-    uri_tag, sha_tag = CHECKPOINT_TAGS
-    return version.tags.get(uri_tag, version.source), version.tags.get(sha_tag, version.tags.get("sha256", ""))
-
-
-def mark_registered(uri: str, note: str) -> list[str]:
-    """Tag every registered model version whose checkpoint is `uri` with `mha2mla.integrity=note`; "name/version"s."""
-    from mlflow import MlflowClient
-
-    client, marked = MlflowClient(), []
-    quoted = uri.replace("'", "")  # a store URI holds no quote (safe_key); never let one end the filter
-    found = {(v.name, v.version): v for filter_string in (f"source_path = '{quoted}'", f"tags.`{CHECKPOINT_TAGS[0]}` = '{quoted}'")
-             for v in client.search_model_versions(filter_string)}  # fmt: skip
-    for (name, number), version in sorted(found.items()):
-        if registered_source(version)[0] == uri:
-            client.set_model_version_tag(name, number, INTEGRITY_TAG, note)
-            marked.append(f"{name}/{number}")
-    return marked
 
 
 def _intact(ref: ArtifactRef, store: ArtifactStore) -> bool:
