@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.tracking import log_metrics, stage_run
-from mha2mla_core.finetune import finetune as train
+from mha2mla_core.training.loop import finetune as train
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
@@ -150,7 +150,7 @@ def reconstruct(
         return finish_stage(RECON_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
 
 
-@stage_task(STAGE, code=("mha2mla_core.finetune", "mha2mla_core.training.losses", "mha2mla_core.hub_code"))
+@stage_task(STAGE, code=("mha2mla_core.training.loop", "mha2mla_core.training.losses", "mha2mla_core.hub_code"))
 def finetune(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: FinetuneParams, run: RunLink
 ) -> StageResult:

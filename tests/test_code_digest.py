@@ -9,7 +9,7 @@ from tasks.common import _code_closure, code_digest
 
 
 def test_closure_follows_core_imports_transitively_and_keys_third_party_libraries():
-    sources, libraries = _code_closure(("tasks.finetune", "mha2mla_core.finetune"))
+    sources, libraries = _code_closure(("tasks.finetune", "mha2mla_core.training.loop"))
     # finetune -> training.synthetic -> decoding -> modeling_mla: a change to any of them is a new key
     assert {"mha2mla_core.training.schedule", "mha2mla_core.training.synthetic", "mha2mla_core.decoding",
             "mha2mla_core.modeling_mla"} <= set(sources)  # fmt: skip
@@ -25,11 +25,11 @@ def test_a_name_taken_from_a_package_keys_its_defining_module_not_the_whole_pack
     sources, _ = _code_closure(("tasks.svd_init", *CORE))  # tasks/svd_init.py: `from mha2mla_core import MLAConfig`
     assert {"mha2mla_core.convert", "mha2mla_core.svd", "mha2mla_core.modeling_mla"} <= set(sources)
     assert "mha2mla_core.decoding" not in sources  # re-exported by mha2mla_core/__init__, not used by conversion
-    assert "mha2mla_core.finetune" not in sources
+    assert "mha2mla_core.training.loop" not in sources
 
 
 def test_digest_changes_with_a_transitively_imported_source_and_a_library_version(monkeypatch, tmp_path):
-    modules = ("tasks.finetune", "mha2mla_core.finetune")
+    modules = ("tasks.finetune", "mha2mla_core.training.loop")
     before = code_digest.__wrapped__(modules)
     schedule = common._module_file("mha2mla_core.training.schedule")
     edited = tmp_path / "schedule.py"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mha2mla_core.finetune import FinetuneConfig, finetune, pack_texts, set_trainable
+from mha2mla_core.training.loop import FinetuneConfig, finetune, pack_texts, set_trainable
 from mha2mla_core.training import losses
 from mha2mla_core.training.checkpoint import list_checkpoints
 from mha2mla_core.training.packing import RowOrder

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mha2mla_core.finetune import FinetuneConfig, finetune
+from mha2mla_core.training.loop import FinetuneConfig, finetune
 
 SEQ, STEPS = 16, 4
 ROOT = Path(__file__).resolve().parents[1]

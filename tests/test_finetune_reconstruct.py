@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mha2mla_core import MLAConfig, convert_to_mla
-from mha2mla_core.finetune import FinetuneConfig, finetune
+from mha2mla_core.training.loop import FinetuneConfig, finetune
 from mha2mla_core.training import ReconstructConfig
 from mha2mla_core.training.reconstruct import reconstruct_attention
 from tests.tiny_models import VOCAB, calib_ids, tiny_model

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mha2mla_core import MLAConfig, convert_to_mla, default_calibration_texts, load_model, sample_calibration
-from mha2mla_core.finetune import FinetuneConfig, finetune, pack_texts
+from mha2mla_core.training.loop import FinetuneConfig, finetune, pack_texts
 
 pytestmark = [
     pytest.mark.real_model,

@@ -64,7 +64,7 @@ def test_terminal_progress_counts_training_steps_and_shows_the_latest_line():
     out = io.StringIO()
     handler = StageProgress(stage_progress(Console(file=out, force_terminal=True, width=160)))
     stage = logging.getLogger("mha2mla.progress")
-    core = logging.getLogger("mha2mla_core.finetune")
+    core = logging.getLogger("mha2mla_core.training.loop")
 
     def record(logger, msg, *args, **extra):
         return logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, args, None, extra=extra)

@@ -1,5 +1,6 @@
-"""Building blocks of the fine-tuning stage (`mha2mla_core.finetune`): configs and results, packing and data
-order, the distillation loss, the WSD schedule, checkpoints, FSDP helpers and block-wise reconstruction."""
+"""Building blocks of the fine-tuning stage (the loop is `mha2mla_core.training.loop`): configs and results,
+packing and data order, the distillation loss, the WSD schedule, checkpoints, FSDP helpers and block-wise
+reconstruction."""
 
 from mha2mla_core.training.config import (
     FinetuneConfig,
