@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from mha2mla_core.kernels.latent_decode import GroupQuant, QuantizedLatentKV, pack_codes
+from mha2mla_core.kernels.quant_codes import GroupQuant, QuantizedLatentKV, pack_codes
 from mha2mla_core.modeling_mla import LatentCache
 
 SCALE_DTYPE = torch.float16  # scales and zeros, whatever the cache dtype: 2 bytes each per channel and group

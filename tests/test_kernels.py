@@ -16,7 +16,7 @@ from mha2mla_core.kernels import (
     latent_decode_attention_reference,
     triton_available,
 )
-from mha2mla_core.kernels.latent_decode import pack_codes, unpack_codes
+from mha2mla_core.kernels.quant_codes import pack_codes, unpack_codes
 
 requires_gpu = pytest.mark.skipif(not triton_available(), reason="needs a CUDA GPU and Triton")
 

@@ -91,7 +91,7 @@ def expected(model, tok) -> tuple[torch.Tensor, list]:
 def test_checkpoint_loads_generates_and_caches_latents_without_the_package(mla, tmp_path):
     model, tok = mla
     written = save(model, tok, tmp_path / "ckpt")
-    assert written == ["kernels.py", "latent_decode.py", "modeling_mla.py", "quant_cache.py", "triton_latent.py"]
+    assert written == ["kernels.py", "latent_decode.py", "modeling_mla.py", "quant_cache.py", "quant_codes.py", "triton_latent.py"]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"] == AUTO_MAP
 
     report, logits = run_isolated(tmp_path / "ckpt", tmp_path)
@@ -119,7 +119,7 @@ def test_bundle_follows_the_modeling_imports_and_leaves_no_absolute_package_impo
     save(*mla, tmp_path)
     modules = source_modules()
     assert {"mha2mla_core.quant_cache", "mha2mla_core.kernels.triton_latent"} <= set(modules)  # lazy imports too
-    for name in ("modeling_mla", "kernels", "latent_decode", "quant_cache", "triton_latent"):
+    for name in ("modeling_mla", "kernels", "latent_decode", "quant_cache", "quant_codes", "triton_latent"):
         tree = ast.parse((tmp_path / f"{name}.py").read_text())
         absolute = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0
                     and (n.module or "").startswith("mha2mla_core")]  # fmt: skip
@@ -128,7 +128,7 @@ def test_bundle_follows_the_modeling_imports_and_leaves_no_absolute_package_impo
     from transformers.dynamic_module_utils import get_relative_import_files
 
     copied = {p.rsplit("/", 1)[-1] for p in get_relative_import_files(str(tmp_path / "modeling_mla.py"))}
-    assert copied == {"kernels.py", "latent_decode.py", "modeling_mla.py", "quant_cache.py", "triton_latent.py"}
+    assert copied == {"kernels.py", "latent_decode.py", "modeling_mla.py", "quant_cache.py", "quant_codes.py", "triton_latent.py"}
 
 
 def test_bundle_needs_a_saved_model(tmp_path):

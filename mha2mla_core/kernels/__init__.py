@@ -1,14 +1,12 @@
 """Decode kernels for absorbed latent attention (Triton on CUDA, plain torch elsewhere)."""
 
 from mha2mla_core.kernels.latent_decode import (
-    GroupQuant,
-    QuantizedLatentKV,
-    dequantize_group,
     latent_decode_attention,
     latent_decode_attention_quantized,
     latent_decode_attention_reference,
     triton_available,
 )
+from mha2mla_core.kernels.quant_codes import GroupQuant, QuantizedLatentKV, dequantize_group
 
 __all__ = [
     "GroupQuant",

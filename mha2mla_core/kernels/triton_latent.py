@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from mha2mla_core.kernels.latent_decode import QuantizedLatentKV
+from mha2mla_core.kernels.quant_codes import QuantizedLatentKV
 
 LOG2E = 1.4426950408889634
 
