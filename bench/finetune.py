@@ -80,10 +80,14 @@ class Variant:
     calib: str = "books"  # or "teacher": the book windows continued by the original (data-free calibration)
     decay_frac: float = 0.2  # share of the steps in the WSD schedule's final decay
     recon_on: str = "calib"  # reconstruction rows: the calibration windows, or "train": the first training rows (the
-    # pipeline's `finetune` stage), the same 65,536 tokens either way
+    # pipeline's `finetune` stage)
+    recon_rows: int = RECON_ROWS  # rows of RECON_SEQ tokens (more than the calibration's 128 need recon_on="train")
+    recon_micro: int = 8  # rows per reconstruction step
+    hidden_weight: float = 0.0  # hidden-state distillation of every layer's residual stream, beside the logits KD
 
 
 ROT = dict(svd="output-aware", rope="rotated", rope_window=512)  # rotated partial RoPE, position-aware slots
+EROT = dict(svd="output-aware", rope="rotated", calib="teacher")  # the default conversion, data-free calibration
 VARIANTS = {
     "kd-aware-kv16-5m": Variant(),
     "kd-aware-kv16-20m": Variant(tokens=20_000_000, eval_every_tokens=2_000_000),
@@ -133,6 +137,13 @@ VARIANTS = {
                                               synthetic_frac=1.0),
     "kd-erot-kv16-tcalib-datafree-20m": Variant(svd="output-aware", rope="rotated", calib="teacher", synthetic_frac=1.0,
                                                 tokens=20_000_000, eval_every_tokens=2_000_000, decay_frac=0.5),
+    # session 6 sweep on real rows (no sampling time): learning rate, hidden-state distillation, longer
+    # reconstruction on more rows, attention-only training
+    **{f"kd-erot-kv16-tcalib-{tag}-5m": Variant(**EROT, **kw) for tag, kw in {
+        "base": {}, "lr15e4": dict(lr=1.5e-3), "lr3e4": dict(lr=3e-4), "hid1": dict(hidden_weight=1.0),
+        "hid5": dict(hidden_weight=5.0), "attn": dict(trainable="attention", lr=1e-3),
+        "recon512x600": dict(recon_on="train", recon_rows=512, recon_steps=600, recon_micro=16),
+    }.items()},
 }
 
 
@@ -328,6 +339,8 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     key += "" if variant.calib == "books" else f"-calib{variant.calib}"
     if variant.recon_on == "train":
         key += f"-recontrain-mix{variant.synthetic_frac:g}-{variant.tokens}"
+    if (variant.recon_rows, variant.recon_micro) != (RECON_ROWS, 8):
+        key += f"-rows{variant.recon_rows}-micro{variant.recon_micro}"
     path = ctx.cache / f"{key}.pt"
     calib = calibration(ctx, variant.calib)
     student = convert(ctx.teacher, variant, calib)
@@ -338,11 +351,15 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     stages = {"converted_ppl": wikitext_ppl(student, ctx.eval_ids), "kv_bytes_per_token": student.kv_bytes_per_token()}
     if variant.recon_steps:
         if variant.recon_on == "train":
-            rows = training_mix(ctx, variant)[: RECON_ROWS * RECON_SEQ // SEQ_LEN].to(calib.device)
+            rows = training_mix(ctx, variant)[: variant.recon_rows * RECON_SEQ // SEQ_LEN].to(calib.device)
+            rows = rows.reshape(-1, RECON_SEQ)
         else:
-            rows = calib[: RECON_ROWS * RECON_SEQ].view(-1, RECON_SEQ)
-        recon = reconstruct_attention(student, ctx.teacher, rows, ReconstructConfig(steps=variant.recon_steps,
-                                                                                      lr=variant.recon_lr))
+            if variant.recon_rows * RECON_SEQ > calib.numel():
+                raise ValueError(f"recon_rows={variant.recon_rows} needs more than the {calib.numel():,} calibration "
+                                 f"tokens; set recon_on='train'")
+            rows = calib.reshape(-1)[: variant.recon_rows * RECON_SEQ].view(-1, RECON_SEQ)
+        recon = reconstruct_attention(student, ctx.teacher, rows, ReconstructConfig(
+            steps=variant.recon_steps, lr=variant.recon_lr, micro_batch_size=variant.recon_micro))
         stages |= {"reconstructed_ppl": wikitext_ppl(student, ctx.eval_ids), "recon_seconds": round(recon.seconds, 1),
                    "recon_rel_mse_before": _mean(recon.rel_mse_before), "recon_rel_mse_after": _mean(recon.rel_mse_after)}
     ctx.cache.mkdir(parents=True, exist_ok=True)
@@ -355,7 +372,8 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     student, stages = initial_student(ctx, variant)
     steps = variant.tokens // (SEQ_LEN * MICRO_BATCH)
     cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
-                         kd_weight=variant.kd_weight, trainable=variant.trainable, decay_frac=variant.decay_frac,
+                         kd_weight=variant.kd_weight, hidden_weight=variant.hidden_weight,
+                         trainable=variant.trainable, decay_frac=variant.decay_frac,
                          compile=True, log_every=25,
                          eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
                          checkpoint_every=max(1, steps // 4), keep_last=1)
@@ -373,14 +391,14 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
               **stages, "finetune_config": asdict(cfg), "device": torch.cuda.get_device_name()}
     try:
         rows = training_mix(ctx, variant)
-        fit = finetune(student, ctx.teacher if variant.kd_weight > 0 else None, rows, cfg,
+        fit = finetune(student, ctx.teacher if cfg.needs_teacher else None, rows, cfg,
                        checkpoint_dir=ctx.cache / "ckpt" / name, callbacks=[on_event],
                        evaluate=lambda m: {"ppl": wikitext_ppl(m, ctx.eval_ids)})
     except _Stop:
         print(f"{name}: stopped at the deadline after a checkpoint; run the same command again to resume", flush=True)
         return {**result, "finished": False, "curve": curve}, student
     flops = train_flops_per_token(student, SEQ_LEN) + (
-        train_flops_per_token(ctx.teacher, SEQ_LEN, False) if variant.kd_weight > 0 else 0)
+        train_flops_per_token(ctx.teacher, SEQ_LEN, False) if cfg.needs_teacher else 0)
     evals = [h for h in fit.history if h["kind"] == "eval"]
     windows = [h["tokens_per_s"] for h in fit.history if h["kind"] == "log"][1:]  # the first one compiles
     tok_s = statistics.median(windows) if windows else fit.tokens_per_s

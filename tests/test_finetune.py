@@ -120,6 +120,29 @@ def test_distillation_pulls_the_student_towards_the_teacher():
     assert kd[-1] < 0.5 * kd[0]
 
 
+def test_hidden_state_distillation_pulls_every_layer_towards_the_teacher():
+    teacher = tiny_llama()
+    data = rows()
+    with torch.no_grad():
+        target = teacher(input_ids=data, output_hidden_states=True).hidden_states[1:]
+
+    def layer_error(model):
+        with torch.no_grad():
+            return losses.hidden_state_loss(model(input_ids=data, output_hidden_states=True).hidden_states[1:], target)
+
+    student = perturbed_copy(teacher, scale=0.2)
+    before = layer_error(student)
+    cfg = small_cfg(max_tokens=30 * 2 * SEQ, lr=3e-3, kd_weight=0.0, hidden_weight=1.0)
+    result = finetune(student, teacher, data, cfg)
+    hidden = [h["hidden_loss"] for h in result.history if h["kind"] == "log"]
+    assert hidden[-1] < 0.5 * hidden[0] and layer_error(student) < 0.5 * before
+    assert all("kd_loss" in h for h in result.history if h["kind"] == "log")  # the teacher ran, for the hidden states
+    with pytest.raises(ValueError, match=r"hidden_weight=1.0\) needs a teacher"):
+        finetune(perturbed_copy(teacher), None, data, cfg)
+    with pytest.raises(ValueError, match=r"hidden_weight=-1 must be >= 0"):
+        small_cfg(hidden_weight=-1)
+
+
 def test_attention_only_trains_only_attention_and_lm_only_skips_the_teacher():
     teacher = tiny_llama()
     student = perturbed_copy(teacher)

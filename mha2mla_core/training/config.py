@@ -44,6 +44,9 @@ class FinetuneConfig:
     # kd_weight = 0 never runs the teacher (it may then be None)
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
+    # hidden-state distillation, added to the loss above: hidden_weight * the mean over decoder layers of the
+    # relative MSE between the student's and the teacher's residual stream after the layer (needs the teacher)
+    hidden_weight: float = 0.0
     # runtime
     bf16: bool = True  # bf16 autocast (+ FSDP bf16 params, fp32 reduce when distributed); False = fp32
     compile: bool = False  # torch.compile the student (and teacher)
@@ -69,10 +72,16 @@ class FinetuneConfig:
             raise ValueError(f"trainable={self.trainable!r}; use one of {_TRAINABLE}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight={self.kd_weight} must be in [0, 1] (0 = LM loss only, 1 = KD only)")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight={self.hidden_weight} must be >= 0 (0 = no hidden-state distillation)")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("grad_clip, weight_decay, eval_every and checkpoint_every must be >= 0")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_weight > 0 or self.hidden_weight > 0
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.seq_len * self.micro_batch_size * self.grad_accum_steps * world_size

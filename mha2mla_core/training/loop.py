@@ -4,7 +4,7 @@
     result = finetune(student, teacher, rows, FinetuneConfig(max_tokens=20_000_000), checkpoint_dir="ckpt")
 
 One optimizer step: for each of `grad_accum_steps` micro-batches of (B, T) rows, the student's logits
-(B, T, V) and, when kd_weight > 0, the teacher's (no grad, eval mode, bf16 autocast) go into
+(B, T, V) and, when kd_weight or hidden_weight > 0, the teacher's (no grad, eval mode, bf16 autocast) go into
 `distill_loss`; then clip the global grad norm, AdamW, and set the WSD learning rate of the next step.
 The caller places both models on the device; with a process group initialised (torchrun / accelerate
 launch) the student is sharded with FSDP and each rank reads its own slice of every global batch, so one
@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from mha2mla_core.training.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEvent
 from mha2mla_core.training.distributed import World, all_reduce_sum, barrier, current_world, shard_model
-from mha2mla_core.training.losses import distill_loss
+from mha2mla_core.training.losses import distill_loss, hidden_state_loss
 from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
 from mha2mla_core.training.params import check_not_shared, set_trainable, trainable_names
 from mha2mla_core.training.schedule import wsd_lr
@@ -98,9 +98,10 @@ def _check_inputs(student: nn.Module, teacher: nn.Module | None, rows: torch.Ten
     vocab = student.get_output_embeddings().weight.shape[0]
     if int(rows.max()) >= vocab or int(rows.min()) < 0:
         raise ValueError(f"rows hold token ids in [{int(rows.min())}, {int(rows.max())}], outside the vocab of {vocab}")
-    if cfg.kd_weight > 0:
+    if cfg.needs_teacher:
         if teacher is None:
-            raise ValueError(f"kd_weight={cfg.kd_weight} needs a teacher; pass the original model or set kd_weight=0")
+            raise ValueError(f"distillation (kd_weight={cfg.kd_weight}, hidden_weight={cfg.hidden_weight}) needs a "
+                             f"teacher; pass the original model or set both to 0")
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         if t_vocab != vocab:
             raise ValueError(f"teacher vocab {t_vocab} != student vocab {vocab}: distillation needs the same tokenizer")
@@ -153,12 +154,12 @@ class _Trainer:
         self.total_steps = cfg.total_steps(world.size)
         self.tokens_per_step = cfg.tokens_per_step(world.size)
         self.order = RowOrder(rows.shape[0], cfg.seed)
-        self.teacher = teacher.eval() if teacher is not None and cfg.kd_weight > 0 else None
+        self.teacher = teacher.eval() if teacher is not None and cfg.needs_teacher else None
         self.forward = torch.compile(model) if cfg.compile else model
         self.teacher_forward = torch.compile(self.teacher) if cfg.compile and self.teacher else self.teacher
         self.optimizer = _make_optimizer(model, cfg, self.device)
         self.step, self.history, self.resumed_from, self.meta = 0, [], None, meta  # meta: saved in checkpoints
-        self.window = torch.zeros(3, dtype=torch.float64, device=self.device)  # summed loss, lm, kd
+        self.window = torch.zeros(4, dtype=torch.float64, device=self.device)  # summed loss, lm, kd, hidden
         self.window_micro_steps, self.train_seconds = 0, 0.0  # train_seconds: this process's, for throughput
 
     def train(self, ckpt_dir: Path | None, callbacks: Sequence[Callback], evaluate: Evaluate | None):
@@ -202,26 +203,34 @@ class _Trainer:
         return grad_norm
 
     def _micro_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Forward + backward of one (B, T) micro-batch; returns (loss, lm_loss, kd_loss) detached."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            logits = self.forward(input_ids=ids, use_cache=False).logits  # (B, T, V)
-            teacher_logits = None
+        """Forward + backward of one (B, T) micro-batch; returns (loss, lm_loss, kd_loss, hidden_loss) detached."""
+        cfg, hidden = self.cfg, self.cfg.hidden_weight > 0
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = self.forward(input_ids=ids, use_cache=False, output_hidden_states=hidden)  # logits (B, T, V)
+            target = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher_forward(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        loss, lm, kd = distill_loss(logits, teacher_logits, ids, self.cfg.kd_weight, self.cfg.kd_temperature)
-        (loss / self.cfg.grad_accum_steps).backward()
-        return torch.stack([loss.detach(), lm, kd]).to(torch.float64)
+                    target = self.teacher_forward(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        loss, lm, kd = distill_loss(out.logits, target.logits if target is not None else None, ids, cfg.kd_weight,
+                                    cfg.kd_temperature)
+        hidden_loss = torch.zeros_like(lm)
+        if hidden:
+            hidden_loss = hidden_state_loss(out.hidden_states[1:], target.hidden_states[1:])
+            loss = loss + cfg.hidden_weight * hidden_loss
+        (loss / cfg.grad_accum_steps).backward()
+        return torch.stack([loss.detach(), lm, kd, hidden_loss.detach()]).to(torch.float64)
 
     def _log_metrics(self, grad_norm, seconds: float) -> dict[str, float]:
         window = all_reduce_sum(self.window.clone(), self.world) / (self.window_micro_steps * self.world.size)
         tokens = self.window_micro_steps * self.cfg.micro_batch_size * self.cfg.seq_len * self.world.size
         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss, lm, kd = window.tolist()
+        loss, lm, kd, hidden = window.tolist()
         metrics = {"loss": loss, "lm_loss": lm, "lr": wsd_lr(self.step - 1, self.total_steps, self.cfg),
                    "grad_norm": float(norm), "tokens_per_s": tokens / max(seconds, 1e-9)}
         if self.teacher is not None:
             metrics["kd_loss"] = kd
+        if self.cfg.hidden_weight > 0:
+            metrics["hidden_loss"] = hidden
         self.window.zero_()
         self.window_micro_steps = 0
         return metrics

@@ -87,3 +87,14 @@ def _chunk_loss_and_grad(s, t, y, kd_weight: float, temperature: float, scales):
         g_lm[valid, y[valid]] -= 1.0  # softmax - onehot
         grad.add_(g_lm.mul_(valid[:, None] * scales[0]))
     return lm, kd, grad
+
+
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2: each decoder layer's residual stream (B, T, E) against the
+    teacher's, so every layer gets its own signal besides the logits'. Pass `hidden_states[1:]` of both models
+    (index 0 is the embeddings, which the conversion does not change)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"student has {len(student)} hidden states, teacher {len(teacher)}: they must pair up")
+    terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+             for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
