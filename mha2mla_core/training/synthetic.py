@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mha2mla_core.decoding import generate_static
+from mha2mla_core.modeling.decoding import generate_static
 
 
 @torch.no_grad()
@@ -55,6 +55,18 @@ def mix_in_continuations(
         raise ValueError(f"synthetic fraction={fraction} must be in [0, 1]: the share of sampled rows in the mix")
     if fraction == 0.0:
         return rows
+    real, prompts = plan_continuations(rows, fraction, num_rows, prompt_tokens, seed)
+    sampled = sample_batches(model, prompts, rows.shape[1], batch_size, seed)
+    return torch.cat([real, *sampled.values()])  # (n_real + n_synthetic, T)
+
+
+def plan_continuations(
+    rows: torch.Tensor, fraction: float, num_rows: int, prompt_tokens: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `mix_in_continuations` keeps and samples from: the real rows (n_real, T) and the prompts
+    (n_synthetic, prompt_tokens)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"synthetic fraction={fraction} must be in (0, 1] to sample any row")
     n, seq_len = rows.shape
     n_synthetic = num_sampled_rows(fraction, num_rows)
     if not 1 <= prompt_tokens < seq_len:
@@ -65,8 +77,16 @@ def mix_in_continuations(
     source = order[torch.arange(n_synthetic) % n]  # (n_synthetic,) row each prompt is taken from
     starts = torch.randint(0, seq_len - prompt_tokens + 1, (n_synthetic, 1), generator=g)  # (n_synthetic, 1)
     prompts = rows[source[:, None], starts + torch.arange(prompt_tokens)]  # (n_synthetic, prompt_tokens)
-    sampled = [
-        sample_continuations(model, prompts[i : i + batch_size], seq_len, seed=seed + i)
-        for i in range(0, n_synthetic, batch_size)
-    ]
-    return torch.cat([real, *sampled])  # (n_real + n_synthetic, T)
+    return real, prompts
+
+
+def sample_batches(
+    model: nn.Module, prompts: torch.Tensor, seq_len: int, batch_size: int = 64, seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[int, torch.Tensor]:
+    """{first prompt index i: rows (b, seq_len)} for the batches of `batch_size` prompts (n, P) that shard
+    (rank, world) samples: every world-th batch from the rank-th, each under seed + i, so that the shards of
+    `world` processes together hold what one process samples."""
+    rank, world = shard
+    starts = range(rank * batch_size, prompts.shape[0], world * batch_size)
+    return {i: sample_continuations(model, prompts[i : i + batch_size], seq_len, seed=seed + i) for i in starts}
