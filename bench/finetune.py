@@ -41,7 +41,7 @@ from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibrati
 from mha2mla_core.calibration import CalibrationSample, continue_with_model
 from mha2mla_core.evaluation.perplexity import perplexity_of_ids
 from mha2mla_core.training.loop import FinetuneConfig, finetune
-from mha2mla_core.modeling_mla import GroupedLinear
+from mha2mla_core.modeling.modeling_mla import GroupedLinear
 from mha2mla_core.training import ReconstructConfig, TrainEvent
 from mha2mla_core.training.reconstruct import reconstruct_attention
 from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows

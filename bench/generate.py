@@ -5,7 +5,7 @@
 Both models have SmolLM2-135M's shape with random weights (decode speed does not depend on them; max positions raised
 to 32k for the 16k point) in bf16; the MLA model is the default conversion (2-norm, r=8, kv_rank 16 per KV head,
 aware SVD, shared latent: 81.25% less cache). For each context P and batch B:
-- `graph`: `mha2mla_core.decoding` — a static cache (transformers' StaticCache for the original, StaticLatentCache for
+- `graph`: `mha2mla_core.modeling.decoding` — a static cache (transformers' StaticCache for the original, StaticLatentCache for
   MLA) and one CUDA graph per decode step, replayed; the MLA step runs the fused Triton latent kernel. The original
   runs twice: `original` reads each K/V head once (`grouped_decode_attention`), `original-repeat_kv` through
   transformers' sdpa, which copies K/V out to every query head first (what transformers does with a mask). The
@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.shapes import SMOLLM2_135M
 from mha2mla_core import MLAConfig, convert_to_mla
-from mha2mla_core.decoding import DecodeState, StaticDecoder, prefill
+from mha2mla_core.modeling.decoding import DecodeState, StaticDecoder, prefill
 
 CONTEXTS = (4096, 16384)
 BATCHES = (1, 16, 64)

@@ -33,7 +33,7 @@ from infra.tracking import (
 )  # fmt: skip
 from mha2mla_core import MLAConfig
 from mha2mla_core.convert import check_convertible
-from mha2mla_core.quant_cache import KVCacheQuantConfig
+from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
 from tasks.common import (
     RunLink,
     StageResult,

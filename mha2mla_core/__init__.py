@@ -3,10 +3,10 @@
 from mha2mla_core.calibration import CalibrationSample, default_calibration_texts, sample_calibration
 from mha2mla_core.config import MLAConfig
 from mha2mla_core.convert import ConversionReport, convert_to_mla, convert_to_mla_with_report, score_rope
-from mha2mla_core.decoding import generate_static
+from mha2mla_core.modeling.decoding import generate_static
 from mha2mla_core.loading import load_model
-from mha2mla_core.modeling_mla import LatentCache, MLAAttention, MLAForCausalLM, MLALlamaConfig, StaticLatentCache
-from mha2mla_core.quant_cache import KVCacheQuantConfig, QuantizedLatentCache
+from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig, LatentCache, QuantizedLatentCache, StaticLatentCache
+from mha2mla_core.modeling.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
 
 __version__ = "0.1.0"
 

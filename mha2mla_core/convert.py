@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mha2mla_core.arch import ArchSpec, arch_spec
 from mha2mla_core.config import MLAConfig
-from mha2mla_core.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
+from mha2mla_core.modeling.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
 from mha2mla_core.rope import (
     RotatedRope, rope_and_nope_dims, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs,
 )  # fmt: skip

@@ -48,7 +48,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedToke
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from mha2mla_core.modeling_mla import MLAForCausalLM, MLALlamaConfig
+from mha2mla_core.modeling.modeling_mla import MLAForCausalLM, MLALlamaConfig
 
 logger = logging.getLogger(__name__)
 

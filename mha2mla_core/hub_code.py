@@ -6,13 +6,14 @@ architecture ship theirs.
     AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)   # torch + transformers only
 
 The files are copied from this package when the checkpoint is saved, so a checkpoint carries the code of the version
-that wrote it, and `bundle_code` follows edits of the modeling code by itself: it starts from `modeling_mla` and takes
-every `mha2mla_core` module reachable through imports (lazy imports inside functions too).
+that wrote it, and `bundle_code` follows edits of the modeling code by itself: it starts from
+`mha2mla_core.modeling.modeling_mla` and takes every `mha2mla_core` module reachable through imports (lazy imports
+inside functions too).
 
 transformers loads remote code from one flat folder: it copies the module that `auto_map` names and, recursively,
 the files named by `from .x import` lines. So the modules are flattened (`mha2mla_core.kernels.latent_decode` ->
-`latent_decode.py`, the package `mha2mla_core.kernels` -> `kernels.py`) and each absolute `from mha2mla_core...`
-import becomes a relative one. A lazy `from package import submodule` becomes `from . import submodule`, which
+`latent_decode.py`, `mha2mla_core.modeling.latent_cache` -> `latent_cache.py`, the package `mha2mla_core.kernels` ->
+`kernels.py`) and each absolute `from mha2mla_core...` import becomes a relative one. A lazy `from package import submodule` becomes `from . import submodule`, which
 transformers' pattern does not see; the file that holds one gets a `typing.TYPE_CHECKING` block naming that module
 with `from .submodule import ...`, so that its file (the Triton kernels, for one) is copied too.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = "mha2mla_core"
-ROOT_MODULE = f"{PACKAGE}.modeling_mla"
+ROOT_MODULE = f"{PACKAGE}.modeling.modeling_mla"
 AUTO_MAP = {"AutoConfig": "modeling_mla.MLALlamaConfig", "AutoModelForCausalLM": "modeling_mla.MLAForCausalLM"}
 _PACKAGE_DIR = Path(__file__).resolve().parent
 

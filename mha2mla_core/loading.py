@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mha2mla_core.modeling_mla import MLA_MODEL_TYPE
+from mha2mla_core.modeling.modeling_mla import MLA_MODEL_TYPE
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_
 
 STAGE = "evaluate"
 CODE = tuple(f"mha2mla_core.evaluation.{m}" for m in ("suite", "perplexity", "multiple_choice", "needle",
-             "inference", "report", "plots")) + ("mha2mla_core.modeling_mla",)  # fmt: skip
+             "inference", "report", "plots")) + ("mha2mla_core.modeling.modeling_mla",)  # fmt: skip
 KNOWN_TASKS = ", ".join(TASK_FILES)
 
 

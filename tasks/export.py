@@ -42,7 +42,7 @@ def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> 
     check_engine_layout(config, params.target)
 
 
-@stage_task(STAGE, code=("mha2mla_core.export", "mha2mla_core.modeling_mla"))
+@stage_task(STAGE, code=("mha2mla_core.export", "mha2mla_core.modeling.modeling_mla"))
 def export(
     checkpoint: StageResult, model: ModelSource, calibration: StageResult, quality: dict, params: ExportParams, run: RunLink
 ) -> StageResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from infra.tracking import stage_run
-from mha2mla_core.quant_cache import KVCacheQuantConfig
+from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
 from tasks.common import RunLink, StageResult, artifact_key, finish_stage, stage_task
 from tasks.inputs import load_checkpoint, save_checkpoint
 
@@ -11,7 +11,7 @@ STAGE = "quantize-kv"
 PROBE_TOKENS = 1024  # context at which the cache's bytes/token are measured (beyond the residual window)
 
 
-@stage_task(STAGE, code=("mha2mla_core.quant_cache", "mha2mla_core.modeling_mla", "mha2mla_core.hub_code"))
+@stage_task(STAGE, code=("mha2mla_core.modeling.latent_cache", "mha2mla_core.modeling.modeling_mla", "mha2mla_core.hub_code"))
 def quantize_kv(checkpoint: StageResult, slug: str, config: KVCacheQuantConfig, run: RunLink) -> StageResult:
     """The same weights, saved with `kv_cache_quant` so every load builds a QuantizedLatentCache."""
     with stage_run(run.run_name(STAGE), config.to_dict(), parent_run_id=run.parent_run_id):

@@ -11,7 +11,7 @@ from tasks.plots import svd_spectrum
 
 STAGE = "svd-init"
 CORE = ("mha2mla_core.convert", "mha2mla_core.rope", "mha2mla_core.svd", "mha2mla_core.arch",
-        "mha2mla_core.config", "mha2mla_core.modeling_mla", "mha2mla_core.hub_code")  # fmt: skip
+        "mha2mla_core.config", "mha2mla_core.modeling.modeling_mla", "mha2mla_core.hub_code")  # fmt: skip
 
 
 @stage_task(STAGE, code=CORE)

@@ -11,8 +11,8 @@ from tasks.common import _code_closure, code_digest
 def test_closure_follows_core_imports_transitively_and_keys_third_party_libraries():
     sources, libraries = _code_closure(("tasks.finetune", "mha2mla_core.training.loop"))
     # finetune -> training.synthetic -> decoding -> modeling_mla: a change to any of them is a new key
-    assert {"mha2mla_core.training.schedule", "mha2mla_core.training.synthetic", "mha2mla_core.decoding",
-            "mha2mla_core.modeling_mla"} <= set(sources)  # fmt: skip
+    assert {"mha2mla_core.training.schedule", "mha2mla_core.training.synthetic", "mha2mla_core.modeling.decoding",
+            "mha2mla_core.modeling.modeling_mla"} <= set(sources)  # fmt: skip
     assert {"torch", "transformers"} <= libraries and not libraries & set(sys.stdlib_module_names)
     assert "prefect" not in libraries  # only what the core imports is keyed, not the orchestration around it
     _, eval_libraries = _code_closure(("tasks.evaluate", "mha2mla_core.evaluation.suite"))
@@ -23,8 +23,8 @@ def test_a_name_taken_from_a_package_keys_its_defining_module_not_the_whole_pack
     from tasks.svd_init import CORE
 
     sources, _ = _code_closure(("tasks.svd_init", *CORE))  # tasks/svd_init.py: `from mha2mla_core import MLAConfig`
-    assert {"mha2mla_core.convert", "mha2mla_core.svd", "mha2mla_core.modeling_mla"} <= set(sources)
-    assert "mha2mla_core.decoding" not in sources  # re-exported by mha2mla_core/__init__, not used by conversion
+    assert {"mha2mla_core.convert", "mha2mla_core.svd", "mha2mla_core.modeling.modeling_mla"} <= set(sources)
+    assert "mha2mla_core.modeling.decoding" not in sources  # re-exported by mha2mla_core/__init__, not used by conversion
     assert "mha2mla_core.training.loop" not in sources
 
 

@@ -9,7 +9,7 @@ from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mha2mla_core.decoding import (
+from mha2mla_core.modeling.decoding import (
     GROUPED_DECODE,
     GROUPED_MIN_PAIRS,
     StaticDecoder,
@@ -20,7 +20,7 @@ from mha2mla_core.decoding import (
     prefill,
 )
 from mha2mla_core.kernels import latent_decode_attention_reference
-from mha2mla_core.modeling_mla import StaticLatentCache
+from mha2mla_core.modeling.latent_cache import StaticLatentCache
 from tests.tiny_models import calib_ids, tiny_model
 
 GREEDY = dict(do_sample=False, pad_token_id=0)

@@ -14,7 +14,7 @@ from mha2mla_core.kernels import (
     latent_decode_attention_reference,
     triton_available,
 )
-from mha2mla_core.quant_cache import KVCacheQuantConfig, QuantizedLatentCache, QuantizedLatentLayer, quantize_groups
+from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig, QuantizedLatentCache, QuantizedLatentLayer, quantize_groups
 from tests.tiny_models import calib_ids, tiny_model
 
 B, H, Hkv, Hc, Rc, Dr = 2, 9, 3, 1, 48, 8  # SmolLM2-135M heads with a shared latent of 16 per KV head

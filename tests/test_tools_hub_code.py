@@ -16,7 +16,7 @@ import torch
 from eval_tiny import tiny_lm, tiny_tokenizer
 from mha2mla_core import MLAConfig, convert_to_mla
 from mha2mla_core.hub_code import AUTO_MAP, bundle_code, source_modules
-from mha2mla_core.quant_cache import KVCacheQuantConfig
+from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
 from tiny_models import calib_ids
 
 PROMPTS = ["the river ran past the old mill", "she wrote a long letter"]
@@ -91,7 +91,7 @@ def expected(model, tok) -> tuple[torch.Tensor, list]:
 def test_checkpoint_loads_generates_and_caches_latents_without_the_package(mla, tmp_path):
     model, tok = mla
     written = save(model, tok, tmp_path / "ckpt")
-    assert written == ["kernels.py", "latent_decode.py", "modeling_mla.py", "quant_cache.py", "quant_codes.py", "triton_latent.py"]
+    assert written == ["kernels.py", "latent_cache.py", "latent_decode.py", "modeling_mla.py", "quant_codes.py", "triton_latent.py"]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"] == AUTO_MAP
 
     report, logits = run_isolated(tmp_path / "ckpt", tmp_path)
@@ -110,7 +110,7 @@ def test_quantized_cache_checkpoint_uses_the_bundled_quantized_cache(mla, tmp_pa
     save(model, tok, tmp_path / "ckpt")
     report, _ = run_isolated(tmp_path / "ckpt", tmp_path)
     assert report["cache_class"] == "QuantizedLatentCache" and "LatentCache" in report["cache_bases"]
-    assert "quant_cache" in report["loaded"] and not report["package_imported"]
+    assert "latent_cache" in report["loaded"] and not report["package_imported"]
     assert report["kv_bytes_per_token"] == model.kv_bytes_per_token()
     assert report["tokens"] == expected(model, tok)[1]
 
@@ -118,8 +118,8 @@ def test_quantized_cache_checkpoint_uses_the_bundled_quantized_cache(mla, tmp_pa
 def test_bundle_follows_the_modeling_imports_and_leaves_no_absolute_package_import(mla, tmp_path):
     save(*mla, tmp_path)
     modules = source_modules()
-    assert {"mha2mla_core.quant_cache", "mha2mla_core.kernels.triton_latent"} <= set(modules)  # lazy imports too
-    for name in ("modeling_mla", "kernels", "latent_decode", "quant_cache", "quant_codes", "triton_latent"):
+    assert {"mha2mla_core.modeling.latent_cache", "mha2mla_core.kernels.triton_latent"} <= set(modules)  # lazy imports too
+    for name in ("modeling_mla", "kernels", "latent_cache", "latent_decode", "quant_codes", "triton_latent"):
         tree = ast.parse((tmp_path / f"{name}.py").read_text())
         absolute = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0
                     and (n.module or "").startswith("mha2mla_core")]  # fmt: skip
@@ -128,7 +128,8 @@ def test_bundle_follows_the_modeling_imports_and_leaves_no_absolute_package_impo
     from transformers.dynamic_module_utils import get_relative_import_files
 
     copied = {p.rsplit("/", 1)[-1] for p in get_relative_import_files(str(tmp_path / "modeling_mla.py"))}
-    assert copied == {"kernels.py", "latent_decode.py", "modeling_mla.py", "quant_cache.py", "quant_codes.py", "triton_latent.py"}
+    # (modeling_mla.py itself is the file auto_map names: nothing imports it back since the cache has its own module)
+    assert copied == {"kernels.py", "latent_cache.py", "latent_decode.py", "quant_codes.py", "triton_latent.py"}
 
 
 def test_bundle_needs_a_saved_model(tmp_path):

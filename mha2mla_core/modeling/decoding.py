@@ -34,7 +34,8 @@ from transformers import AttentionInterface, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mha2mla_core.modeling_mla import MLAForCausalLM, StaticLatentCache
+from mha2mla_core.modeling.latent_cache import StaticLatentCache
+from mha2mla_core.modeling.modeling_mla import MLAForCausalLM
 
 GROUPED_DECODE = "mha2mla_grouped_decode"
 GROUPED_MIN_PAIRS = 48  # rows x K/V heads from which grouped decoding is the faster (measured at 3, 48 and 192)

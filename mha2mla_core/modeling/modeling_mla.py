@@ -20,12 +20,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
-from transformers.cache_utils import Cache, StaticLayer
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from mha2mla_core.kernels import QuantizedLatentKV, latent_decode_attention, latent_decode_attention_quantized
+from mha2mla_core.modeling.latent_cache import LatentCache, QuantizedLatentCache, StaticLatentCache
 
 MLA_MODEL_TYPE = "mla_llama"
 
@@ -320,55 +321,6 @@ def left_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
     return allowed.to(torch.int32).argmax(dim=-1).to(torch.int32)
 
 
-class LatentCache(DynamicCache):
-    """A DynamicCache whose per-layer "keys" are the latent c_kv (B, Hc, T, Rc) and "values" the RoPE'd
-    kept key dims k_pe (B, Hp, T, Dr): nothing else is cached."""
-
-    def latents(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx]
-        return layer.keys, layer.values
-
-    def kv_bytes_per_token(self) -> float:
-        """Bytes per cached token per sequence, measured from the cache's own tensors (all layers)."""
-        layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
-        if not layers:
-            raise ValueError("the cache is empty: run a forward pass with use_cache=True first")
-        total = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
-        batch, tokens = layers[0].keys.shape[0], layers[0].get_seq_length()
-        return total / (batch * tokens)
-
-
-class StaticLatentLayer(StaticLayer):
-    """A StaticLayer whose keys (the latent c_kv, Hc groups) and values (k_pe, Hp keys) differ in head count."""
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size = key_states.shape[0]
-        self.keys = key_states.new_zeros(key_states.shape[:2] + (self.max_cache_len, key_states.shape[3]))
-        self.values = value_states.new_zeros(value_states.shape[:2] + (self.max_cache_len, value_states.shape[3]))
-        self.cumulative_length = self.cumulative_length.to(self.device)
-        if not torch.compiler.is_compiling():
-            for t in (self.keys, self.values, self.cumulative_length):
-                torch._dynamo.mark_static_address(t)
-        self.is_initialized = True
-
-
-class StaticLatentCache(LatentCache):
-    """The latent cache preallocated for `max_cache_len` tokens and written in place, so that the tensors a decode
-    step reads and writes keep their addresses (CUDA graphs). Same contents and byte count per token as LatentCache;
-    what is allocated beyond the written tokens is not counted."""
-
-    def __init__(self, num_layers: int, max_cache_len: int):
-        Cache.__init__(self, layers=[StaticLatentLayer(max_cache_len) for _ in range(num_layers)])
-
-    def kv_bytes_per_token(self) -> float:
-        layer = self.layers[0]
-        if not layer.is_initialized or int(layer.cumulative_length) == 0:
-            raise ValueError("the cache is empty: run a forward pass with use_cache=True first")
-        slots = sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
-        return slots / (layer.batch_size * layer.max_cache_len)
-
-
 class MLAForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with every layer's attention replaced by MLAAttention and a LatentCache."""
 
@@ -382,8 +334,6 @@ class MLAForCausalLM(LlamaForCausalLM):
 
     def make_cache(self) -> Cache:
         if self.config.kv_cache_quant:
-            from mha2mla_core.quant_cache import QuantizedLatentCache  # imports LatentCache from this module
-
             return QuantizedLatentCache.from_model_config(self.config)
         return LatentCache()
 
@@ -406,7 +356,7 @@ class MLAForCausalLM(LlamaForCausalLM):
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         """generate() never torch.compiles this model on its own: the decode step calls a Triton kernel, and
-        `mha2mla_core.decoding.generate_static` replays it from a CUDA graph instead (tested, measured)."""
+        `mha2mla_core.modeling.decoding.generate_static` replays it from a CUDA graph instead (tested, measured)."""
         return False
 
     @torch.no_grad()

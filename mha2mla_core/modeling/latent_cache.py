@@ -1,11 +1,18 @@
-"""Group-wise int4/int2 quantization of the latent KV cache; the most recent tokens stay in full precision.
+"""The latent KV caches of the MLA model: what a converted attention layer caches, and nothing else.
 
-Legend: B batch, T cached tokens, Hc latent groups, Rc latent dims per group, Hkv RoPE-key groups, Dr kept RoPE dims,
-G = group_size tokens, R = residual_length tokens, Tq quantized tokens.
+Legend: B batch, T cached tokens, Hc latent groups, Rc latent dims per group, Hkv RoPE-key groups (Hp: one per KV
+head, or one RoPE key shared by all heads), Dr kept RoPE dims, G = group_size tokens, R = residual_length tokens,
+Tq quantized tokens.
 
-Both cached tensors, c_kv (B, Hc, T, Rc) and k_pe (B, Hkv, T, Dr), are quantized per channel over groups of G
-consecutive tokens (KIVI's key layout): the channels of an SVD latent differ in scale by orders of magnitude (they
-follow the singular values), the tokens of one channel do not. A token is quantized once, when it leaves the residual
+Every cache keeps, per layer, the latent c_kv (B, Hc, T, Rc) as HF's "keys" and the RoPE'd kept key dims k_pe
+(B, Hp, T, Dr) as its "values":
+- `LatentCache`: grows with each step (transformers' DynamicCache);
+- `StaticLatentCache`: preallocated for `max_cache_len` tokens and written in place (CUDA graphs);
+- `QuantizedLatentCache`: old tokens as int4/int2 codes, the most recent in full precision.
+
+Quantization: both cached tensors, c_kv (B, Hc, T, Rc) and k_pe (B, Hkv, T, Dr), are quantized per channel over
+groups of G consecutive tokens (KIVI's key layout): the channels of an SVD latent differ in scale by orders of
+magnitude (they follow the singular values), the tokens of one channel do not. A token is quantized once, when it leaves the residual
 window, and never again: at least R most recent tokens stay in full precision and flushes move G tokens at a time
 (transformers' `QuantizedLayer` instead re-quantizes the whole cache each time its residual fills, which compounds the
 error and costs O(T) per flush). The codes use `GroupQuant`'s layout, which the int4 decode kernel reads directly.
@@ -25,13 +32,62 @@ import functools
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from mha2mla_core.kernels.quant_codes import GroupQuant, QuantizedLatentKV, pack_codes
-from mha2mla_core.modeling_mla import LatentCache
 
-SCALE_DTYPE = torch.float16  # scales and zeros, whatever the cache dtype: 2 bytes each per channel and group
+SCALE_DTYPE = torch.float16  # quantized scales and zeros, whatever the cache dtype: 2 bytes per channel and group
 BACKENDS = ("quanto", "hqq")
+
+
+class LatentCache(DynamicCache):
+    """A DynamicCache whose per-layer "keys" are the latent c_kv (B, Hc, T, Rc) and "values" the RoPE'd
+    kept key dims k_pe (B, Hp, T, Dr): nothing else is cached."""
+
+    def latents(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values
+
+    def kv_bytes_per_token(self) -> float:
+        """Bytes per cached token per sequence, measured from the cache's own tensors (all layers)."""
+        layers = [layer for layer in self.layers if layer.get_seq_length() > 0]
+        if not layers:
+            raise ValueError("the cache is empty: run a forward pass with use_cache=True first")
+        total = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+        batch, tokens = layers[0].keys.shape[0], layers[0].get_seq_length()
+        return total / (batch * tokens)
+
+
+class StaticLatentLayer(StaticLayer):
+    """A StaticLayer whose keys (the latent c_kv, Hc groups) and values (k_pe, Hp keys) differ in head count."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        self.keys = key_states.new_zeros(key_states.shape[:2] + (self.max_cache_len, key_states.shape[3]))
+        self.values = value_states.new_zeros(value_states.shape[:2] + (self.max_cache_len, value_states.shape[3]))
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for t in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+
+class StaticLatentCache(LatentCache):
+    """The latent cache preallocated for `max_cache_len` tokens and written in place, so that the tensors a decode
+    step reads and writes keep their addresses (CUDA graphs). Same contents and byte count per token as LatentCache;
+    what is allocated beyond the written tokens is not counted."""
+
+    def __init__(self, num_layers: int, max_cache_len: int):
+        Cache.__init__(self, layers=[StaticLatentLayer(max_cache_len) for _ in range(num_layers)])
+
+    def kv_bytes_per_token(self) -> float:
+        layer = self.layers[0]
+        if not layer.is_initialized or int(layer.cumulative_length) == 0:
+            raise ValueError("the cache is empty: run a forward pass with use_cache=True first")
+        slots = sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+        return slots / (layer.batch_size * layer.max_cache_len)
 
 
 @dataclass(frozen=True)
