@@ -10,6 +10,13 @@ Every cache keeps, per layer, the latent c_kv (B, Hc, T, Rc) as HF's "keys" and 
 - `StaticLatentCache`: preallocated for `max_cache_len` tokens and written in place (CUDA graphs);
 - `QuantizedLatentCache`: old tokens as int4/int2 codes, the most recent in full precision.
 
+The attention talks to every cache through two calls, as HF attention talks to its caches through `update`:
+`update(c_kv, k_pe, layer_idx)` stores a step's latents and returns the layer's whole cache in full precision, and
+`decode(c_kv, k_pe, layer_idx, query)` runs one absorbed decode step (S == 1) in the cache's fused kernel (Triton on
+CUDA) where it has one for that step: the dynamic cache on CUDA without a mask, the static cache always (the mask gives
+the left padding, the layer's length the written slots), the quantized cache without a mask (int4 codes are read as
+stored). Where it has none, `decode` stores nothing and returns None, and the attention uses `update`.
+
 Quantization: both cached tensors, c_kv (B, Hc, T, Rc) and k_pe (B, Hkv, T, Dr), are quantized per channel over
 groups of G consecutive tokens (KIVI's key layout): the channels of an SVD latent differ in scale by orders of
 magnitude (they follow the singular values), the tokens of one channel do not. A token is quantized once, when it leaves the residual
@@ -35,15 +42,43 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from mha2mla_core.kernels import latent_decode_attention, latent_decode_attention_quantized
 from mha2mla_core.kernels.quant_codes import GroupQuant, QuantizedLatentKV, pack_codes
 
 SCALE_DTYPE = torch.float16  # quantized scales and zeros, whatever the cache dtype: 2 bytes per channel and group
 BACKENDS = ("quanto", "hqq")
 
 
+@dataclass(frozen=True)
+class LatentQuery:
+    """One absorbed decode step's query, as the decode kernels take it (H query heads, S == 1)."""
+
+    q_lat: torch.Tensor  # (B, H, Rc): q_nope @ W_uk, in latent space
+    q_pe: torch.Tensor  # (B, H, Dr): the RoPE'd query dims
+    scale: float  # the score scale
+    attention_mask: torch.Tensor | None  # HF's (B, 1, 1, T) mask of the step, or None
+
+
+def left_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) int32 index of each row's first attended key, from a decode step's (B, 1, 1, T) bool or additive mask;
+    None without a mask. Computed on the device: no host sync."""
+    if mask is None:
+        return None
+    allowed = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] == 0  # (B, T)
+    return allowed.to(torch.int32).argmax(dim=-1).to(torch.int32)
+
+
 class LatentCache(DynamicCache):
     """A DynamicCache whose per-layer "keys" are the latent c_kv (B, Hc, T, Rc) and "values" the RoPE'd
     kept key dims k_pe (B, Hp, T, Dr): nothing else is cached."""
+
+    def decode(self, c_kv: torch.Tensor, k_pe: torch.Tensor, layer_idx: int, query: LatentQuery) -> torch.Tensor | None:
+        """Store a decode step's latents (B, Hc, 1, Rc) / (B, Hp, 1, Dr) and attend over the layer: o_lat (B, H, Rc).
+        The fused Triton kernel on CUDA without a mask; otherwise None, and nothing is stored."""
+        if not (query.q_lat.is_cuda and query.attention_mask is None):
+            return None
+        c_kv, k_pe = self.update(c_kv, k_pe, layer_idx)  # (B, Hc, T, Rc), (B, Hp, T, Dr)
+        return latent_decode_attention(query.q_lat, query.q_pe, c_kv, k_pe, query.scale)
 
     def latents(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
@@ -81,6 +116,13 @@ class StaticLatentCache(LatentCache):
 
     def __init__(self, num_layers: int, max_cache_len: int):
         Cache.__init__(self, layers=[StaticLatentLayer(max_cache_len) for _ in range(num_layers)])
+
+    def decode(self, c_kv: torch.Tensor, k_pe: torch.Tensor, layer_idx: int, query: LatentQuery) -> torch.Tensor:
+        """Every decode step runs in the decode kernel: the slots not yet written are cut by the layer's length
+        (kv_end, a device tensor, so that a CUDA graph replays the step at every length), left padding by the mask."""
+        c_kv, k_pe = self.update(c_kv, k_pe, layer_idx)  # (B, Hc, max_cache_len, Rc), (B, Hp, max_cache_len, Dr)
+        kv_start, kv_end = left_padding(query.attention_mask), self.layers[layer_idx].cumulative_length
+        return latent_decode_attention(query.q_lat, query.q_pe, c_kv, k_pe, query.scale, kv_start, kv_end)
 
     def kv_bytes_per_token(self) -> float:
         layer = self.layers[0]
@@ -247,9 +289,8 @@ class QuantizedLatentLayer(DynamicLayer):
 class QuantizedLatentCache(LatentCache):
     """`LatentCache` whose layers keep old tokens as int4/int2 codes and the last residual_length in full precision.
 
-    `update` returns dequantized latents (any attention path works); the fused decode path calls `append` and then
-    `latent_decode_attention_quantized(q_lat, q_pe, cache.quantized_state(layer_idx), scale)`, which never
-    materialises the dequantized cache.
+    `update` returns dequantized latents (any attention path works); `decode` appends and then runs
+    `latent_decode_attention_quantized` on the layer's codes, which never materialises the dequantized cache.
     """
 
     def __init__(self, config: KVCacheQuantConfig):
@@ -265,6 +306,14 @@ class QuantizedLatentCache(LatentCache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self.layer_class_to_replicate())
         self.layers[layer_idx].append(c_kv, k_pe)
+
+    def decode(self, c_kv: torch.Tensor, k_pe: torch.Tensor, layer_idx: int, query: LatentQuery) -> torch.Tensor | None:
+        """A decode step without a mask reads the codes as stored (int4: dequantized inside the fused kernel on CUDA);
+        with a mask: None, and nothing is stored."""
+        if query.attention_mask is not None:
+            return None
+        self.append(c_kv, k_pe, layer_idx)
+        return latent_decode_attention_quantized(query.q_lat, query.q_pe, self.quantized_state(layer_idx), query.scale)
 
     def quantized_state(self, layer_idx: int) -> QuantizedLatentKV:
         return self.layers[layer_idx].state()

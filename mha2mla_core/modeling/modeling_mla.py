@@ -21,12 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from mha2mla_core.kernels import QuantizedLatentKV, latent_decode_attention, latent_decode_attention_quantized
-from mha2mla_core.modeling.latent_cache import LatentCache, QuantizedLatentCache, StaticLatentCache
+from mha2mla_core.modeling.latent_cache import LatentCache, LatentQuery, QuantizedLatentCache, StaticLatentCache
 
 MLA_MODEL_TYPE = "mla_llama"
 
@@ -202,7 +200,7 @@ class MLAAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        past_key_values: LatentCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cos, sin = rope_pair_cos_sin(*position_embeddings, self.rope_pairs)  # (B, Hp, S, Dr)
@@ -211,19 +209,14 @@ class MLAAttention(nn.Module):
         b, s = hidden_states.shape[:2]
         # a decode step (S == 1) never reads the cache length on the host, so it can be captured in a CUDA graph
         prefill = past_key_values is None or (s > 1 and int(past_key_values.get_seq_length(self.layer_idx)) == 0)
-        absorbed = not prefill and self.config.mla_decode == "absorbed"
-        latents: tuple[torch.Tensor, torch.Tensor] | QuantizedLatentKV = (c_kv, k_pe)
-        if absorbed and s == 1 and attention_mask is None and hasattr(past_key_values, "quantized_state"):
-            past_key_values.append(c_kv, k_pe, self.layer_idx)  # a quantized cache is read as stored, never expanded
-            latents = past_key_values.quantized_state(self.layer_idx)
-        elif past_key_values is not None:
+        if not prefill and self.config.mla_decode == "absorbed":
+            out = self.absorbed_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, past_key_values)
+            return self.o_proj(out.reshape(b, s, -1)), None
+        if past_key_values is not None:
             cached = past_key_values.update(c_kv, k_pe, self.layer_idx)
             if not prefill:  # a prefill from an empty cache attends to its own tokens, not a static cache's slots
-                latents = cached
-        if absorbed:
-            out = self.absorbed_attention(q_pe, q_nope, latents, attention_mask, past_key_values)
-        else:
-            out = self.expanded_attention(q_pe, q_nope, *latents, attention_mask, **kwargs)
+                c_kv, k_pe = cached
+        out = self.expanded_attention(q_pe, q_nope, c_kv, k_pe, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, s, -1)), None
 
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,26 +250,23 @@ class MLAAttention(nn.Module):
         )
         return out  # (B, S, H, D)
 
-    def absorbed_attention(self, q_pe, q_nope, latents, attention_mask, cache: Cache) -> torch.Tensor:
+    def absorbed_attention(self, q_pe, q_nope, c_kv, k_pe, attention_mask, cache: LatentCache) -> torch.Tensor:
         """Attention computed in latent space against the cache as stored; returns (B, S, H, D).
 
-        latents: (c_kv, k_pe) full-precision tensors, or a quantized cache layer's codes (decode steps only)."""
+        c_kv (B, Hc, S, Rc) and k_pe (B, Hp, S, Dr) are this step's latents. A decode step (S == 1) goes to the cache's
+        `decode`, which stores them and attends in its fused kernel where it has one; otherwise the cache stores them
+        (`update`) and the attention runs here, in PyTorch, on the latents it returns."""
         w_uk, w_uv, b_v = self.up_weights()
         b, g, r, s, _ = q_pe.shape
         q_lat = torch.einsum("bgrsd,gdc->bgrsc", q_nope, w_uk.to(q_nope.dtype))  # (B, Hkv, n_rep, S, Rc)
+        o_lat = None
         if s == 1:  # the decode kernels' layout: (B, H, Rc) and (B, H, Dr)
             heads = (q_lat.reshape(b, self.num_heads, self.latent_dim), q_pe.reshape(b, self.num_heads, self.rope_dim))
-        if isinstance(latents, QuantizedLatentKV):  # int4 codes are dequantized inside the fused kernel on CUDA
-            o_lat = latent_decode_attention_quantized(*heads, latents, self.scaling).view(b, g, r, 1, self.latent_dim)
-        elif s == 1 and (isinstance(cache, StaticLatentCache) or (q_lat.is_cuda and attention_mask is None)):
-            kv_start, kv_end = None, None
-            if isinstance(cache, StaticLatentCache):  # unwritten slots are cut by kv_end; the mask gives left padding
-                kv_start, kv_end = left_padding(attention_mask), cache.layers[self.layer_idx].cumulative_length
-            o_lat = latent_decode_attention(  # the fused Triton decode kernel on CUDA
-                *heads, *latents, self.scaling, kv_start, kv_end
-            ).view(b, g, r, 1, self.latent_dim)
+            o_lat = cache.decode(c_kv, k_pe, self.layer_idx, LatentQuery(*heads, self.scaling, attention_mask))
+        if o_lat is None:
+            o_lat = self.latent_attention(q_lat, q_pe, *cache.update(c_kv, k_pe, self.layer_idx), attention_mask)
         else:
-            o_lat = self.latent_attention(q_lat, q_pe, *latents, attention_mask)
+            o_lat = o_lat.view(b, g, r, 1, self.latent_dim)  # (B, Hkv, n_rep, 1, Rc)
         out = torch.einsum("bgrsc,gdc->bgrsd", o_lat, w_uv.to(o_lat.dtype))  # (B, Hkv, n_rep, S, D)
         if b_v is not None:
             out = out + b_v[None, :, None, None, :].to(out.dtype)
@@ -312,15 +302,6 @@ def _additive_mask(mask: torch.Tensor | None, s: int, t: int, device: torch.devi
     return mask.float()[:, :, None]  # (B, 1, 1, S, T)
 
 
-def left_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B,) int32 index of each row's first attended key, from a decode step's (B, 1, 1, T) bool or additive mask;
-    None without a mask. Computed on the device: no host sync."""
-    if mask is None:
-        return None
-    allowed = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] == 0  # (B, T)
-    return allowed.to(torch.int32).argmax(dim=-1).to(torch.int32)
-
-
 class MLAForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with every layer's attention replaced by MLAAttention and a LatentCache."""
 
@@ -332,7 +313,7 @@ class MLAForCausalLM(LlamaForCausalLM):
             layer.self_attn = MLAAttention(config, i)
         self.post_init()
 
-    def make_cache(self) -> Cache:
+    def make_cache(self) -> LatentCache:
         if self.config.kv_cache_quant:
             return QuantizedLatentCache.from_model_config(self.config)
         return LatentCache()
@@ -341,6 +322,11 @@ class MLAForCausalLM(LlamaForCausalLM):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = self.make_cache()
+        if past_key_values is not None and not isinstance(past_key_values, LatentCache):
+            raise ValueError(
+                f"past_key_values is a {type(past_key_values).__name__}; an MLA model caches latents: pass a LatentCache, "
+                "StaticLatentCache or QuantizedLatentCache, or none (the model makes its own)"
+            )
         return super().forward(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
