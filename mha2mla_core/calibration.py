@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mha2mla_core.training.synthetic import sample_continuations
+from mha2mla_core.modeling.decoding import sample_continuations
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ at 16 and 64 rows (48 and 192 pairs) but 2-4x slower at one row (3 pairs), so by
 
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
     ids = generate_static(model, input_ids, 64, temperature=1.0)    # sampled (torch.manual_seed first to repeat)
+    rows = sample_continuations(model, prompts, seq_len=512, seed=0)  # (N, 512): seeded, the caller's RNG untouched
 """
 
 from __future__ import annotations
@@ -236,3 +237,20 @@ def generate_static(
     state = prefill(model, input_ids, max_new_tokens, attention_mask, temperature)
     new = StaticDecoder(model, state, cuda_graph, temperature, grouped).run(max_new_tokens - 1)
     return torch.cat([input_ids, new], dim=1)
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: PreTrainedModel, prompts: torch.Tensor, seq_len: int, temperature: float = 1.0, seed: int = 0
+) -> torch.Tensor:
+    """Rows (N, seq_len) of `prompts` (N, P) continued by sampling from `model` (a HF causal LM)."""
+    n, p = prompts.shape
+    if not 1 <= p < seq_len:
+        raise ValueError(f"prompts have {p} tokens; need 1 <= prompt length < seq_len={seq_len}")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = generate_static(model, prompts.to(device), seq_len - p, temperature=temperature)
+    return out.cpu()  # (N, seq_len)

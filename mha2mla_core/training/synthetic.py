@@ -2,8 +2,8 @@
 
 Each row starts from a short prompt (e.g. the first tokens of a real row, or a single random token) and
 is extended by sampling from the model at `temperature` until it is `seq_len` tokens long (EOS does not
-end a row early). Sampling runs under its own seeded RNG, so the caller's RNG is untouched, and through
-`generate_static`: one CUDA-graph replay per token on a GPU.
+end a row early). Sampling is `mha2mla_core.modeling.decoding.sample_continuations`: its own seeded RNG, so the
+caller's RNG is untouched, and `generate_static`: one CUDA-graph replay per token on a GPU.
 `mix_in_continuations` builds a training set with a given share of such rows (the fine-tuning stage's
 `synthetic_fraction`; 1 = data-free, only the prompts come from real text).
 """
@@ -13,24 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mha2mla_core.modeling.decoding import generate_static
-
-
-@torch.no_grad()
-def sample_continuations(
-    model: nn.Module, prompts: torch.Tensor, seq_len: int, temperature: float = 1.0, seed: int = 0
-) -> torch.Tensor:
-    """Rows (N, seq_len) of `prompts` (N, P) continued by sampling from `model` (a HF causal LM)."""
-    n, p = prompts.shape
-    if not 1 <= p < seq_len:
-        raise ValueError(f"prompts have {p} tokens; need 1 <= prompt length < seq_len={seq_len}")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = generate_static(model, prompts.to(device), seq_len - p, temperature=temperature)
-    return out.cpu()  # (N, seq_len)
+from mha2mla_core.modeling.decoding import sample_continuations
 
 
 def num_sampled_rows(fraction: float, num_rows: int) -> int:
