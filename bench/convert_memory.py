@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.memory import PeakRSS, rss
 from mha2mla_core import MLAConfig, convert_to_mla, load_model
-from mha2mla_core.convert import calibration_batches
+from mha2mla_core.conversion.convert import calibration_batches
 
 # Llama-3.2-1B's shape: 1.24B parameters (untied here: 1.50B)
 LLAMA_1B = dict(

@@ -37,7 +37,7 @@ import torch
 from mha2mla_core import MLAConfig, convert_to_mla, default_calibration_texts, load_model, sample_calibration
 from mha2mla_core.evaluation.paths import WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import perplexity_of_ids, window_spans
-from mha2mla_core.export import export_deepseek_v3
+from mha2mla_core.conversion.export import export_deepseek_v3
 from mha2mla_core.loading import packaged_model_file
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose sdist (llama.cpp + convert_hf_to_gguf.py) is used

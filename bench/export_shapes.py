@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mha2mla_core.export import export_deepseek_v3, kv_values
+from mha2mla_core.conversion.export import export_deepseek_v3, kv_values
 from mha2mla_core.modeling.modeling_mla import MLAForCausalLM, MLALlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]

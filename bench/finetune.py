@@ -38,7 +38,7 @@ import typer
 from torch import nn
 
 from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibration
-from mha2mla_core.calibration import CalibrationSample, continue_with_model
+from mha2mla_core.conversion.calibration import CalibrationSample, continue_with_model
 from mha2mla_core.evaluation.perplexity import perplexity_of_ids
 from mha2mla_core.training.loop import FinetuneConfig, finetune
 from mha2mla_core.modeling.modeling_mla import GroupedLinear

@@ -37,7 +37,7 @@ def direct() -> None:
     import tempfile
 
     from mha2mla_core import MLAConfig, default_calibration_texts, load_model, sample_calibration, score_rope
-    from mha2mla_core.convert import convert_to_mla_with_report
+    from mha2mla_core.conversion.convert import convert_to_mla_with_report
     from mha2mla_core.evaluation.perplexity import perplexity
     from mha2mla_core.evaluation.inference import probe_kv_bytes_per_token
     from tasks.evaluate import EvalParams

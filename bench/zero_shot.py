@@ -9,7 +9,7 @@ non-overlapping windows of 512 predicted tokens, fp32 (mha2mla_core.evaluation.p
 reference implementation calibrated (in-domain, and disjoint from the scored first 16,384 tokens); `train` = 8,192
 tokens hash-sampled the same way from the first 8M characters of the fine-tuning text (../shared/data/text_train);
 `teacher` = data-free: the `books` windows of 512 tokens, each kept for its first 4 tokens and continued by the
-original model itself (temperature 1, seed 0; `mha2mla_core.calibration.continue_with_model`).
+original model itself (temperature 1, seed 0; `mha2mla_core.conversion.calibration.continue_with_model`).
 Prints one JSON line per configuration and a markdown table; writes both to --out.
 """
 
@@ -28,7 +28,7 @@ from mha2mla_core import MLAConfig, convert_to_mla, load_model, sample_calibrati
 from mha2mla_core.data import load_texts
 from mha2mla_core.evaluation.paths import GUTENBERG_DIR, SHARED_DATA_DIR, WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import run_perplexity
-from mha2mla_core.calibration import CalibrationSample, continue_with_model
+from mha2mla_core.conversion.calibration import CalibrationSample, continue_with_model
 
 GRIDS = {
     "default": [

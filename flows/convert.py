@@ -32,7 +32,7 @@ from infra.tracking import (
     CHECKPOINT_TAGS, INTEGRITY_TAG, log_metrics, mark_registered, parent_run, registered_source, stage_run,
 )  # fmt: skip
 from mha2mla_core import MLAConfig
-from mha2mla_core.convert import check_convertible
+from mha2mla_core.conversion.convert import check_convertible
 from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
 from tasks.common import (
     RunLink,

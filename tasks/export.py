@@ -1,5 +1,5 @@
 """Stage `export`: an MLA checkpoint written in DeepSeek-V3's format, which vLLM, SGLang, llama.cpp and TensorRT-LLM
-serve (`mha2mla_core.export`); its logits are checked against the checkpoint's on calibration tokens."""
+serve (`mha2mla_core.conversion.export`); its logits are checked against the checkpoint's on calibration tokens."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.tracking import stage_run
-from mha2mla_core.config import MLAConfig
-from mha2mla_core.export import check_engine_layout, deepseek_config, export_deepseek_v3, write_model_card
+from mha2mla_core.conversion.config import MLAConfig
+from mha2mla_core.conversion.export import check_engine_layout, deepseek_config, export_deepseek_v3, write_model_card
 from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
 from tasks.inputs import ModelSource, load_checkpoint, load_tensors
 
@@ -30,7 +30,7 @@ class ExportParams(BaseModel):
 def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> None:
     """Before any stage: the conversion `mla` of a model with `source_config` has an exact DeepSeek-V3 form that
     `params.target` runs (the export's own checks, on the config the conversion will produce)."""
-    from mha2mla_core.convert import check_convertible, mla_config_from
+    from mha2mla_core.conversion.convert import check_convertible, mla_config_from
 
     if mla.rope_strategy != "rotated" or mla.rope_window is not None:
         raise ValueError(
@@ -42,7 +42,7 @@ def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> 
     check_engine_layout(config, params.target)
 
 
-@stage_task(STAGE, code=("mha2mla_core.export", "mha2mla_core.modeling.modeling_mla"))
+@stage_task(STAGE, code=("mha2mla_core.conversion.export", "mha2mla_core.modeling.modeling_mla"))
 def export(
     checkpoint: StageResult, model: ModelSource, calibration: StageResult, quality: dict, params: ExportParams, run: RunLink
 ) -> StageResult:

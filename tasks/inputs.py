@@ -141,7 +141,7 @@ def resolve_data(spec: str | None, default: str) -> DataSource:
 
 
 def _package_file(spec: str) -> Path:
-    from mha2mla_core.calibration import packaged_text_path
+    from mha2mla_core.conversion.calibration import packaged_text_path
 
     return Path(str(packaged_text_path(spec.removeprefix(PACKAGE_PREFIX))))
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.tracking import stage_run
-from mha2mla_core.calibration import continue_with_model
-from mha2mla_core.calibration import sample_calibration as sample_ids
+from mha2mla_core.conversion.calibration import continue_with_model
+from mha2mla_core.conversion.calibration import sample_calibration as sample_ids
 from tasks.common import DatasetInput, RunLink, StageResult, artifact_key, finish_stage, stage_task
 from tasks.inputs import DataSource, ModelSource, load_source, read_documents, save_tensors
 
@@ -29,7 +29,7 @@ class CalibrationParams(BaseModel):
     model_samples: bool = False
 
 
-@stage_task(STAGE, code=("mha2mla_core.calibration", "mha2mla_core.data"))
+@stage_task(STAGE, code=("mha2mla_core.conversion.calibration", "mha2mla_core.data"))
 def sample_calibration(
     model: ModelSource, data: DataSource, config: CalibrationParams, seq_len: int, run: RunLink
 ) -> StageResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from infra.tracking import stage_run
-from mha2mla_core.convert import score_rope as score_pairs
+from mha2mla_core.conversion.convert import score_rope as score_pairs
 from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, stage_task
 from tasks.inputs import ModelSource, load_source, load_tensors, save_tensors
 from tasks.plots import rope_heatmap
@@ -11,7 +11,7 @@ from tasks.plots import rope_heatmap
 STAGE = "score-rope"
 
 
-@stage_task(STAGE, code=("mha2mla_core.convert", "mha2mla_core.rope"))
+@stage_task(STAGE, code=("mha2mla_core.conversion.convert", "mha2mla_core.conversion.rope"))
 def score_rope(model: ModelSource, calibration: StageResult, seq_len: int, run: RunLink) -> StageResult:
     """Scores (layers, Hkv, D/2) over the calibration tokens, in sequences of `seq_len`."""
     with stage_run(run.run_name(STAGE), {"seq_len": seq_len}, parent_run_id=run.parent_run_id):

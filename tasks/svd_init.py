@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from infra.tracking import stage_run
 from mha2mla_core import MLAConfig
-from mha2mla_core.convert import convert_to_mla_with_report
+from mha2mla_core.conversion.convert import convert_to_mla_with_report
 from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, stage_task
 from tasks.inputs import ModelSource, load_source, load_tensors, save_checkpoint
 from tasks.plots import svd_spectrum
 
 STAGE = "svd-init"
-CORE = ("mha2mla_core.convert", "mha2mla_core.rope", "mha2mla_core.svd", "mha2mla_core.arch",
-        "mha2mla_core.config", "mha2mla_core.modeling.modeling_mla", "mha2mla_core.hub_code")  # fmt: skip
+CORE = ("mha2mla_core.conversion.convert", "mha2mla_core.conversion.rope", "mha2mla_core.conversion.svd", "mha2mla_core.conversion.arch",
+        "mha2mla_core.conversion.config", "mha2mla_core.modeling.modeling_mla", "mha2mla_core.hub_code")  # fmt: skip
 
 
 @stage_task(STAGE, code=CORE)

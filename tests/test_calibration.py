@@ -55,7 +55,7 @@ def test_empty_calibration_set_is_rejected(tokenizer):
 
 
 def test_model_continued_windows_keep_their_prompts_and_are_seeded():
-    from mha2mla_core.calibration import CalibrationSample, continue_with_model
+    from mha2mla_core.conversion.calibration import CalibrationSample, continue_with_model
     from tests.tiny_models import calib_ids, tiny_model
 
     model = tiny_model("llama-gqa")

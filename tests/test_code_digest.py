@@ -23,7 +23,7 @@ def test_a_name_taken_from_a_package_keys_its_defining_module_not_the_whole_pack
     from tasks.svd_init import CORE
 
     sources, _ = _code_closure(("tasks.svd_init", *CORE))  # tasks/svd_init.py: `from mha2mla_core import MLAConfig`
-    assert {"mha2mla_core.convert", "mha2mla_core.svd", "mha2mla_core.modeling.modeling_mla"} <= set(sources)
+    assert {"mha2mla_core.conversion.convert", "mha2mla_core.conversion.svd", "mha2mla_core.modeling.modeling_mla"} <= set(sources)
     assert "mha2mla_core.modeling.decoding" not in sources  # re-exported by mha2mla_core/__init__, not used by conversion
     assert "mha2mla_core.training.loop" not in sources
 

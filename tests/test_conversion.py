@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from mha2mla_core import MLAConfig, convert_to_mla, convert_to_mla_with_report, score_rope
-from mha2mla_core.convert import SourceAttention, query_key_states, second_moment
-from mha2mla_core.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
-from mha2mla_core.svd import Whitening, activation_error, factor_kv, interleave_heads, output_weights
+from mha2mla_core.conversion.convert import SourceAttention, query_key_states, second_moment
+from mha2mla_core.conversion.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
+from mha2mla_core.conversion.svd import Whitening, activation_error, factor_kv, interleave_heads, output_weights
 from tests.tiny_models import SOURCES, calib_ids, tiny_model
 
 HEAD_DIM = 16  # hidden 64 / 4 heads

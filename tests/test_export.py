@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mha2mla_core import MLAConfig, MLALlamaConfig, convert_to_mla
-from mha2mla_core.export import (
+from mha2mla_core.conversion.export import (
     LATENT_ERROR, check_engine_layout, deepseek_config, export_deepseek_v3, interleave,
 )  # fmt: skip
 from tests.tiny_models import calib_ids, tiny_model

@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mha2mla_core import LatentCache, MLAConfig, convert_to_mla, convert_to_mla_with_report
-from mha2mla_core.convert import query_key_states, stream_layers, calibration_batches
+from mha2mla_core.conversion.convert import query_key_states, stream_layers, calibration_batches
 from mha2mla_core.modeling.decoding import generate_static
 from mha2mla_core.kernels import latent_decode_attention, latent_decode_attention_reference
 from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig, QuantizedLatentCache
-from mha2mla_core.rope import pair_norms, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs
+from mha2mla_core.conversion.rope import pair_norms, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs
 from tests.tiny_models import calib_ids, tiny_model
 
 HEAD_DIM = 16

@@ -50,7 +50,7 @@ def test_piped_convert_prints_plain_stage_lines_and_prefect_keeps_the_run_logs(p
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
     messages = [log.message for log in logs]
     assert "svd-init started" in messages and "evaluate[mla] miss" in messages
-    assert any(re.fullmatch(r"converted 2 layers in [\d.]+s", m) for m in messages)  # mha2mla_core.convert, in svd-init
+    assert any(re.fullmatch(r"converted 2 layers in [\d.]+s", m) for m in messages)  # mha2mla_core.conversion.convert, in svd-init
 
 
 def test_terminal_progress_counts_training_steps_and_shows_the_latest_line():
@@ -91,7 +91,7 @@ def test_piped_progress_prints_info_lines_and_leaves_warnings_to_the_log_handler
     out = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=out, width=200))  # not a terminal
     handler = cli.StageProgress(cli.stage_progress(cli.console), shown_from=logging.WARNING)
-    core = logging.getLogger("mha2mla_core.calibration")
+    core = logging.getLogger("mha2mla_core.conversion.calibration")
     for level, message in ((logging.INFO, "loaded 1 documents"), (logging.WARNING, "fewer tokens than asked")):
         handler.emit(core.makeRecord(core.name, level, __file__, 0, message, (), None))
     handler.emit(core.makeRecord("mha2mla.progress", logging.INFO, __file__, 0, "x", (), None,

@@ -34,7 +34,7 @@ class MLAConfig:
     # rotated: every layer keeps the first component of the fastest rope_dims * Hkv / 2 frequencies, i.e. ordinary
     # RoPE on one shared key, the layout of DeepSeek's format that serving engines run (`mha2mla export`). A window
     # instead ranks each layer's (frequency, component) slots by their energy times what losing the rotation costs
-    # over that many tokens (`mha2mla_core.rope.rotation_loss`): as good after fine-tuning, but not exportable
+    # over that many tokens (`mha2mla_core.conversion.rope.rotation_loss`): as good after fine-tuning, but not exportable
     rope_window: int | None = None
     # low-rank latent: rank per KV head (the paper's d_kv); None = partial RoPE only, no low rank
     kv_rank: int | None = 16

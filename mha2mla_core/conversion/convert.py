@@ -19,13 +19,20 @@ import torch
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from mha2mla_core.arch import ArchSpec, arch_spec
-from mha2mla_core.config import MLAConfig
-from mha2mla_core.modeling.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
-from mha2mla_core.rope import (
+from mha2mla_core.conversion.arch import ArchSpec, arch_spec
+from mha2mla_core.conversion.config import MLAConfig
+from mha2mla_core.conversion.rope import (
     RotatedRope, rope_and_nope_dims, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs,
 )  # fmt: skip
-from mha2mla_core.svd import Whitening, factor_kv, identity_latent, interleave_heads, output_weights, small_lapack
+from mha2mla_core.conversion.svd import (
+    Whitening,
+    factor_kv,
+    identity_latent,
+    interleave_heads,
+    output_weights,
+    small_lapack,
+)
+from mha2mla_core.modeling.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
 
 logger = logging.getLogger(__name__)
 
