@@ -6,7 +6,14 @@ import torch
 from mha2mla_core import MLAConfig, convert_to_mla, convert_to_mla_with_report, score_rope
 from mha2mla_core.conversion.convert import SourceAttention, query_key_states, second_moment
 from mha2mla_core.conversion.rope import rope_and_nope_dims, score_rope_pairs, select_rope_pairs
-from mha2mla_core.conversion.svd import Whitening, activation_error, factor_kv, interleave_heads, output_weights
+from mha2mla_core.conversion.svd import (
+    Whitening,
+    activation_error,
+    factor_kv,
+    interleave_heads,
+    output_weights,
+    small_lapack,
+)
 from tests.tiny_models import SOURCES, calib_ids, tiny_model
 
 HEAD_DIM = 16  # hidden 64 / 4 heads
@@ -206,3 +213,11 @@ def test_conversion_shares_unchanged_modules_instead_of_copying():
     assert mla.model.embed_tokens is model.model.embed_tokens
     assert mla.model.layers[0].self_attn.o_proj is model.model.layers[0].self_attn.o_proj
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # the source still works
+
+
+def test_small_decompositions_leave_the_process_thread_count_alone():
+    threads = torch.get_num_threads()
+    with small_lapack():  # one MKL thread for this thread's decompositions only: the catalog converts on a thread pool
+        assert torch.get_num_threads() == threads
+        torch.linalg.eigh(torch.eye(64, dtype=torch.float64))
+    assert torch.get_num_threads() == threads

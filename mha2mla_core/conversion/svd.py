@@ -7,22 +7,46 @@ Rc latent dims per group, E hidden size. Up-projection rows are laid out per KV 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 
+@functools.cache
+def _mkl_thread_local_count() -> Callable[[int], int] | None:
+    """MKL's `mkl_set_num_threads_local` (C name `MKL_Set_Num_Threads_Local`) from torch's own MKL: the MKL thread
+    count of the calling thread only (0 = back to the process's), returning the previous one. None where torch's
+    BLAS/LAPACK is not MKL or does not export it."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        set_local = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    set_local.argtypes, set_local.restype = [ctypes.c_int], ctypes.c_int
+    return set_local
+
+
 @contextmanager
 def small_lapack():
-    """Run small CPU decompositions (E x E) single-threaded: multi-threaded LAPACK on matrices this small is
-    slower, and pathologically so (seconds per call) when cores are oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run small CPU decompositions (E x E) on one MKL thread: multi-threaded LAPACK on matrices this small is slower,
+    and pathologically so when cores are oversubscribed (the catalog converts entries on a thread pool). The count is
+    the calling thread's own: torch's process-wide thread count (`torch.set_num_threads`), which other threads read
+    meanwhile, is never touched. Without MKL it changes nothing."""
+    set_local = _mkl_thread_local_count()
+    if set_local is None:
+        yield
+        return
+    previous = set_local(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        set_local(previous)
 
 
 def damped_eigh(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
