@@ -16,6 +16,7 @@ from mha2mla_core.modeling.decoding import (
     decode_attention,
     generate_static,
     grouped_decode_attention,
+    grouped_view,
     next_tokens,
     prefill,
 )
@@ -101,6 +102,26 @@ def test_original_gqa_model_decodes_grouped_with_the_same_tokens():
     assert torch.equal(grouped, expected)
     assert seen and set(seen) == {1}  # every decode step of every layer went through it, the prompt did not
     assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_grouped_decoding_never_switches_the_callers_model():
+    model = tiny_model("llama-gqa")
+    batch, mask = _left_padded_batch()
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(model.config._attn_implementation)  # what another thread running the model meanwhile would get
+        return grouped_decode_attention(*args, **kwargs)
+
+    AttentionInterface.register(GROUPED_DECODE, spy)
+    try:
+        generate_static(model, batch, 4, attention_mask=mask, cuda_graph=False, grouped=True)
+    finally:
+        AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+    assert seen and set(seen) == {"sdpa"}
+    view = grouped_view(model)
+    assert view.config._attn_implementation == GROUPED_DECODE and view.config is not model.config
+    assert view.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.weight
 
 
 def test_decoder_groups_from_grouped_min_pairs_rows_x_kv_heads():

@@ -17,7 +17,8 @@ steps only, and only where the model runs transformers' sdpa attention; the toke
 only with enough (row, K/V head) pairs: its value product reduces over the whole cache once per pair, and with few
 pairs most of the GPU idles. On an H100 (SmolLM2 shape, `bench/generate.py`) it was 1.1-1.9x faster than `repeat_kv`
 at 16 and 64 rows (48 and 192 pairs) but 2-4x slower at one row (3 pairs), so by default the decoder uses it from
-`GROUPED_MIN_PAIRS` pairs on.
+`GROUPED_MIN_PAIRS` pairs on. The decoder calls a view of the model for it (`grouped_view`: the same weights, a config
+of its own), so the caller's model, which another thread may be running, is never switched.
 
     ids = generate_static(model, input_ids, max_new_tokens=64)      # (B, P + 64), greedy, no early stop
     ids = generate_static(model, input_ids, 64, temperature=1.0)    # sampled (torch.manual_seed first to repeat)
@@ -26,12 +27,13 @@ at 16 and 64 rows (48 and 192 pairs) but 2-4x slower at one row (3 pairs), so by
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel, StaticCache
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -74,19 +76,32 @@ def grouped_decode_attention(
 AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
 
 
-@contextmanager
-def decode_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Within: an original model that runs transformers' sdpa decodes through `grouped_decode_attention`."""
-    config = model.config
-    previous = config._attn_implementation
-    if isinstance(model, MLAForCausalLM) or previous != "sdpa":
-        yield
-        return
+def grouped_view(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` as grouped decoding calls it. An original model that runs transformers' sdpa comes back as a view: new
+    module objects over the same parameters and buffers (no tensor is copied), whose config (a copy) names
+    `grouped_decode_attention`. Any other model comes back as it is. The caller's model and config never change, so a
+    model shared with another thread keeps its own attention."""
+    if isinstance(model, MLAForCausalLM) or model.config._attn_implementation != "sdpa":
+        return model
+    config = copy.deepcopy(model.config)
     config._attn_implementation = GROUPED_DECODE
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    return _with_config(model, model.config, config)
+
+
+def _with_config(module: torch.nn.Module, old: PretrainedConfig, new: PretrainedConfig) -> torch.nn.Module:
+    """A shallow copy of the module tree (parameters, buffers and hooks shared) with `new` wherever `old` was."""
+    view = copy.copy(module)
+    view._modules = {name: None if child is None else _with_config(child, old, new)
+                     for name, child in module._modules.items()}  # fmt: skip
+    if getattr(module, "config", None) is old:
+        view.config = new
+    return view
+
+
+@contextmanager
+def decode_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Within: the model to call for a decode step through `grouped_decode_attention` (`grouped_view`)."""
+    yield grouped_view(model)
 
 
 def static_cache_for(model: PreTrainedModel, max_cache_len: int) -> Cache:
@@ -179,6 +194,7 @@ class StaticDecoder:
             kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
             grouped = state.tokens.shape[0] * kv_heads >= GROUPED_MIN_PAIRS
         self.model, self.state, self.temperature, self.grouped = model, state, temperature, grouped
+        self.step_model = grouped_view(model) if grouped else model  # the caller's model is never changed
         self.graph = None
         if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
             self.graph = self._capture()
@@ -187,11 +203,9 @@ class StaticDecoder:
     def _step(self) -> None:
         s = self.state
         s.mask.index_fill_(3, s.slot, True)  # the slot written this step becomes visible
-        with decode_attention(self.model) if self.grouped else nullcontext():
-            logits = self.model(
-                input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache,
-                use_cache=True,
-            ).logits  # (B, 1, V)
+        logits = self.step_model(
+            input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache, use_cache=True,
+        ).logits  # (B, 1, V)
         s.tokens.copy_(next_tokens(logits[:, -1], self.temperature))
         s.out.index_copy_(1, s.step, s.tokens)
         s.positions.add_(1)
