@@ -29,7 +29,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -37,9 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flows.convert import FLOW_TAG, ConvertParams, convert
 from flows.errors import describe_error
-from infra.tracking import log_table_markdown, parent_run
+from infra.tracking import log_json, log_table_markdown, parent_run
 from mha2mla_core.evaluation.report import Comparison
-from tasks.common import context, ensure_result_storage
+from infra.stage import context, ensure_result_storage
 from tasks.inputs import model_slug
 
 logger = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ def catalog(file: str) -> CatalogOutcome:
     ensure_result_storage()
     with parent_run(f"catalog-{Path(file).stem}", params={"file": file, "entries": len(entries)},
                     tags={FLOW_TAG: "catalog"}) as run_id:  # fmt: skip
-        mlflow.log_dict({"flow": "catalog", "params": {"file": file}, "catalog": spec.model_dump(mode="json")}, CATALOG_FILE)
+        log_json({"flow": "catalog", "params": {"file": file}, "catalog": spec.model_dump(mode="json")}, CATALOG_FILE)
         with ThreadPoolTaskRunner(max_workers=spec.max_concurrency) as runner:
             futures = [runner.submit(convert_entry, {"params": p, "catalog_run_id": run_id}) for p in entries]
             for future in futures:
@@ -172,6 +171,6 @@ def catalog(file: str) -> CatalogOutcome:
         rows = [summary_row(p, f.state) for p, f in zip(entries, futures)]
         log_table_markdown([{**r, "suites": "; ".join(f"{k} {v}" for k, v in r.get("suites", {}).items())} for r in rows],
                            "catalog_summary.md")  # fmt: skip
-        mlflow.log_dict(rows, "catalog_summary.json")
+        log_json(rows, "catalog_summary.json")
     failed = sum(row["status"] != "ok" for row in rows)
     return CatalogOutcome(run_id=run_id, rows=rows, failed=failed)

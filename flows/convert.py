@@ -19,8 +19,6 @@ import logging
 import time
 from pathlib import Path
 
-import mlflow
-from mlflow import MlflowClient
 from prefect import flow
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,18 +27,13 @@ from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
 from flows.naming import default_name
 from flows.publish import QualityGate, RunSummary, headline_metrics, publish
 from infra.tracking import (
-    CHECKPOINT_TAGS, INTEGRITY_TAG, log_metrics, mark_registered, parent_run, registered_source, stage_run,
+    INTEGRITY_TAG, SUPERSEDED_TAG, log_json, log_metrics, mark_registered, model_version_of, model_versions,
+    parent_run, registered_source, set_tags, settle_corrupt_versions,
 )  # fmt: skip
 from mha2mla_core import MLAConfig
 from mha2mla_core.conversion.convert import check_convertible
 from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
-from tasks.common import (
-    RunLink,
-    StageResult,
-    context,
-    ensure_result_storage,
-    log_stage,
-)
+from infra.stage import RunLink, StageResult, context, ensure_result_storage, log_cache_hit
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.export import ExportParams, check_export_inputs, export
 from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct, training_device
@@ -114,8 +107,7 @@ class StageRunner:
         self.results[stage.name] = result
         self.cache[name] = "hit" if state.name == "Cached" else "miss"
         if self.cache[name] == "hit":
-            with stage_run(name, result.params, parent_run_id=self.parent_run_id):
-                log_stage(result, cached=True)
+            log_cache_hit(result, link)
         progress.info("%s %s", name, self.cache[name], extra={"stage": name, "event": self.cache[name]})
         return result
 
@@ -132,44 +124,20 @@ def flow_run_name() -> str:
     return registry_name(params, model_slug(params.model))
 
 
-SUPERSEDED_TAG = "mha2mla.superseded_by"  # on a version marked corrupt: the version registered in its place
-REPOINTED_TAG = "mha2mla.repointed_from"  # on a version pointed at a good copy: the corrupt copy it pointed at
-
-
 def register_once(name: str, final: StageResult, **publishing) -> str:
     """Register `final` as a version of `name` (`flows.publish.publish`: once per checkpoint); "name/version".
-
-    Of the versions of `name` marked corrupt (`mha2mla.integrity`), the one that holds `final`'s bytes is pointed
-    at `final`'s good copy (`repoint`); the others get `mha2mla.superseded_by` = the version of `final`."""
-    client = MlflowClient()
-    versions = client.search_model_versions(f"name = '{name}'")
+    Versions of `name` marked corrupt are settled against it (`tracking.settle_corrupt_versions`)."""
+    versions = model_versions(name)
     number = publish(name, final, **publishing).version
-    for version in versions:
-        if INTEGRITY_TAG not in version.tags or SUPERSEDED_TAG in version.tags:
-            continue
-        if int(version.version) == int(number):
-            repoint(client, version, final.output)
-        else:
-            client.set_model_version_tag(name, version.version, SUPERSEDED_TAG, f"{name}/{number}")
+    settle_corrupt_versions(versions, number, final.output)
     return f"{name}/{number}"
-
-
-def repoint(client: MlflowClient, version, good: ArtifactRef) -> None:
-    """Point a registered version whose checkpoint copy was found corrupt at a good copy of the same bytes: its
-    checkpoint tag becomes `good.uri`, the mark goes, `mha2mla.repointed_from` keeps the corrupt copy's URI."""
-    corrupt, sha256 = registered_source(version)
-    if sha256 != good.sha256:
-        raise ValueError(f"{version.name}/{version.version} holds sha256 {sha256}, not {good.sha256}; not re-pointed")
-    client.set_model_version_tag(version.name, version.version, REPOINTED_TAG, corrupt)
-    client.set_model_version_tag(version.name, version.version, CHECKPOINT_TAGS[0], good.uri)
-    client.delete_model_version_tag(version.name, version.version, INTEGRITY_TAG)
 
 
 def registered_checkpoint(model_version: str) -> ArtifactRef:
     """The checkpoint of a registered "name/version", every stored byte verified against the digest it was
     registered with; DigestMismatchError when it changed or was marked corrupt (naming its replacement)."""
     name, _, number = model_version.rpartition("/")
-    version = MlflowClient().get_model_version(name, number)
+    version = model_version_of(name, number)
     if INTEGRITY_TAG in version.tags:
         instead = version.tags.get(SUPERSEDED_TAG, "none yet: run the conversion again")
         raise DigestMismatchError(f"registered model {model_version} is marked {version.tags[INTEGRITY_TAG]}; "
@@ -220,7 +188,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
     name = registry_name(params, model.slug)
     with parent_run(name, params=params.model_dump(mode="json"), tags=tags) as run_id:
         sources = {"model": model.model_dump(), "calibration": calib_data.model_dump(), "eval_text": eval_text.model_dump()}
-        mlflow.log_dict({"flow": "convert", "params": params.model_dump(mode="json"), "sources": sources}, CONFIG_FILE)
+        log_json({"flow": "convert", "params": params.model_dump(mode="json"), "sources": sources}, CONFIG_FILE)
         stage = StageRunner(run_id)
         seq_len = params.mla.calib_seq_len
         calib = stage(sample_calibration, model, calib_data, params.calibration, seq_len)
@@ -248,7 +216,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         headline = headline_metrics(comparison, stage.results, stage.seconds)
         log_metrics(headline)
         failures = params.gate.failures(headline) if params.gate else ["no quality gate set"]
-        mlflow.set_tag("mha2mla.gate", "passed" if not failures else "; ".join(failures))
+        set_tags({"mha2mla.gate": "passed" if not failures else "; ".join(failures)})
         summary = RunSummary(name, params, model, comparison, headline, stage.results, run_id)
         version = register_once(name, final, summary=summary, champion=not failures)
     return ConvertOutcome(run_id=run_id, checkpoint=final.output, model_version=version, table=table, cache=stage.cache,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.tracking import RegisteredCheckpoint, checkpoint_version, code_version, register_checkpoint
 from mha2mla_core.evaluation.report import Comparison
-from tasks.common import StageResult, context, scratch_dir
+from infra.stage import StageResult, context, scratch_dir
 
 RECIPE_FILE = "recipe.yaml"
 CARD_FILE = "README.md"

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from infra.artifacts import ArtifactRef, open_store
+from infra.artifacts import ArtifactRef
 from infra.settings import ENV_PREFIX, Settings, sqlite_path
+from infra.stage import context
 from mha2mla_core import load_model
 from mha2mla_core.evaluation.inference import probe_kv_bytes_per_token
 from mha2mla_core.evaluation.perplexity import perplexity
@@ -57,9 +58,8 @@ def absolute_settings(settings: Settings) -> dict[str, str]:
 
 
 def reload(uri: str, sha256: str, evaluation: EvalParams) -> dict:
-    settings = Settings()
     with tempfile.TemporaryDirectory(prefix="mha2mla-reload-") as tmp:
-        directory = open_store(settings.artifact_root, settings).get_dir(uri, Path(tmp) / "model", sha256=sha256)
+        directory = context().store.get_dir(uri, Path(tmp) / "model", sha256=sha256)
         model, tokenizer = load_model(str(directory))
     text = read_text(resolve_data(evaluation.text, DEFAULT_EVAL_TEXT))
     ppl = perplexity(model, tokenizer, text, window=evaluation.window, max_tokens=evaluation.max_tokens)

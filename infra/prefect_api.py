@@ -1,8 +1,10 @@
-"""Prefect's ephemeral API server, started by the CLI before anything heavy is imported.
+"""Prefect's start-up in the CLI: its environment, and its ephemeral API server, started before anything heavy is
+imported.
 
-    api = EphemeralAPI.start(env)      # a uvicorn subprocess serving prefect.server.api.server:create_app
+    prefect_environment(settings.prefect_home, loggers)   # PREFECT_HOME, logging to the UI, ...
+    api = boot_prefect_api()           # a uvicorn subprocess serving prefect.server.api.server:create_app
     ...                                # import torch, transformers, the flows (the server boots meanwhile)
-    api.wait_ready(timeout=180)        # then run the flow against api.url
+    wait_until_ready(api)              # then run the flow against api.url
 
 It is the server Prefect itself starts when a flow needs an API and none is configured (its
 `SubprocessASGIServer`: Prefect's app, same `PREFECT_UI_ENABLED=0` / `PREFECT__SERVER_EPHEMERAL=1` settings),
@@ -43,6 +45,52 @@ _POLL_S = 0.1
 _LOG_TAIL = 1500  # characters of the server's log quoted when it fails to start
 START_LOCK = ".server-start.lock"  # under PREFECT_HOME
 _PR_SET_PDEATHSIG = 1
+
+
+def prefect_environment(prefect_home: Path, run_loggers: tuple[str, ...]) -> None:
+    """Prefect's settings for the CLI, set before Prefect is imported (a variable the user set wins): the embedded
+    home, INFO of `run_loggers` to the Prefect UI, no analytics, time for a first start to migrate its database."""
+    prefect_home = Path(prefect_home).resolve()
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # to the Prefect UI; the terminal shows WARNING (-v: INFO)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(run_loggers))  # our run logs reach the UI too
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # outside a run they stay local
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # first start migrates its db
+
+
+def boot_prefect_api() -> EphemeralAPI | None:
+    """Start Prefect's ephemeral API server (a subprocess that takes seconds to boot) while the command goes on
+    to import torch, transformers and the flows, and point this process's Prefect at it; `wait_until_ready`
+    waits for it.
+
+    Only on the embedded default (no PREFECT_API_URL in the environment or the Prefect profile).
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings
+
+    if PREFECT_API_URL.value():
+        return None
+    api = EphemeralAPI.start({**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)})
+    use_api(api.url)
+    return api
+
+
+def wait_until_ready(api: EphemeralAPI) -> None:
+    """Wait for the server `boot_prefect_api` started, and point this process at it (a port taken meanwhile gives
+    a new one)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    api.wait_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    use_api(api.url)
+
+
+def use_api(url: str) -> None:
+    """Point this process's Prefect client (and the subprocesses it starts) at `url`."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
 
 
 class EphemeralAPI:

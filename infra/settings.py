@@ -2,8 +2,9 @@
 
 Every knob has one source: an `MHA2MLA_*` environment variable, or the same name in a `.env`
 file in the working directory, or the default below. The defaults are the embedded set-up
-(no server): local artifacts, MLflow on sqlite, Prefect's ephemeral API, all under
-`./.mha2mla/`. `mlflow ui --backend-store-uri sqlite:///.mha2mla/mlflow.db` shows the runs.
+(no server): local artifacts, MLflow on sqlite, Prefect's ephemeral API, all under the store's
+folder `MHA2MLA_HOME` (default `./.mha2mla/`; the CLI's `--home`), each of which can also be set on its own.
+`mlflow ui --backend-store-uri sqlite:///.mha2mla/mlflow.db` shows the runs.
 
 Production points the same names at the services of `infra/docker-compose.yml`:
 
@@ -36,16 +37,18 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
-    # artifacts: a local directory, or s3://bucket/prefix (any S3-compatible store)
-    artifact_root: str = "./.mha2mla/artifacts"
-    # MLflow: backend store URI (sqlite:///..., http://host:5000, postgresql://...)
-    tracking_uri: str = "sqlite:///./.mha2mla/mlflow.db"
+    # the store's folder: the defaults of artifact_root, tracking_uri and prefect_home lie below it
+    home: str = "./.mha2mla"
+    # artifacts: a local directory, or s3://bucket/prefix (any S3-compatible store); None: HOME/artifacts
+    artifact_root: str | None = None
+    # MLflow: backend store URI (sqlite:///..., http://host:5000, postgresql://...); None: sqlite:///HOME/mlflow.db
+    tracking_uri: str | None = None
     experiment: str = "mha2mla"
     # where a new experiment keeps run artifacts (PNG, tables); None: mlruns/ beside a sqlite
     # database, else the tracking server's default (its --artifacts-destination)
     mlflow_artifact_root: str | None = None
-    # PREFECT_HOME for the embedded default: ephemeral API database and local result storage
-    prefect_home: Path = Path("./.mha2mla/prefect")
+    # PREFECT_HOME for the embedded default: ephemeral API database and local result storage; None: HOME/prefect
+    prefect_home: Path | None = None
 
     # S3: endpoint_url for MinIO / moto / other S3-compatible stores; None = AWS
     s3_endpoint_url: str | None = None
@@ -61,9 +64,20 @@ class Settings(BaseSettings):
     # where this worker fine-tunes: auto (the CUDA device when there is one, else the CPU), cpu, cuda, cuda:N
     device: str = "auto"
 
+    @model_validator(mode="after")
+    def _below_home(self) -> "Settings":
+        """What is not set on its own lies in the store's folder."""
+        home = self.home.rstrip("/") or "/"
+        self.artifact_root = self.artifact_root or f"{home}/artifacts"
+        self.tracking_uri = self.tracking_uri or f"sqlite:///{home}/mlflow.db"
+        self.prefect_home = self.prefect_home or Path(f"{home}/prefect")
+        return self
+
     @field_validator("artifact_root")
     @classmethod
-    def _check_artifact_root(cls, value: str) -> str:
+    def _check_artifact_root(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         scheme, bucket = urlsplit(value).scheme, urlsplit(value).netloc
         if (scheme == "s3" and not bucket) or scheme not in ("", "s3"):
             raise ValueError(
@@ -141,6 +155,17 @@ def redact_uri(uri: str) -> str:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_local_store(settings: Settings) -> None:
+    """LookupError when the tracking URI names a sqlite database that does not exist: no store here (a server's
+    store is checked by asking it)."""
+    if settings.tracking_uri.startswith("sqlite:///"):
+        path = sqlite_path(settings.tracking_uri)
+        if not path.is_file():
+            raise LookupError(f"no store here: {path.resolve()} does not exist ({ENV_PREFIX}TRACKING_URI="
+                              f"{redact_uri(settings.tracking_uri)}); set {ENV_PREFIX}HOME or pass --home to the "
+                              "store's folder (or run where .mha2mla/ is)")  # fmt: skip
 
 
 def sqlite_path(tracking_uri: str) -> Path:

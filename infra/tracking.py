@@ -32,10 +32,11 @@ import json
 import logging
 import platform
 import re
+import sqlite3
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -58,7 +59,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, sha256_file
 from infra.locks import file_lock
-from infra.settings import Settings, redact_uri, sqlite_path
+from infra.settings import Settings, check_local_store, redact_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ KIND_TAG = "mha2mla.kind"  # "flow" | "stage"
 STAGE_TAG = "mha2mla.stage"
 OUTPUT_URI_TAG = "mha2mla.output_uri"
 OUTPUT_SHA256_TAG = "mha2mla.output_sha256"
+OUTPUT_KEY_TAG = "mha2mla.output_key"  # the output's key in its store: found again in a copy of the store
 DATASET_SHA256_TAG = "mha2mla.sha256"  # MLflow keeps only 36 chars of a dataset digest
 CODE_VERSION_TAG = "mha2mla.code_version"
 CACHE_TAG = "mha2mla.cache"  # on a stage run: "hit" (served from the cache) or "miss" (ran, wrote its outputs)
@@ -97,8 +99,9 @@ def configure(settings: Settings, *, create: bool = True) -> str:
     created and migrated by one process at a time (two cold runs in one directory).
 
     `create=False` (commands that only read: runs, lineage, resume) raises LookupError where there is no store
-    yet, instead of making an empty one. Writers get a ValueError where the experiment's artifacts live in another
-    store's folder (this one was copied or moved), rather than writing new runs there."""
+    yet, instead of making an empty one. A sqlite store copied or moved with its `mlruns/` is pointed at the
+    artifacts beside it (`_rehome`), so that its runs read, and new runs write, there; where that cannot be done,
+    a writer gets a ValueError rather than writing new runs into the old folder."""
     if not create:
         check_store_exists(settings)
     with _sqlite_lock(settings.tracking_uri):
@@ -106,7 +109,10 @@ def configure(settings: Settings, *, create: bool = True) -> str:
         client = MlflowClient()
         experiment = client.get_experiment_by_name(settings.experiment)
         if experiment is not None:
-            if create:
+            if _moved(experiment.artifact_location, settings) and settings.mlflow_artifact_root is None:
+                _rehome(sqlite_path(settings.tracking_uri), experiment.artifact_location,
+                        settings.experiment_artifact_location())  # fmt: skip
+            elif create:
                 _check_artifact_location(experiment.artifact_location, settings)
             experiment_id = experiment.experiment_id
         else:
@@ -116,11 +122,36 @@ def configure(settings: Settings, *, create: bool = True) -> str:
     return experiment_id
 
 
-def _check_artifact_location(location: str, settings: Settings) -> None:
+def _moved(location: str, settings: Settings) -> bool:
     """MLflow keeps an experiment's artifact location as an absolute URI: in a store copied or moved elsewhere it
     still names the old folder."""
     expected = settings.experiment_artifact_location()
-    if expected and expected.startswith("file://") and location.startswith("file://") and location != expected:
+    return bool(expected and expected.startswith("file://") and location.startswith("file://") and location != expected)
+
+
+# (table, column) of MLflow's sqlite schema that hold artifact locations
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+                     ("model_versions", "storage_location"))  # fmt: skip
+
+
+def _rehome(db: Path, old: str, new: str) -> None:
+    """Point the artifact locations in MLflow's sqlite database `db` under `old` (the folder it was copied from)
+    at `new` (the `mlruns/` beside it), in one transaction. Called under the database's lock."""
+    log.info("the store was copied or moved: pointing its MLflow artifacts at %s (was %s)", new, old)
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for table, column in _LOCATION_COLUMNS:
+            try:
+                conn.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                             f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                             (new, len(old) + 1, old, len(old) + 1, old + "/"))  # fmt: skip
+            except sqlite3.OperationalError as exc:  # a table or column this MLflow version does not have
+                log.info("MLflow's %s.%s not re-pointed: %s", table, column, exc)
+
+
+def _check_artifact_location(location: str, settings: Settings) -> None:
+    """A tracking server's experiment whose local artifact folder is another store's: refuse to write there."""
+    if _moved(location, settings):
+        expected = settings.experiment_artifact_location()
         raise ValueError(
             f"experiment {settings.experiment!r} keeps its run artifacts in {location}, not beside this store "
             f"({expected}): the store was copied or moved. Its runs stay readable (mha2mla runs, lineage); to run "
@@ -130,14 +161,10 @@ def _check_artifact_location(location: str, settings: Settings) -> None:
 
 def check_store_exists(settings: Settings) -> None:
     """LookupError naming the store looked for when its sqlite database or experiment does not exist."""
-    where = f"MHA2MLA_TRACKING_URI={redact_uri(settings.tracking_uri)}"
-    if settings.tracking_uri.startswith("sqlite:///"):
-        path = sqlite_path(settings.tracking_uri)
-        if not path.is_file():
-            raise LookupError(f"no store here: {path.resolve()} does not exist ({where}); run in the folder that "
-                              "holds .mha2mla/, or point MHA2MLA_TRACKING_URI and MHA2MLA_ARTIFACT_ROOT at the store")
+    check_local_store(settings)
     mlflow.set_tracking_uri(settings.tracking_uri)
     if MlflowClient().get_experiment_by_name(settings.experiment) is None:
+        where = f"MHA2MLA_TRACKING_URI={redact_uri(settings.tracking_uri)}"
         raise LookupError(f"no experiment {settings.experiment!r} in the store at {where}: nothing has run there yet")
 
 
@@ -251,9 +278,29 @@ def _dataset_source(source_uri: str) -> DatasetSource:
     return HuggingFaceDatasetSource(path=source_uri.removeprefix("hf://datasets/"))
 
 
-def log_output(ref: ArtifactRef) -> None:
-    """Tag the active (stage) run with its primary output, for `lineage(uri)`."""
-    mlflow.set_tags({OUTPUT_URI_TAG: ref.uri, OUTPUT_SHA256_TAG: ref.sha256})
+def log_output(ref: ArtifactRef, key: str = "") -> None:
+    """Tag the active (stage) run with its primary output and its key in the store, for `lineage(uri)`."""
+    mlflow.set_tags({OUTPUT_URI_TAG: ref.uri, OUTPUT_SHA256_TAG: ref.sha256, **({OUTPUT_KEY_TAG: key} if key else {})})
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Tag the active run."""
+    mlflow.set_tags(dict(tags))
+
+
+def log_file(path: str | Path) -> None:
+    """Log a local file as an artifact of the active run, under its own name."""
+    mlflow.log_artifact(str(path))
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    """Log `obj` as a JSON artifact of the active run."""
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """Log `text` as an artifact of the active run."""
+    mlflow.log_text(text, artifact_file)
 
 
 def log_table_markdown(rows: Sequence[Mapping[str, Any]], artifact_file: str) -> str:
@@ -263,7 +310,7 @@ def log_table_markdown(rows: Sequence[Mapping[str, Any]], artifact_file: str) ->
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(col, "")) for col in columns) + " |")
     markdown = "\n".join(lines) + "\n"
-    mlflow.log_text(markdown, artifact_file)
+    log_text(markdown, artifact_file)
     return markdown
 
 
@@ -438,16 +485,19 @@ class Lineage:
     producer: RunRecord
     flow: FlowRun | None
     model_versions: tuple[str, ...]  # "name/version"
+    key: str = ""  # its key in the store (resolve it against the store's root: the store may have moved since)
 
 
-def lineage(target: str) -> Lineage:
+def lineage(target: str, root: str = "") -> Lineage:
     """The lineage of a checkpoint recorded with `log_output`, given as an artifact URI, a `models:/` URI or a local
     folder (`resolve_checkpoint_uri`); LookupError if none. The producer is the stage run that wrote it: the first
-    one that logged it and was not served from the cache. A checkpoint whose store was copied or moved since is
-    found by its digest."""
+    one that logged it and was not served from the cache. A checkpoint of the store at `root` (its URI) is also
+    found by its key, when the store was copied or moved since it was written; any other by its digest."""
     uri, sha256 = resolve_checkpoint(target)
     client = MlflowClient()
     runs = _search(client, f"tags.`{OUTPUT_URI_TAG}` = '{_quoted(uri)}'")
+    if not runs and root and uri.startswith(root + "/"):
+        runs = _search(client, f"tags.`{OUTPUT_KEY_TAG}` = '{_quoted(uri.removeprefix(root + '/'))}'")
     if not runs and sha256:
         runs = _search(client, f"tags.`{OUTPUT_SHA256_TAG}` = '{_quoted(sha256)}'")
         uri = runs[0].data.tags[OUTPUT_URI_TAG] if runs else uri
@@ -463,7 +513,48 @@ def lineage(target: str) -> Lineage:
         producer=producer,
         flow=flow,
         model_versions=tuple(f"{v.name}/{v.version}" for v in versions),
+        key=producer.tags.get(OUTPUT_KEY_TAG, ""),
     )
+
+
+def stored_config(run_id: str, names: Sequence[str]) -> dict:
+    """The first of the JSON artifacts `names` a flow run stored (its parameters: `resume` reruns them);
+    LookupError naming the run when there is no such run or none of them."""
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException as exc:  # unknown or malformed id
+        raise LookupError(f"no MLflow run {run_id!r}; `mha2mla runs` lists them") from exc
+    for name in names:
+        try:
+            return mlflow.artifacts.load_dict(f"{run_artifact_uri(run)}/{name}")
+        except Exception:  # not this flow's file (MLflow raises several types for a missing artifact)
+            continue
+    raise LookupError(f"run {run_id} is not a convert or catalog flow run (no {' or '.join(names)} stored with it)")
+
+
+def stored_params(run: RunRecord, name: str) -> dict[str, Any]:
+    """A flow's parameters, flattened (`mla.kv_rank`), from the `name` JSON it stored (complete), else its MLflow
+    params."""
+    try:
+        stored = stored_config(run.run_id, (name,))
+    except LookupError:  # a run without the file (not a convert flow): fall back
+        return run.params
+    return _flat(stored["params"])
+
+
+def _flat(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_artifact_uri(run: Run) -> str:
+    """Where a run's artifacts are."""
+    return run.info.artifact_uri
 
 
 def recent_runs(limit: int = 20) -> list[FlowRun]:
@@ -522,6 +613,44 @@ def _dataset_record(dataset_input: Any) -> DatasetRecord:
 
 
 # ------------------------------------------------------------------------------ registry integrity
+SUPERSEDED_TAG = "mha2mla.superseded_by"  # on a version marked corrupt: the version registered in its place
+REPOINTED_TAG = "mha2mla.repointed_from"  # on a version pointed at a good copy: the corrupt copy it pointed at
+
+
+def model_versions(name: str) -> list[ModelVersion]:
+    """Every version of registered model `name`."""
+    return MlflowClient().search_model_versions(f"name = '{_quoted(name)}'")
+
+
+def model_version_of(name: str, number: str | int) -> ModelVersion:
+    return MlflowClient().get_model_version(name, str(number))
+
+
+def settle_corrupt_versions(versions: Sequence[ModelVersion], number: int, good: ArtifactRef) -> None:
+    """After `good` was registered as version `number`: of `versions` marked corrupt (`mha2mla.integrity`), the one
+    that holds `good`'s bytes is pointed at `good` (`repoint`); the others get `mha2mla.superseded_by` = it."""
+    client = MlflowClient()
+    for version in versions:
+        if INTEGRITY_TAG not in version.tags or SUPERSEDED_TAG in version.tags:
+            continue
+        if int(version.version) == int(number):
+            repoint(version, good)
+        else:
+            client.set_model_version_tag(version.name, version.version, SUPERSEDED_TAG, f"{version.name}/{number}")
+
+
+def repoint(version: ModelVersion, good: ArtifactRef) -> None:
+    """Point a registered version whose checkpoint copy was found corrupt at a good copy of the same bytes: its
+    checkpoint tag becomes `good.uri`, the mark goes, `mha2mla.repointed_from` keeps the corrupt copy's URI."""
+    corrupt, sha256 = registered_source(version)
+    if sha256 != good.sha256:
+        raise ValueError(f"{version.name}/{version.version} holds sha256 {sha256}, not {good.sha256}; not re-pointed")
+    client = MlflowClient()
+    client.set_model_version_tag(version.name, version.version, REPOINTED_TAG, corrupt)
+    client.set_model_version_tag(version.name, version.version, CHECKPOINT_TAGS[0], good.uri)
+    client.delete_model_version_tag(version.name, version.version, INTEGRITY_TAG)
+
+
 def registered_source(version) -> tuple[str, str]:
     """(artifact URI, sha256) of the checkpoint a registered MLflow model version stands for: its checkpoint
     tags, or for a version registered straight from the store, its source and `sha256` tag."""

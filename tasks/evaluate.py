@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.artifacts import ArtifactRef, sha256_file
-from infra.tracking import stage_run
+from infra import tracking
 from mha2mla_core.evaluation import plots
 from mha2mla_core.evaluation.inference import InferenceConfig
 from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, short_task_name
@@ -24,7 +23,7 @@ from mha2mla_core.evaluation.needle import NeedleConfig
 from mha2mla_core.evaluation.perplexity import PerplexityConfig
 from mha2mla_core.evaluation.report import Comparison, EvalResult, compare, flat_metrics
 from mha2mla_core.evaluation.suite import EvalConfig, check_files, check_lengths, data_files, evaluate_model
-from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
+from infra.stage import RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task
 from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_input, read_text
 
 STAGE = "evaluate"
@@ -34,7 +33,8 @@ KNOWN_TASKS = ", ".join(TASK_FILES)
 
 
 class NeedleParams(BaseModel):
-    """The needle-in-a-haystack grid (NeedleConfig), smaller by default than the core's, for a CPU run."""
+    """The needle-in-a-haystack grid of NeedleConfig, the haystack as one local file. Its grid is the pipeline's
+    CPU-sized one, not the core's larger default (1024...8000 tokens, 5 depths, 2 trials)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,25 +53,6 @@ class NeedleParams(BaseModel):
         return NeedleConfig(haystack_paths=paths, lengths=self.lengths, depths=self.depths, trials=self.trials)
 
 
-class SpeedParams(BaseModel):
-    """Prefill / decode tokens/s and peak memory per (batch, context) point (InferenceConfig), sized for a CPU."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    contexts: tuple[int, ...] = (256, 1024)  # prompt tokens per sequence
-    batch_sizes: tuple[int, ...] = (1, 4)
-    decode_steps: int = 16  # new tokens per sequence
-    repeats: int = 1  # measurements per point; the fastest is kept
-
-    @model_validator(mode="after")
-    def _valid(self) -> SpeedParams:
-        self.core()
-        return self
-
-    def core(self) -> InferenceConfig:
-        return InferenceConfig(self.contexts, self.batch_sizes, self.decode_steps, self.repeats)
-
-
 class EvalParams(BaseModel):
     """The held-out text and how much of it is scored; the optional suites (all off by default)."""
 
@@ -85,7 +66,7 @@ class EvalParams(BaseModel):
     mc_limit: int | None = None  # items per task (per subject for MMLU); None = every item
     mc_data_dir: str | None = None  # the normalized MC JSONL files; None = shared/data/mc
     needle: NeedleParams | None = None  # None = no needle test
-    speed: SpeedParams | None = None  # None = no speed and memory grid
+    speed: InferenceConfig | None = None  # prefill / decode tokens/s and peak memory grid; None = none
 
     @field_validator("mc_tasks")
     @classmethod
@@ -121,7 +102,7 @@ class EvalParams(BaseModel):
             perplexity=PerplexityConfig(window=self.window, max_tokens=self.max_tokens),
             multiple_choice=MCConfig(tasks=self.mc_tasks, limit=self.mc_limit, **data) if self.mc_tasks else None,
             needle=self.needle.core() if self.needle else None,
-            inference=self.speed.core() if self.speed else None,
+            inference=self.speed,
             kv_probe_tokens=self.kv_probe_tokens,
         )
 
@@ -135,17 +116,15 @@ def check_eval_inputs(model: ModelSource, config: EvalParams) -> None:
         check_lengths(load_model_config(model), suite)
 
 
-@stage_task(STAGE, code=CODE)
-def evaluate(model: ModelSource | StageResult, slug: str, text: DataSource, config: EvalParams, run: RunLink) -> StageResult:
+@stage_task(STAGE, code=CODE, params=lambda config, text, **_: {**config.model_dump(mode="json"), "source": text.source})
+def evaluate(model: ModelSource | StageResult, slug: str, text: DataSource, config: EvalParams, run: RunLink) -> StageOutput:
     """PPL (fp32 logits) of the first `max_tokens` tokens of `text`, measured KV bytes/token, and the enabled
     suites; the full result as JSON, the needle heatmap as PNG, every figure as a metric."""
-    params = {**config.model_dump(mode="json"), "source": text.source}
-    with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
-        network, tokenizer = load_model_input(model)
-        held_out = read_text(text)
-        result = evaluate_model(network, tokenizer, config.suite(), run.label or "model", perplexity_text=held_out)
-        output, files = store_result(result, slug)
-        return finish_stage(STAGE, output, params=params, files=files, metrics=flat_metrics(result))
+    network, tokenizer = load_model_input(model)
+    held_out = read_text(text)
+    result = evaluate_model(network, tokenizer, config.suite(), run.label or "model", perplexity_text=held_out)
+    output, files = store_result(result, slug)
+    return StageOutput(output, files=files, metrics=flat_metrics(result))
 
 
 def store_result(result: EvalResult, slug: str) -> tuple[ArtifactRef, dict[str, ArtifactRef]]:
@@ -169,13 +148,13 @@ def log_comparison(original: StageResult, candidates: dict[str, StageResult]) ->
     active run as eval_table.md / eval_table.json with the KV-cache plot and, where speed ran, decode speed."""
     results = {"original": load_result(original), **{label: load_result(r) for label, r in candidates.items()}}
     table = compare(results, baseline="original")
-    mlflow.log_text(table.to_markdown(), "eval_table.md")
-    mlflow.log_dict(json.loads(table.to_json()), "eval_table.json")
+    tracking.log_text(table.to_markdown(), "eval_table.md")
+    tracking.log_json(json.loads(table.to_json()), "eval_table.json")
     figures = {"kv_cache.png": plots.kv_cache(results)}
     if any(r.inference for r in results.values()):
         figures["decode_speed.png"] = plots.decode_speed(results)
     with scratch_dir() as tmp:
         for name, png in figures.items():
             (tmp / name).write_bytes(png)
-            mlflow.log_artifact(str(tmp / name))
+            tracking.log_file(tmp / name)
     return table

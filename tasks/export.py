@@ -9,10 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.tracking import stage_run
 from mha2mla_core.conversion.config import MLAConfig
 from mha2mla_core.conversion.export import check_engine_layout, deepseek_config, export_deepseek_v3, write_model_card
-from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, scratch_dir, stage_task
+from infra.settings import Settings
+from infra.stage import RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task
 from tasks.inputs import ModelSource, load_checkpoint, load_tensors
 
 STAGE = "export"
@@ -42,32 +42,31 @@ def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> 
     check_engine_layout(config, params.target)
 
 
-@stage_task(STAGE, code=("mha2mla_core.conversion.export", "mha2mla_core.modeling.modeling_mla"))
+@stage_task(STAGE, code=("mha2mla_core.conversion.export", "mha2mla_core.modeling.modeling_mla"), params=lambda params, **_: params.model_dump())
 def export(
     checkpoint: StageResult, model: ModelSource, calibration: StageResult, quality: dict, params: ExportParams, run: RunLink
-) -> StageResult:
+) -> StageOutput:
     """The DeepSeek-V3 directory (config, safetensors, tokenizer, model card with the source, `quality` and the
     export's own measurements)."""
-    with stage_run(run.run_name(STAGE), params.model_dump(), parent_run_id=run.parent_run_id):
-        mla, tokenizer = load_checkpoint(checkpoint)
-        calib_ids = load_tensors(calibration)["input_ids"][: params.check_tokens] if params.check_tokens else None
-        with scratch_dir() as tmp:
-            summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target)
-            source = {"name": model.name, "sha256": model.digest}
-            write_model_card(tmp / "model", summary, mla.config, source=source, quality=quality)
-            output = context().store.put_dir(tmp / "model", artifact_key(model.slug, STAGE, "model"), move=True)
-        figures = {**summary, **summary.get("measured", {})}
-        metrics = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return finish_stage(STAGE, output, params=params, metrics=metrics)
+    mla, tokenizer = load_checkpoint(checkpoint)
+    calib_ids = load_tensors(calibration)["input_ids"][: params.check_tokens] if params.check_tokens else None
+    with scratch_dir() as tmp:
+        summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target)
+        source = {"name": model.name, "sha256": model.digest}
+        write_model_card(tmp / "model", summary, mla.config, source=source, quality=quality)
+        output = context().store.put_dir(tmp / "model", artifact_key(model.slug, STAGE, "model"), move=True)
+    figures = {**summary, **summary.get("measured", {})}
+    metrics = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return StageOutput(output, metrics=metrics)
 
 
-def export_checkpoint(checkpoint: str, out: Path, params: ExportParams) -> dict:
+def export_checkpoint(checkpoint: str, out: Path, params: ExportParams, settings: Settings) -> dict:
     """`mha2mla export`: a converted checkpoint (a local folder, or a models:/ or artifact URI of this store) written
     to `out` in DeepSeek-V3's format, its logits checked on the packaged calibration text. Returns the summary."""
     from mha2mla_core import default_calibration_texts, load_model, sample_calibration
 
     with tempfile.TemporaryDirectory(prefix="mha2mla-export-") as tmp:
-        model, tokenizer = load_model(str(local_checkpoint(checkpoint, Path(tmp))))
+        model, tokenizer = load_model(str(local_checkpoint(checkpoint, Path(tmp), settings)))
     calib_ids = None
     if params.check_tokens:
         sample = sample_calibration(default_calibration_texts(), tokenizer, params.check_tokens)
@@ -75,15 +74,14 @@ def export_checkpoint(checkpoint: str, out: Path, params: ExportParams) -> dict:
     return export_deepseek_v3(model, out, tokenizer, calib_ids, params.target)
 
 
-def local_checkpoint(checkpoint: str, tmp: Path) -> Path:
-    """A local folder as it is; a models:/ or artifact URI downloaded from the store, every file's digest checked."""
+def local_checkpoint(checkpoint: str, tmp: Path, settings: Settings) -> Path:
+    """A local folder as it is; a models:/ or artifact URI downloaded from the store of `settings`, every file's
+    digest checked."""
     if Path(checkpoint).is_dir():
         return Path(checkpoint)
     from infra.artifacts import open_store
-    from infra.settings import Settings
     from infra.tracking import configure, lineage
 
-    settings = Settings()
     configure(settings, create=False)
     found = lineage(checkpoint)
     return open_store(settings.artifact_root, settings).get_dir(found.uri, tmp / "model", sha256=found.sha256)

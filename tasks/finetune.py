@@ -18,22 +18,13 @@ import copy
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from infra.tracking import log_metrics, stage_run
+from infra.tracking import log_metrics
 from mha2mla_core.training.loop import finetune as train
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
 from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows
-from tasks.common import (
-    DatasetInput,
-    RunLink,
-    StageResult,
-    artifact_key,
-    context,
-    finish_stage,
-    stage_task,
-    work_dir,
-)
+from infra.stage import DatasetInput, RunLink, StageOutput, StageResult, artifact_key, context, stage_task, work_dir
 from tasks.inputs import (
     DataSource,
     ModelSource,
@@ -111,63 +102,70 @@ class FinetuneParams(BaseModel):
                           num_rows=max(1, t.max_tokens // t.seq_len), seed=t.seed)  # fmt: skip
 
 
-@stage_task(DATA_STAGE, code=("mha2mla_core.training.packing", "mha2mla_core.training.synthetic"))
-def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run: RunLink) -> StageResult:
+def _rows_device(config: RowsParams) -> torch.device:
+    return training_device(context().settings.device) if config.synthetic_fraction > 0 else torch.device("cpu")
+
+
+def _rows_params(config: RowsParams, data: DataSource, **_) -> dict:
+    return {**config.model_dump(mode="json"), "source": data.source, "device": str(_rows_device(config))}
+
+
+def _training_params(config: BaseModel, rows: StageResult, **_) -> dict:
+    device = training_device(context().settings.device)
+    return {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
+
+
+@stage_task(DATA_STAGE, code=("mha2mla_core.training.packing", "mha2mla_core.training.synthetic"), params=_rows_params)
+def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run: RunLink) -> StageOutput:
     """The training rows (N, seq_len) as int32 token ids: the packed documents, `synthetic_fraction` of them
     replaced by continuations the original model samples from their first tokens."""
-    device = training_device(context().settings.device) if config.synthetic_fraction > 0 else torch.device("cpu")
-    params = {**config.model_dump(mode="json"), "source": data.source, "device": str(device)}
-    with stage_run(run.run_name(DATA_STAGE), params, parent_run_id=run.parent_run_id):
-        original, tokenizer = load_source(model)
-        sampler = on_device(original, device)
-        packed = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars),
-                            config.seq_len)  # fmt: skip
-        rows = mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
-        output = save_tensors({"rows": rows.to(torch.int32)}, artifact_key(model.slug, DATA_STAGE, "rows.safetensors"))
-        sampled = num_sampled_rows(config.synthetic_fraction, config.num_rows)
-        metrics = {"rows": rows.shape[0], "tokens": rows.numel(), "sampled_rows": sampled}
-        dataset = DatasetInput(name="finetune-text", digest=data.digest, source=data.uri)
-        return finish_stage(DATA_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+    original, tokenizer = load_source(model)
+    sampler = on_device(original, _rows_device(config))
+    packed = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars),
+                        config.seq_len)  # fmt: skip
+    rows = mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
+    output = save_tensors({"rows": rows.to(torch.int32)}, artifact_key(model.slug, DATA_STAGE, "rows.safetensors"))
+    sampled = num_sampled_rows(config.synthetic_fraction, config.num_rows)
+    metrics = {"rows": rows.shape[0], "tokens": rows.numel(), "sampled_rows": sampled}
+    dataset = DatasetInput(name="finetune-text", digest=data.digest, source=data.uri)
+    return StageOutput(output, metrics=metrics, datasets=(dataset,))
 
 
-@stage_task(RECON_STAGE, code=("mha2mla_core.training.reconstruct", "mha2mla_core.hub_code"))
+@stage_task(RECON_STAGE, code=("mha2mla_core.training.reconstruct", "mha2mla_core.hub_code"), params=_training_params)
 def reconstruct(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: ReconstructParams, run: RunLink
-) -> StageResult:
+) -> StageOutput:
     """Fit each attention layer of a private copy of `checkpoint` to the original `model`'s on the first rows."""
     device = training_device(context().settings.device)
-    params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
-    with stage_run(run.run_name(RECON_STAGE), params, parent_run_id=run.parent_run_id):
-        teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, with_teacher=True)
-        first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
-        fit = reconstruct_attention(student, teacher, first.to(device), config.config)
-        del teacher
-        output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, RECON_STAGE, "model"))
-        before, after = fit.rel_mse_before, fit.rel_mse_after
-        metrics = {"rel_mse_before": sum(before) / len(before), "rel_mse_after": sum(after) / len(after),
-                   "seconds": fit.seconds, "tokens": first.numel()}  # fmt: skip
-        dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
-        return finish_stage(RECON_STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+    teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, with_teacher=True)
+    first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
+    fit = reconstruct_attention(student, teacher, first.to(device), config.config)
+    del teacher
+    output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, RECON_STAGE, "model"))
+    before, after = fit.rel_mse_before, fit.rel_mse_after
+    metrics = {"rel_mse_before": sum(before) / len(before), "rel_mse_after": sum(after) / len(after),
+               "seconds": fit.seconds, "tokens": first.numel()}  # fmt: skip
+    dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
+    return StageOutput(output, metrics=metrics, datasets=(dataset,))
 
 
-@stage_task(STAGE, code=("mha2mla_core.training.loop", "mha2mla_core.training.losses", "mha2mla_core.hub_code"))
+@stage_task(STAGE, code=("mha2mla_core.training.loop", "mha2mla_core.training.losses", "mha2mla_core.hub_code"),
+        params=_training_params)
 def finetune(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: FinetuneParams, run: RunLink
-) -> StageResult:
+) -> StageOutput:
     """Train a private copy of `checkpoint` on `rows` (from `finetune_data`) with the original `model` as teacher;
     metrics every log step."""
     device = training_device(context().settings.device)
-    params = {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
-    with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
-        train_cfg = config.train
-        teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, train_cfg.kd_weight > 0)
-        result = train(student, teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
-                       callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
-        del teacher
-        output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
-        dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
-        metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
-        return finish_stage(STAGE, output, params=params, metrics=metrics, datasets=(dataset,))
+    train_cfg = config.train
+    teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, train_cfg.needs_teacher)
+    result = train(student, teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
+                   callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
+    del teacher
+    output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
+    dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
+    metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
+    return StageOutput(output, metrics=metrics, datasets=(dataset,))
 
 
 def _training_inputs(model: ModelSource, checkpoint: StageResult, rows: StageResult, device: torch.device,

@@ -4,9 +4,9 @@ Resolution (`resolve_model`, `resolve_data`) runs in the flow before any stage, 
 missing file fails in seconds with the fix. A source's digest is its content's (a file's sha256, a directory's
 manifest hash); a hub model or dataset counts as its commit sha; an s3:// object as its ETag.
 
-Models are read once per process: `load_source` / `load_checkpoint` keep the last few in memory keyed by
-their digest (a model is immutable once loaded: stages never train a source in place), so the flow's stages
-do not reload the same 135M-parameter model three times.
+Models are read once per stage runtime: `load_source` / `load_checkpoint` keep the last few in the runtime's
+memo (`context().models`, keyed by digest; a model is immutable once loaded: stages never train a source in
+place), so the flow's stages do not reload the same 135M-parameter model three times.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import torch
@@ -26,14 +23,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from infra.artifacts import ArtifactRef, s3_client, safe_key, sha256_file
-from tasks.common import StageResult, context, scratch_dir
+from infra.stage import StageResult, context, scratch_dir
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
 DEFAULT_CALIBRATION = PACKAGE_PREFIX + "calibration_books.txt"
 DEFAULT_EVAL_TEXT = PACKAGE_PREFIX + "heldout_books.txt"
-_MEMO_MODELS = 3
 
 
 class ModelSource(BaseModel):
@@ -194,41 +190,11 @@ def read_text(data: DataSource) -> str:
 # ------------------------------------------------------------------------------------------------ models
 
 
-class _Memo:
-    """The last few loaded models by digest; one loader runs per digest at a time."""
-
-    def __init__(self, size: int):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
-        self.key_locks: dict[str, threading.Lock] = {}
-
-    def get(self, digest: str, load: Callable[[], Any]) -> Any:
-        with self.lock:
-            key_lock = self.key_locks.setdefault(digest, threading.Lock())
-        with key_lock:
-            with self.lock:
-                if digest in self.items:
-                    self.items.move_to_end(digest)
-                    return self.items[digest]
-            value = load()
-            self.put(digest, value)
-            return value
-
-    def put(self, digest: str, value: Any) -> None:
-        with self.lock:
-            self.items[digest] = value
-            self.items.move_to_end(digest)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-
-MODELS = _Memo(_MEMO_MODELS)
-
-
 def load_source(source: ModelSource):
     """(model, tokenizer) of a source model, fp32, eval mode."""
     from mha2mla_core import load_model
 
-    return MODELS.get(source.digest, lambda: load_model(source.name))
+    return context().models.get(source.digest, lambda: load_model(source.name))
 
 
 def load_model_config(source: ModelSource):
@@ -250,7 +216,7 @@ def load_checkpoint(result: StageResult, shared: bool = True):
             directory = context().store.get_dir(result.uri, tmp / "model", sha256=result.sha256)
             return load_model(str(directory))
 
-    return MODELS.get(result.sha256, fetch) if shared else fetch()
+    return context().models.get(result.sha256, fetch) if shared else fetch()
 
 
 def load_model_input(model: ModelSource | StageResult):
@@ -267,7 +233,7 @@ def save_checkpoint(model, tokenizer, key: str) -> ArtifactRef:
         tokenizer.save_pretrained(tmp / "model")
         bundle_code(tmp / "model")
         ref = context().store.put_dir(tmp / "model", key, move=True)
-    MODELS.put(ref.sha256, (model, tokenizer))
+    context().models.put(ref.sha256, (model, tokenizer))
     return ref
 
 

@@ -1,20 +1,25 @@
-"""PNG figures of the conversion stages (matplotlib, Agg backend, no display)."""
+"""PNG figures of the conversion stages: each a `matplotlib.figure.Figure` drawn on its own Agg canvas, so no
+backend or pyplot state of the process is touched (no display needed)."""
 
 from __future__ import annotations
 
 import io
 
-import matplotlib
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -22,7 +27,8 @@ def rope_heatmap(scores: torch.Tensor) -> bytes:
     """2-norm scores (layers, Hkv, D/2) as one heatmap: rows = layers, columns = (KV head, pair)."""
     layers, heads, pairs = scores.shape
     grid = (scores / scores.amax(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(layers, heads * pairs)
-    fig, ax = plt.subplots(figsize=(max(6, heads * pairs / 10), max(3, layers / 5)))
+    fig = _figure((max(6, heads * pairs / 10), max(3, layers / 5)))
+    ax = fig.subplots()
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     for h in range(1, heads):
         ax.axvline(h * pairs - 0.5, color="white", linewidth=0.8)
@@ -33,8 +39,9 @@ def rope_heatmap(scores: torch.Tensor) -> bytes:
 
 def svd_spectrum(spectra: list[torch.Tensor], kept: int | None) -> bytes:
     """Normalised singular values of each layer's K_nope/V rows (log scale), the kept rank marked."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colors = plt.cm.viridis(torch.linspace(0, 1, len(spectra)).numpy())
+    fig = _figure((6, 4))
+    ax = fig.subplots()
+    colors = colormaps["viridis"](torch.linspace(0, 1, len(spectra)).numpy())
     for i, values in enumerate(spectra):
         ax.semilogy((values / values[0]).numpy(), color=colors[i], linewidth=0.8, label=f"layer {i}" if i in (0, len(spectra) - 1) else None)
     if kept is not None:

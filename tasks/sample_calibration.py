@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.tracking import stage_run
 from mha2mla_core.conversion.calibration import continue_with_model
 from mha2mla_core.conversion.calibration import sample_calibration as sample_ids
-from tasks.common import DatasetInput, RunLink, StageResult, artifact_key, finish_stage, stage_task
+from infra.stage import DatasetInput, RunLink, StageOutput, artifact_key, stage_task
 from tasks.inputs import DataSource, ModelSource, load_source, read_documents, save_tensors
 
 STAGE = "sample-calibration"
@@ -29,21 +28,21 @@ class CalibrationParams(BaseModel):
     model_samples: bool = False
 
 
-@stage_task(STAGE, code=("mha2mla_core.conversion.calibration", "mha2mla_core.data"))
+def _params(config: CalibrationParams, seq_len: int, data: DataSource, **_) -> dict:
+    return {**config.model_dump(mode="json"), "seq_len": seq_len, "source": data.source}
+
+
+@stage_task(STAGE, code=("mha2mla_core.conversion.calibration", "mha2mla_core.data"), params=_params)
 def sample_calibration(
     model: ModelSource, data: DataSource, config: CalibrationParams, seq_len: int, run: RunLink
-) -> StageResult:
+) -> StageOutput:
     """Tokenize the calibration documents and keep `num_tokens` ids in whole windows of `seq_len`."""
-    params = {**config.model_dump(mode="json"), "seq_len": seq_len, "source": data.source}
-    with stage_run(run.run_name(STAGE), params, parent_run_id=run.parent_run_id):
-        original, tokenizer = load_source(model)
-        texts = read_documents(data, config.text_field, config.split, config.limit_chars)
-        sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
-        if config.model_samples:
-            sample = continue_with_model(original, sample, seq_len, seed=config.seed)
-        key = artifact_key(model.slug, STAGE, "calibration.safetensors")
-        output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
-        dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.uri)
-        return finish_stage(
-            STAGE, output, params=params, metrics={"num_tokens": sample.num_tokens}, datasets=(dataset,)
-        )
+    original, tokenizer = load_source(model)
+    texts = read_documents(data, config.text_field, config.split, config.limit_chars)
+    sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
+    if config.model_samples:
+        sample = continue_with_model(original, sample, seq_len, seed=config.seed)
+    key = artifact_key(model.slug, STAGE, "calibration.safetensors")
+    output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
+    dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.uri)
+    return StageOutput(output, metrics={"num_tokens": sample.num_tokens}, datasets=(dataset,))

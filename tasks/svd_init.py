@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from infra.tracking import stage_run
 from mha2mla_core import MLAConfig
 from mha2mla_core.conversion.convert import convert_to_mla_with_report
-from tasks.common import RunLink, StageResult, artifact_key, context, finish_stage, stage_task
+from infra.stage import RunLink, StageOutput, StageResult, artifact_key, context, stage_task
 from tasks.inputs import ModelSource, load_source, load_tensors, save_checkpoint
 from tasks.plots import svd_spectrum
 
@@ -14,17 +13,16 @@ CORE = ("mha2mla_core.conversion.convert", "mha2mla_core.conversion.rope", "mha2
         "mha2mla_core.conversion.config", "mha2mla_core.modeling.modeling_mla", "mha2mla_core.hub_code")  # fmt: skip
 
 
-@stage_task(STAGE, code=CORE)
-def svd_init(model: ModelSource, calibration: StageResult, scores: StageResult | None, config: MLAConfig, run: RunLink) -> StageResult:
+@stage_task(STAGE, code=CORE, params=lambda config, **_: config.to_dict())
+def svd_init(model: ModelSource, calibration: StageResult, scores: StageResult | None, config: MLAConfig, run: RunLink) -> StageOutput:
     """The converted model directory (safetensors + config + tokenizer); `scores` is needed for 2-norm."""
-    with stage_run(run.run_name(STAGE), config.to_dict(), parent_run_id=run.parent_run_id):
-        source, tokenizer = load_source(model)
-        rope_scores = load_tensors(scores)["scores"] if scores is not None else None
-        calib_ids = load_tensors(calibration)["input_ids"]
-        mla, report = convert_to_mla_with_report(source, config, calib_ids, rope_scores)
-        output = save_checkpoint(mla, tokenizer, artifact_key(model.slug, STAGE, "model"))
-        rank = mla.config.kv_lora_rank if config.kv_rank is not None else None
-        spectrum = svd_spectrum(report.spectra, rank * mla.config.kv_latent_groups if rank else None)
-        plot = context().store.put_bytes(spectrum, artifact_key(model.slug, STAGE, "svd_spectrum.png"))
-        metrics = {"convert_seconds": report.seconds, "kv_bytes_per_token": mla.kv_bytes_per_token()}
-        return finish_stage(STAGE, output, params=config.to_dict(), files={"svd_spectrum.png": plot}, metrics=metrics)
+    source, tokenizer = load_source(model)
+    rope_scores = load_tensors(scores)["scores"] if scores is not None else None
+    calib_ids = load_tensors(calibration)["input_ids"]
+    mla, report = convert_to_mla_with_report(source, config, calib_ids, rope_scores)
+    output = save_checkpoint(mla, tokenizer, artifact_key(model.slug, STAGE, "model"))
+    rank = mla.config.kv_lora_rank if config.kv_rank is not None else None
+    spectrum = svd_spectrum(report.spectra, rank * mla.config.kv_latent_groups if rank else None)
+    plot = context().store.put_bytes(spectrum, artifact_key(model.slug, STAGE, "svd_spectrum.png"))
+    metrics = {"convert_seconds": report.seconds, "kv_bytes_per_token": mla.kv_bytes_per_token()}
+    return StageOutput(output, files={"svd_spectrum.png": plot}, metrics=metrics)

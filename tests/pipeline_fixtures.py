@@ -81,10 +81,9 @@ def write_tiny_catalog(path, model, configs: str):
 
 def _reset_process_state(reopen: bool = True):
     """Forget the process's store, MLflow target and loaded models; reopen them from the environment."""
-    from tasks import common, inputs
+    from infra import stage as common
 
     common.context.cache_clear()
-    inputs.MODELS.items.clear()
     if reopen:
         common.context()
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from tasks import common
-from tasks.common import _code_closure, code_digest
+from infra import code_digest as common
+from infra.code_digest import _code_closure, code_digest
 
 
 def test_closure_follows_core_imports_transitively_and_keys_third_party_libraries():

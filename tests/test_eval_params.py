@@ -7,7 +7,7 @@ import pytest
 
 from eval_tiny import write_arc_items
 from mha2mla_core.evaluation.multiple_choice import TASK_FILES
-from tasks.common import cache_payload
+from infra.stage import cache_payload
 from tasks.evaluate import EvalParams, check_eval_inputs
 from tasks.inputs import resolve_model
 

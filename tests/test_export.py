@@ -242,7 +242,7 @@ def test_convert_flow_exports_after_the_evaluations_and_refuses_early(local_env,
     from transformers import AutoModelForCausalLM
 
     from flows.convert import convert
-    from tasks.common import context
+    from infra.stage import context
 
     base = tiny_params(tiny_source, rope_strategy="rotated")  # the default conversion: exportable
     params = type(base).model_validate({**base.model_dump(mode="json"), "export": {"check_tokens": 128}})

@@ -120,7 +120,7 @@ def test_convert_on_s3_tracks_everything_and_reruns_from_cache(s3_env, s3_admin,
 def test_data_free_calibration_is_the_models_own_continuations(local_env, tiny_source, tiny_params):
     from safetensors.torch import load
 
-    from tasks.common import context
+    from infra.stage import context
 
     base = tiny_params(tiny_source)
     plain = run_convert(base)
@@ -164,7 +164,7 @@ def test_eval_suites_rerun_only_evaluate_and_fill_the_table(local_env, tiny_sour
     """MC (a 10-item local task), needle and speed on the tiny model, switched on after a plain run."""
     from eval_tiny import HAYSTACK, write_arc_items
     from mha2mla_core.evaluation import EvalResult
-    from tasks.common import context
+    from infra.stage import context
 
     write_arc_items(tmp_path)
     (tmp_path / "hay.txt").write_text(HAYSTACK * 8)
@@ -211,7 +211,7 @@ def test_eval_suites_rerun_only_evaluate_and_fill_the_table(local_env, tiny_sour
 
 def test_finetune_and_quantize_kv_stages(local_env, tiny_source, tmp_path, tiny_params):
     from mha2mla_core import load_model
-    from tasks.common import context
+    from infra.stage import context
 
     train = tmp_path / "train.txt"
     train.write_text("the river ran past the old mill and the children watched the boats go by . " * 200)
@@ -267,7 +267,7 @@ def test_data_free_finetune_needs_no_text(local_env, tiny_source, tiny_params):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_training_on_a_missing_device_fails_before_any_stage(local_env, tiny_source, executions, tiny_params, monkeypatch):
-    from tasks.common import context
+    from infra.stage import context
 
     monkeypatch.setenv("MHA2MLA_DEVICE", "cuda")
     context.cache_clear()
@@ -285,7 +285,7 @@ def test_transient_fault_is_retried(local_env, tiny_source, executions, tiny_par
 
 
 def test_permanent_failure_keeps_earlier_stages_and_rerun_starts_at_it(local_env, tiny_source, executions, tiny_params):
-    from tasks.common import context
+    from infra.stage import context
 
     executions.fail("score-rope", ValueError("bad input, no retry"))
     with pytest.raises(ValueError, match="bad input"):
@@ -319,7 +319,7 @@ def _fail_s3_requests(client, operation: str, count: int) -> list[str]:
 
 
 def test_s3_server_errors_are_retried_with_nothing_lost(s3_env, tiny_source, executions, tiny_params):
-    from tasks.common import context
+    from infra.stage import context
 
     store = context().store
     # 4 failures outlast botocore's 3 attempts once: one request fails for good, the stage's retry recovers
@@ -334,7 +334,7 @@ def test_s3_server_errors_are_retried_with_nothing_lost(s3_env, tiny_source, exe
 
 
 def test_corrupted_artifact_is_a_cache_miss(local_env, tiny_source, executions, tiny_params):
-    from tasks.common import context
+    from infra.stage import context
 
     first = run_convert(tiny_params(tiny_source))
     calib_uri, calib_sha = stage_output(first.run_id, "sample-calibration")
@@ -397,7 +397,7 @@ def test_killed_flow_is_resumed(local_env, prefect_api, tiny_source, tmp_path, e
 
 
 def test_bad_input_fails_before_any_stage(local_env, tiny_source, executions, free_port, s3_admin, s3_endpoint, monkeypatch, tiny_params):
-    from tasks.common import context
+    from infra.stage import context
 
     with pytest.raises(ValueError, match="unknown model 'no-such-org/no-such-model'"):
         run_convert(tiny_params("no-such-org/no-such-model"))

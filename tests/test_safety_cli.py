@@ -38,7 +38,7 @@ def test_convert_runs_from_any_directory_with_relative_paths(local_env, tiny_sou
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("MHA2MLA_ARTIFACT_ROOT", "./store")
     monkeypatch.setenv("COLUMNS", "250")
-    from tasks.common import context
+    from infra.stage import context
 
     context.cache_clear()
     code, out = invoke("convert", str(tiny_source), *TINY, "--eval-text", "./heldout.txt")

@@ -52,7 +52,7 @@ def test_catalog_entries_that_share_stages_run_at_once(local_env, tiny_source, t
     """Two entries at once share sample-calibration, score-rope and evaluate[original] (one cache key each, and
     evaluate's result differs per writer: it holds timings); every entry must succeed, every artifact verify."""
     from flows.catalog import catalog
-    from tasks.common import context
+    from infra.stage import context
 
     file = write_tiny_catalog(tmp_path / "catalog.yaml", tiny_source, """
         {name: k4, mla: {kv_rank: 4}}

@@ -47,7 +47,7 @@ def warnings_of(name: str) -> Iterator[list[str]]:
 
 
 def stage_result():
-    from tasks.common import StageResult
+    from infra.stage import StageResult
 
     return StageResult(stage="svd-init", output=ArtifactRef(uri="file:///s/m", sha256="0" * 64, size=1))
 
@@ -58,7 +58,7 @@ def record(result, serializer=None) -> bytes:
 
 
 def test_parse_record_reads_only_json_records_of_stage_results(tmp_path):
-    from tasks.common import UnsafeRecordError, parse_record
+    from infra.stage import UnsafeRecordError, parse_record
 
     good = record(stage_result())
     assert parse_record(good) == stage_result()
@@ -101,7 +101,7 @@ def _record_uris(store) -> list[str]:
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_pickle_cache_record_runs_no_code_and_is_a_cache_miss(where, request, tiny_source, tiny_params, tmp_path):
     from flows.convert import convert
-    from tasks.common import context
+    from infra.stage import context
 
     request.getfixturevalue("local_env" if where == "local" else "s3_env")
     stages = len(convert(tiny_params(tiny_source)).cache)
@@ -109,7 +109,7 @@ def test_a_pickle_cache_record_runs_no_code_and_is_a_cache_miss(where, request, 
     markers.mkdir()
     assert _poison_records(context().store, markers) == stages
 
-    with warnings_of("tasks.common") as warnings:
+    with warnings_of("infra.stage") as warnings:
         outcome = convert(tiny_params(tiny_source))
     assert list(markers.iterdir()) == []  # nothing was unpickled
     assert set(outcome.cache.values()) == {"miss"}
@@ -130,13 +130,13 @@ def test_uncached_stages_never_overwrite_a_registered_checkpoint(local_env, tiny
     """Cache lookups that fail (S3 GETs that keep failing, too many stale records) leave the stages uncached; two
     configs run that way must still write their checkpoints to paths of their own."""
     from flows.convert import convert
-    from tasks import common
+    from infra import stage as common
 
     def lookup_fails(key, store):
         raise OSError("GET prefect-results/... failed 3 times")
 
     monkeypatch.setattr(common, "record_problem", lookup_fails)
-    with warnings_of("tasks.common") as warnings:
+    with warnings_of("infra.stage") as warnings:
         first = convert(tiny_params(tiny_source, name="shared-name"))
     assert "svd-init: cannot read its cache records (OSError: GET prefect-results/... failed 3 times); the stage " \
            "runs uncached" in warnings
@@ -173,7 +173,7 @@ def test_a_registered_version_found_corrupt_is_pointed_at_the_good_copy(local_en
 @pytest.mark.slow
 def test_a_version_marked_corrupt_is_superseded_by_the_next_one(local_env, tiny_source, tiny_params):
     from flows.convert import convert, registered_checkpoint
-    from tasks.common import mark_registered
+    from infra.tracking import mark_registered
 
     first = convert(tiny_params(tiny_source, name="tiny-mla"))
     assert mark_registered(first.checkpoint.uri, "corrupt: found by hand") == ["tiny-mla/1"]

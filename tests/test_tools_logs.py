@@ -59,7 +59,7 @@ def test_terminal_progress_counts_training_steps_and_shows_the_latest_line():
 
     from rich.console import Console
 
-    from flows.cli import StageProgress, stage_progress
+    from flows.console import StageProgress, stage_progress
 
     out = io.StringIO()
     handler = StageProgress(stage_progress(Console(file=out, force_terminal=True, width=160)))
@@ -86,7 +86,7 @@ def test_piped_progress_prints_info_lines_and_leaves_warnings_to_the_log_handler
 
     from rich.console import Console
 
-    from flows import cli
+    from flows import console as cli
 
     out = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=out, width=200))  # not a terminal

@@ -24,13 +24,16 @@ from infra.tracking import (
     lineage,
     log_dataset,
     log_metrics,
+    log_json,
     log_output,
     log_table_markdown,
+    log_text,
     parent_run,
     recent_runs,
     register_checkpoint,
     run_tags,
     stage_run,
+    stored_config,
 )
 from mha2mla_core import MLAConfig, convert_to_mla
 from mha2mla_core.hub_code import bundle_code
@@ -203,22 +206,26 @@ def test_markdown_table_artifact(settings):
     assert mlflow.artifacts.load_text(f"{artifact_uri}/summary.md") == markdown
 
 
-def test_a_copied_store_does_not_write_new_runs_into_the_old_folder(mlflow_db_template, tmp_path):
-    def store(folder):
-        return Settings(_env_file=None, tracking_uri=f"sqlite:///{folder}/mlflow.db", artifact_root=str(folder / "a"))
-
+def test_a_moved_store_reads_its_runs_and_writes_new_ones_in_its_own_place(mlflow_db_template, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     shutil.copyfile(mlflow_db_template, old / "mlflow.db")
-    configure(store(old))
-    with parent_run("before"):
-        pass
+    configure(Settings(_env_file=None, home=str(old)))
+    with parent_run("before") as before:
+        log_json({"flow": "convert", "params": {"model": "tiny"}}, "config.json")
     shutil.copytree(old, new)
-    with pytest.raises(ValueError, match="the store was copied or moved.*set MHA2MLA_EXPERIMENT"):
-        configure(store(new))
-    configure(store(new), create=False)  # reading still works
+    shutil.rmtree(old)
+    configure(Settings(_env_file=None, home=str(new)), create=False)
     assert [r.run.name for r in recent_runs()] == ["before"]
-    configure(store(new).model_copy(update={"experiment": "here"}))
+    assert stored_config(before, ("config.json",))["params"] == {"model": "tiny"}  # read from the new place
+    configure(Settings(_env_file=None, home=str(new)))
     with parent_run("after") as run_id:
-        mlflow.log_text("x", "x.txt")
+        log_text("x", "x.txt")
     assert MlflowClient().get_run(run_id).info.artifact_uri.startswith((new / "mlruns").as_uri())
+    assert not old.exists()
+
+
+def test_a_tracking_server_s_local_artifacts_of_another_store_are_not_written(settings, tmp_path):
+    elsewhere = settings.model_copy(update={"mlflow_artifact_root": str(tmp_path / "other-mlruns")})
+    with pytest.raises(ValueError, match="the store was copied or moved.*set MHA2MLA_EXPERIMENT"):
+        configure(elsewhere)

@@ -1,14 +1,21 @@
-"""What every stage task shares: the typed result, the content-hash cache policy, retries, result storage.
+"""How a stage runs under Prefect: the typed result, the content-hash cache policy, result storage, retries, and
+the stage's MLflow run.
 
-A stage task loads its inputs by URI, calls one core function, writes its outputs to the artifact store and
-returns a `StageResult` (URIs, sha256 digests, metrics): never a model or a tensor.
+A stage is a function decorated with `stage_task`: it loads its inputs by URI, calls one core function, writes its
+outputs to the artifact store and returns a `StageOutput` (artifact refs, metrics, datasets). The decorator opens
+the stage's MLflow run (nested under the flow's, named by the `RunLink`), turns the output into the frozen
+`StageResult` that Prefect caches (URIs, sha256 digests, metrics: never a model or a tensor) and logs it:
+
+    @stage_task("score-rope", code=("mha2mla_core.conversion.convert",), params=lambda seq_len, **_: {"seq_len": seq_len})
+    def score_rope(model: ModelSource, calibration: StageResult, seq_len: int, run: RunLink) -> StageOutput:
+        scores = score_pairs(load_source(model)[0], load_tensors(calibration)["input_ids"], seq_len)
+        return StageOutput(save_tensors({"scores": scores}, artifact_key(model.slug, "score-rope", "scores")))
 
 Cache key of a stage call = sha256 of
 - its inputs' digests: a `StageResult` counts as its output's sha256, a `ModelSource` / `DataSource` as its
   content digest, a config as its canonical JSON; the `RunLink` (where to log) does not count;
-- the stage's code: the source bytes of the task module, of the core modules it names, and of every
-  `mha2mla_core` module those import (followed transitively, lazy imports inside functions too), plus the versions
-  of the installed third-party distributions the core modules import (torch, transformers, lm_eval, ...).
+- the stage's code (`infra.code_digest`): the source of the task module, of the core modules it names and of every
+  core module those import, plus the versions of the third-party libraries the core imports.
 
 A cached result is reused only if every artifact it names still hashes to its recorded digest. A record whose
 artifacts are missing or changed is skipped: the key is re-derived from it, so the stage runs again and its
@@ -29,17 +36,16 @@ another result, or a registered version, points at.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
-import importlib.util
+import inspect
 import json
 import logging
-import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
-from importlib import metadata
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +61,6 @@ from prefect.transactions import get_transaction
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra import tracking
-from infra.tracking import CACHE_TAG, INTEGRITY_TAG, mark_registered
 from infra.artifacts import (
     ArtifactConflictError,
     ArtifactRef,
@@ -67,6 +72,7 @@ from infra.artifacts import (
     safe_key,
     scratch_root,
 )
+from infra.code_digest import code_digest
 from infra.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -74,7 +80,6 @@ logger = logging.getLogger(__name__)
 RESULTS_PREFIX = "prefect-results"
 STAGES_PREFIX = "stages"
 _REKEY_LIMIT = 8  # stale records skipped per key before the stage gives up caching
-_CORE = "mha2mla_core"
 
 
 class DatasetInput(BaseModel):
@@ -127,12 +132,43 @@ class RunLink(BaseModel):
         return f"{stage}[{self.label}]" if self.label else stage
 
 
+class Memo:
+    """The last `size` values loaded (models), by content digest; one loader runs per digest at a time."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+        self.key_locks: dict[str, threading.Lock] = {}
+
+    def get(self, digest: str, load: Callable[[], Any]) -> Any:
+        with self.lock:
+            key_lock = self.key_locks.setdefault(digest, threading.Lock())
+        with key_lock:
+            with self.lock:
+                if digest in self.items:
+                    self.items.move_to_end(digest)
+                    return self.items[digest]
+            value = load()
+            self.put(digest, value)
+            return value
+
+    def put(self, digest: str, value: Any) -> None:
+        with self.lock:
+            self.items[digest] = value
+            self.items.move_to_end(digest)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+MEMO_MODELS = 3  # models the stages of a process keep loaded (a flow's source, its checkpoints)
+
+
 @dataclass(frozen=True)
 class StageContext:
-    """The process's deployment settings and the artifact store they point at."""
+    """The process's deployment settings, the artifact store they point at, and the models its stages loaded."""
 
     settings: Settings
     store: ArtifactStore
+    models: Memo
 
 
 @functools.cache
@@ -146,7 +182,18 @@ def context() -> StageContext:
     tracking.configure(settings)
     for path in remove_orphans(scratch_root(settings)):
         logger.info("removed %s, left by a process that was killed", path)
-    return StageContext(settings=settings, store=store)
+    return StageContext(settings=settings, store=store, models=Memo(MEMO_MODELS))
+
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage function returns; `stage_task` makes it the stage's StageResult."""
+
+    output: ArtifactRef  # the primary artifact
+    files: dict[str, ArtifactRef] = field(default_factory=dict)  # side artifacts (plots), logged to MLflow by name
+    metrics: dict[str, float] = field(default_factory=dict)
+    datasets: tuple[DatasetInput, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------- cache key
@@ -169,121 +216,6 @@ def cache_payload(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"task input of type {type(value).__name__} cannot be part of a cache key; pass a config")
-
-
-@functools.cache
-def code_digest(modules: tuple[str, ...]) -> str:
-    """sha256 of the source of `modules` and of the core modules they import, and of the versions of the
-    third-party distributions the core modules import (see the module docstring)."""
-    sources, libraries = _code_closure(modules)
-    digest = hashlib.sha256()
-    for name in sorted(sources):
-        digest.update(name.encode() + b"\0" + sources[name])
-    for library in sorted(libraries):
-        digest.update(f"{library}={_distribution_version(library)}".encode())
-    return digest.hexdigest()
-
-
-def _code_closure(modules: tuple[str, ...]) -> tuple[dict[str, bytes], set[str]]:
-    """{module: source} of `modules` plus every `mha2mla_core` module reachable by imports, and the top-level names
-    of the other modules the core ones import. Core files are found on disk: nothing is imported."""
-    sources: dict[str, bytes] = {}
-    libraries: set[str] = set()
-    pending = list(modules)
-    while pending:
-        name = pending.pop()
-        if name in sources:
-            continue
-        sources[name] = _module_file(name).read_bytes()
-        for imported in _imports(sources[name]):
-            if imported.split(".")[0] == _CORE:
-                pending.append(imported)
-            elif name.split(".")[0] == _CORE and imported.split(".")[0] not in sys.stdlib_module_names:
-                libraries.add(imported.split(".")[0])
-    return sources, libraries
-
-
-@functools.cache
-def _core_root() -> Path:
-    return Path(importlib.util.find_spec(_CORE).origin).parent  # finding a top-level package does not import it
-
-
-def _module_file(name: str) -> Path:
-    if name.split(".")[0] == _CORE:
-        root = _core_root()
-        base = root.joinpath(*name.split(".")[1:])
-        for path in (base.with_suffix(".py"), base / "__init__.py"):
-            if path.is_file():
-                return path
-        raise ModuleNotFoundError(f"cache key: module {name} not found under {root}")
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"cache key: module {name} not found")
-    return Path(spec.origin)
-
-
-def _imports(source: bytes) -> set[str]:
-    """Absolute module names a source imports; in the core, the modules that define what it takes (see
-    `_core_targets`)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            core = node.module.split(".")[0] == _CORE
-            names.update(_core_targets(node.module, [a.name for a in node.names]) if core else {node.module})
-    return names
-
-
-def _core_targets(module: str, imported: list[str]) -> set[str]:
-    """The core modules `from module import *imported*` depends on: a submodule it names, or for a name a package
-    re-exports, the module that defines it, not every module the package's `__init__` imports."""
-    if _module_file(module).name != "__init__.py":
-        return {module}
-    exports = _package_exports(module)
-    targets = set()
-    for name in imported:
-        if _is_core_module(f"{module}.{name}"):
-            targets.add(f"{module}.{name}")
-        else:
-            targets.add(exports.get(name, module))  # defined in the package itself: all of it
-    return targets
-
-
-@functools.cache
-def _package_exports(package: str) -> dict[str, str]:
-    """{name: defining module} of the names a core package's `__init__` imports from the core."""
-    tree = ast.parse(_module_file(package).read_bytes())
-    return {alias.asname or alias.name: node.module for node in tree.body
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith(_CORE)
-            for alias in node.names}  # fmt: skip
-
-
-def _is_core_module(name: str) -> bool:
-    try:
-        _module_file(name)
-    except ModuleNotFoundError:
-        return False
-    return True
-
-
-@functools.cache
-def _distribution_version(top_level: str) -> str:
-    """The installed version of the distribution that provides import name `top_level`; "-" where it is not
-    installed (then it cannot have produced a cached result)."""
-    try:
-        return metadata.version(top_level)
-    except metadata.PackageNotFoundError:
-        if importlib.util.find_spec(top_level) is None:
-            return "-"
-        dists = _import_names_to_distributions().get(top_level, [])  # e.g. optimum -> optimum-quanto
-        return ",".join(f"{d}={metadata.version(d)}" for d in sorted(set(dists))) or "-"
-
-
-@functools.cache
-def _import_names_to_distributions() -> Mapping[str, list[str]]:
-    return metadata.packages_distributions()  # scans every installed distribution: once, and only when needed
-
 
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -327,6 +259,35 @@ def parse_record(content: bytes) -> StageResult:
         raise UnsafeRecordError(f"its result is not a valid StageResult ({exc.error_count()} errors)") from None
 
 
+STORE_URI = "mha2mla-store:"  # what a stored record writes for the root of the store that holds it
+
+
+def relocate(content: bytes, old: str, new: str) -> bytes:
+    """A result record with each artifact URI that starts with `old` starting with `new` instead; other content
+    as it is (`parse_record` judges it). Records are stored with their URIs relative to the store (`STORE_URI`),
+    so that a store copied or moved elsewhere still serves its cache from its own place."""
+    try:
+        record = json.loads(content)
+        record["result"] = json.dumps(_moved_uris(json.loads(record["result"]), old, new))
+    except (ValueError, KeyError, TypeError):
+        return content
+    return json.dumps(record).encode()
+
+
+def in_store(content: bytes, store: ArtifactStore) -> bytes:
+    """A stored record with its artifact URIs resolved against `store`'s root."""
+    return relocate(content, STORE_URI, store.root + "/")
+
+
+def _moved_uris(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, dict):
+        return {k: new + v.removeprefix(old) if k == "uri" and isinstance(v, str) and v.startswith(old)
+                else _moved_uris(v, old, new) for k, v in value.items()}  # fmt: skip
+    if isinstance(value, list):
+        return [_moved_uris(v, old, new) for v in value]
+    return value
+
+
 def _names_a_type(value: Any) -> bool:
     if isinstance(value, dict):
         return any(key in value for key in _DECODER_KEYS) or any(_names_a_type(v) for v in value.values())
@@ -342,15 +303,15 @@ def record_problem(key: str, store: ArtifactStore) -> str | None:
     if not store.exists(uri):
         return None
     try:
-        result = parse_record(store.get_bytes(uri))
+        result = parse_record(in_store(store.get_bytes(uri), store))
     except UnsafeRecordError as exc:
         return f"was refused: {exc}"
     broken = [ref for ref in result.refs() if not _intact(ref, store)]
     if not broken:
         return None
     for ref in broken:
-        for version in mark_registered(ref.uri, f"corrupt: {ref.uri} no longer hashes to {ref.sha256}"):
-            logger.warning("registered model %s points at the corrupt %s; tagged %s", version, ref.uri, INTEGRITY_TAG)
+        for version in tracking.mark_registered(ref.uri, f"corrupt: {ref.uri} no longer hashes to {ref.sha256}"):
+            logger.warning("registered model %s points at the corrupt %s; tagged %s", version, ref.uri, tracking.INTEGRITY_TAG)
     return f"has missing or changed artifacts ({', '.join(ref.uri for ref in broken)})"
 
 
@@ -407,14 +368,15 @@ class ArtifactResultStorage(WritableFileSystem):
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
         """The record's bytes, only if they are a JSON record of a StageResult (else UnsafeRecordError)."""
         store = context().store
-        content = store.get_bytes(store.uri(safe_key(RESULTS_PREFIX, path)))
+        content = in_store(store.get_bytes(store.uri(safe_key(RESULTS_PREFIX, path))), store)
         parse_record(content)
         return content
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
         """Write-once: when another run stored a record of this key first, that one stays."""
         try:
-            context().store.put_bytes(content, safe_key(RESULTS_PREFIX, path))
+            store = context().store
+            store.put_bytes(relocate(content, store.root + "/", STORE_URI), safe_key(RESULTS_PREFIX, path))
         except ArtifactConflictError:
             logger.info("cache record %s/%s was written by another run first; keeping it", RESULTS_PREFIX, path)
         return path
@@ -461,22 +423,46 @@ RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=1)  # 1, 2, 4 s (+ jitter)
 
 
-def stage_task(name: str, code: tuple[str, ...]) -> Callable:
-    """The decorator of every stage: content-hash caching, JSON results in the store, transient retries."""
-    return task(
-        name=name,
-        cache_policy=StageCachePolicy(code=code),
-        persist_result=True,
-        result_storage=RESULT_STORAGE,
-        result_serializer="json",
-        retries=RETRIES,
-        retry_delay_seconds=RETRY_DELAYS,
-        retry_jitter_factor=0.2,
-        retry_condition_fn=retry_transient,
-    )
+def stage_task(name: str, *, code: tuple[str, ...], params: Callable[..., Mapping[str, Any]] | None = None) -> Callable:
+    """The decorator of every stage: content-hash caching, JSON results in the store, transient retries, and the
+    stage's MLflow run.
+
+    The function takes a `run: RunLink` and returns a StageOutput. Each call runs inside a stage run nested under
+    `run.parent_run_id`, with `params(**arguments)` as its params (the stage's resolved config), and returns the
+    StageResult, logged to that run. `code`: the core modules the stage calls (part of the cache key)."""
+
+    def decorate(fn: Callable[..., StageOutput]) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run_stage(*args: Any, **kwargs: Any) -> StageResult:
+            arguments = signature.bind(*args, **kwargs).arguments
+            link: RunLink = arguments["run"]
+            logged = dict(params(**arguments)) if params else {}
+            with tracking.stage_run(link.run_name(name), logged, parent_run_id=link.parent_run_id):
+                out = fn(*args, **kwargs)
+                result = StageResult(stage=name, output=out.output, files=out.files, metrics=out.metrics,
+                                     params=logged, datasets=out.datasets)  # fmt: skip
+                log_stage(result, cached=False)
+                return result
+
+        return task(
+            name=name,
+            cache_policy=StageCachePolicy(code=code),
+            persist_result=True,
+            result_storage=RESULT_STORAGE,
+            result_serializer="json",
+            retries=RETRIES,
+            retry_delay_seconds=RETRY_DELAYS,
+            retry_jitter_factor=0.2,
+            retry_condition_fn=retry_transient,
+        )(run_stage)
+
+    return decorate
 
 
 # ------------------------------------------------------------------------------------------- writing
+
 
 def _call_key() -> str:
     txn = get_transaction()
@@ -511,25 +497,19 @@ def scratch_dir() -> Iterator[Path]:
 
 def log_stage(result: StageResult, *, cached: bool) -> None:
     """Log a result to the active (stage) MLflow run: metrics, output tags, side artifacts, datasets."""
-    import mlflow
-
     tracking.log_metrics(result.metrics)
-    tracking.log_output(result.output)
-    mlflow.set_tag(CACHE_TAG, "hit" if cached else "miss")
+    store = context().store
+    tracking.log_output(result.output, key=store.key_of(result.output.uri))
+    tracking.set_tags({tracking.CACHE_TAG: "hit" if cached else "miss"})
     for dataset in result.datasets:
         tracking.log_dataset(dataset.name, dataset.digest, dataset.source, context=dataset.context)
-    store = context().store
     with scratch_dir() as tmp:
         for name, ref in result.files.items():
-            mlflow.log_artifact(str(store.get_file(ref.uri, tmp / name, sha256=ref.sha256)))
+            tracking.log_file(store.get_file(ref.uri, tmp / name, sha256=ref.sha256))
 
 
-def finish_stage(
-    stage: str, output: ArtifactRef, *, params: BaseModel | Mapping | None = None, **fields: Any
-) -> StageResult:
-    """Build the stage's result and log it to the active stage run (a cache miss)."""
-    if isinstance(params, BaseModel):
-        params = params.model_dump(mode="json")
-    result = StageResult(stage=stage, output=output, params=dict(params or {}), **fields)
-    log_stage(result, cached=False)
-    return result
+def log_cache_hit(result: StageResult, run: RunLink) -> None:
+    """A stage served from the cache gets its own stage run too, with the result's params, tagged as a hit."""
+    with tracking.stage_run(run.run_name(result.stage), result.params, parent_run_id=run.parent_run_id):
+        log_stage(result, cached=True)
+
