@@ -2,7 +2,9 @@
 
 Legend used across the core: B batch, T tokens, H query heads, Hkv key/value heads, D head dim,
 Dr kept RoPE dims per head (`rope_dims`), Dn = D - Dr non-RoPE key dims, R latent rank per KV head
-(`kv_rank`), Hc latent groups (Hkv for the per-head layout, 1 for the shared one), Rc = R * Hkv / Hc.
+(`kv_rank`), Hc latent groups (Hkv for the per-head layout, 1 for the shared one), Rc = R * Hkv / Hc latent dims
+per group. One name per quantity: `kv_rank` is R (this config, the CLI, run names), `kv_lora_rank` is Rc and
+`kv_latent_groups` Hc (the model's config, the attention, DeepSeek's format).
 """
 
 from __future__ import annotations

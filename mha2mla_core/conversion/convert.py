@@ -59,7 +59,8 @@ def head_dim_of(config) -> int:
 
 
 def latent_shape(config, cfg: MLAConfig) -> tuple[int, int]:
-    """(Hc latent groups, Rc dims per group) of the converted attention."""
+    """(Hc, Rc) of the converted attention: `kv_latent_groups` and `kv_lora_rank` (per group) from `kv_rank` (per KV
+    head): Rc = kv_rank * Hkv / Hc."""
     hkv, d = config.num_key_value_heads, head_dim_of(config)
     if cfg.kv_rank is None and cfg.rope_strategy == "rotated":
         return 1, 2 * d * hkv  # every residual key row and value row, in the one group a shared RoPE key allows

@@ -2,7 +2,8 @@
 
 Legend: B batch, S query tokens, T key tokens, H query heads, Hkv key/value heads, n_rep = H / Hkv,
 D head dim, Dr kept RoPE dims per RoPE key, Hp RoPE keys (Hkv, or 1 for a shared rotated key), Dn non-RoPE key dims
-per head (D - Dr, or D with a shared key), Hc latent groups, Rc latent dims per group, P = Dr / 2 pairs.
+per head (D - Dr, or D with a shared key), Hc latent groups (`kv_latent_groups`), Rc latent dims per group
+(`kv_lora_rank`), P = Dr / 2 pairs.
 
 Per token and layer the cache holds c_kv (Hc * Rc values) and k_pe (Hp * Dr values):
     c_kv = kv_a_proj(x)                      the latent
@@ -31,6 +32,10 @@ MLA_MODEL_TYPE = "mla_llama"
 
 class MLALlamaConfig(LlamaConfig):
     """A Llama config plus the MLA fields needed to rebuild the converted attention.
+
+    The latent's width is DeepSeek's `kv_lora_rank` (Rc, per latent group) times `kv_latent_groups` (Hc); the
+    conversion's `MLAConfig.kv_rank` (R, per KV head) sets it: Rc = R * Hkv / Hc. These serialized names are what
+    checkpoints and the DeepSeek-V3 export read; the code uses the same names for the same quantities.
 
     `rope_pairs[layer][rope_key]` lists the frequency-pair index of each kept pair (pair i = dims i and i + D/2);
     `shared_rope` makes that ONE RoPE key of `qk_rope_head_dim` dims read by every query head (rotated partial RoPE,
@@ -152,18 +157,18 @@ class MLAAttention(nn.Module):
         self.rope_heads = config.rope_heads
         self.rope_dim = config.qk_rope_head_dim
         self.nope_dim = config.qk_nope_head_dim
-        self.latent_groups = config.kv_latent_groups
-        self.latent_dim = config.kv_lora_rank
+        self.kv_latent_groups = config.kv_latent_groups  # Hc
+        self.kv_lora_rank = config.kv_lora_rank  # Rc, per latent group (MLAConfig.kv_rank is per KV head)
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
 
-        hidden, kv_per_group = config.hidden_size, self.num_kv_heads // self.latent_groups
+        hidden, kv_per_group = config.hidden_size, self.num_kv_heads // self.kv_latent_groups
         self.q_proj = nn.Linear(hidden, self.num_heads * (self.rope_dim + self.nope_dim), bias=config.q_bias)
-        self.kv_a_proj = nn.Linear(hidden, self.latent_groups * self.latent_dim, bias=False)
+        self.kv_a_proj = nn.Linear(hidden, self.kv_latent_groups * self.kv_lora_rank, bias=False)
         self.k_rope_proj = nn.Linear(hidden, self.rope_heads * self.rope_dim, bias=config.kv_bias)
         self.kv_b_proj = GroupedLinear(
-            self.latent_groups, self.latent_dim, kv_per_group * (self.nope_dim + self.head_dim), bias=config.kv_bias
+            self.kv_latent_groups, self.kv_lora_rank, kv_per_group * (self.nope_dim + self.head_dim), config.kv_bias
         )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
         pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long)  # (Hp, P)
@@ -173,7 +178,7 @@ class MLAAttention(nn.Module):
     def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B, T, hidden) -> c_kv (B, Hc, T, Rc), k_pe (B, Hp, T, Dr): exactly what the cache stores."""
         b, t, _ = x.shape
-        c_kv = self.kv_a_proj(x).view(b, t, self.latent_groups, self.latent_dim).transpose(1, 2)  # (B, Hc, T, Rc)
+        c_kv = self.kv_a_proj(x).view(b, t, self.kv_latent_groups, self.kv_lora_rank).transpose(1, 2)  # (B, Hc, T, Rc)
         k_pe = self.k_rope_proj(x).view(b, t, self.rope_heads, self.rope_dim).transpose(1, 2)  # (B, Hp, T, Dr)
         return c_kv, apply_partial_rope(k_pe, cos, sin)
 
@@ -188,7 +193,7 @@ class MLAAttention(nn.Module):
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """W_uk (Hkv, Dn, Rc), W_uv (Hkv, D, Rc) and the value bias (Hkv, D) or None, from kv_b_proj."""
-        w = self.kv_b_proj.weight.view(self.num_kv_heads, self.nope_dim + self.head_dim, self.latent_dim)
+        w = self.kv_b_proj.weight.view(self.num_kv_heads, self.nope_dim + self.head_dim, self.kv_lora_rank)
         b_v = None
         if self.kv_b_proj.bias is not None:
             b_v = self.kv_b_proj.bias.view(self.num_kv_heads, -1)[:, self.nope_dim :]  # (Hkv, D)
@@ -261,12 +266,12 @@ class MLAAttention(nn.Module):
         q_lat = torch.einsum("bgrsd,gdc->bgrsc", q_nope, w_uk.to(q_nope.dtype))  # (B, Hkv, n_rep, S, Rc)
         o_lat = None
         if s == 1:  # the decode kernels' layout: (B, H, Rc) and (B, H, Dr)
-            heads = (q_lat.reshape(b, self.num_heads, self.latent_dim), q_pe.reshape(b, self.num_heads, self.rope_dim))
+            heads = q_lat.reshape(b, self.num_heads, self.kv_lora_rank), q_pe.reshape(b, self.num_heads, self.rope_dim)
             o_lat = cache.decode(c_kv, k_pe, self.layer_idx, LatentQuery(*heads, self.scaling, attention_mask))
         if o_lat is None:
             o_lat = self.latent_attention(q_lat, q_pe, *cache.update(c_kv, k_pe, self.layer_idx), attention_mask)
         else:
-            o_lat = o_lat.view(b, g, r, 1, self.latent_dim)  # (B, Hkv, n_rep, 1, Rc)
+            o_lat = o_lat.view(b, g, r, 1, self.kv_lora_rank)  # (B, Hkv, n_rep, 1, Rc)
         out = torch.einsum("bgrsc,gdc->bgrsd", o_lat, w_uv.to(o_lat.dtype))  # (B, Hkv, n_rep, S, D)
         if b_v is not None:
             out = out + b_v[None, :, None, None, :].to(out.dtype)
@@ -275,18 +280,18 @@ class MLAAttention(nn.Module):
     def latent_attention(self, q_lat, q_pe, c_kv, k_pe, attention_mask):
         """softmax(scale * (q_lat.c_kv + q_pe.k_pe)) @ c_kv -> o_lat (B, Hkv, n_rep, S, Rc) (PyTorch path)."""
         b, g, r, s, _ = q_pe.shape
-        heads_per_latent = self.num_heads // self.latent_groups
+        heads_per_latent = self.num_heads // self.kv_latent_groups
         t = c_kv.shape[2]
-        q_lat = q_lat.reshape(b, self.latent_groups, heads_per_latent, s, self.latent_dim)  # (B, Hc, H/Hc, S, Rc)
+        q_lat = q_lat.reshape(b, self.kv_latent_groups, heads_per_latent, s, self.kv_lora_rank)  # (B, Hc, H/Hc, S, Rc)
         scores = torch.einsum("bhqsc,bhtc->bhqst", q_lat, c_kv.to(q_lat.dtype))  # (B, Hc, H/Hc, S, T)
         q_pe = q_pe.reshape(b, self.rope_heads, self.num_heads // self.rope_heads, s, self.rope_dim)  # (B, Hp, H/Hp, S, Dr)
         s_pe = torch.einsum("bpqsd,bptd->bpqst", q_pe, k_pe.to(q_pe.dtype)).reshape(b, g, r, s, t)
         scores = scores.reshape(b, g, r, s, t) + s_pe
         scores = scores.float() * self.scaling  # (B, Hkv, n_rep, S, T)
         scores = scores + _additive_mask(attention_mask, s, t, scores.device)
-        probs = scores.softmax(dim=-1).to(c_kv.dtype).view(b, self.latent_groups, heads_per_latent, s, t)
+        probs = scores.softmax(dim=-1).to(c_kv.dtype).view(b, self.kv_latent_groups, heads_per_latent, s, t)
         o_lat = torch.einsum("bhqst,bhtc->bhqsc", probs, c_kv)  # (B, Hc, H/Hc, S, Rc)
-        return o_lat.reshape(b, g, r, s, self.latent_dim).to(q_lat.dtype)
+        return o_lat.reshape(b, g, r, s, self.kv_lora_rank).to(q_lat.dtype)
 
 
 def _additive_mask(mask: torch.Tensor | None, s: int, t: int, device: torch.device) -> torch.Tensor:
