@@ -42,7 +42,7 @@ from flows.console import (
     user_errors,
 )
 from flows.errors import describe_error
-from infra.artifacts import remove_orphans, scratch_root
+from infra.artifacts import remove_orphans, scratch_root, store_root
 from infra.prefect_api import EphemeralAPI, boot_prefect_api, exit_on_signals, prefect_environment, wait_until_ready
 from infra.settings import ENV_PREFIX, Settings, check_local_store
 
@@ -353,9 +353,9 @@ def lineage(
     from infra.tracking import lineage as find_lineage
     from infra.tracking import stored_params
 
-    tracking_store(ctx)
+    settings = tracking_store(ctx)
     with user_errors():
-        found = find_lineage(uri)
+        found = find_lineage(uri, root=store_root(settings.artifact_root))
     config = stored_params(found.flow.run if found.flow else found.producer, CONFIG_FILE)
     if json_output:
         print(json.dumps({**dataclasses.asdict(found), "config": config}, default=str))

@@ -83,5 +83,7 @@ def local_checkpoint(checkpoint: str, tmp: Path, settings: Settings) -> Path:
     from infra.tracking import configure, lineage
 
     configure(settings, create=False)
-    found = lineage(checkpoint)
-    return open_store(settings.artifact_root, settings).get_dir(found.uri, tmp / "model", sha256=found.sha256)
+    store = open_store(settings.artifact_root, settings)
+    found = lineage(checkpoint, root=store.root)
+    uri = store.uri(found.key) if found.key else found.uri  # in this store, wherever it was when written
+    return store.get_dir(uri, tmp / "model", sha256=found.sha256)

@@ -62,6 +62,9 @@ def test_a_moved_store_resolves_lineage_resumes_from_its_cache_and_writes_in_its
     found = json.loads(result.stdout)
     assert found["producer"]["name"] == "svd-init" and found["key"].startswith("stages/")
     assert found["config"]["mla.kv_rank"] == 4
+    in_new_place = new / "artifacts" / found["key"]
+    result = CliRunner().invoke(app, ["--home", str(new), "lineage", str(in_new_place), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["producer"]["run_id"] == found["producer"]["run_id"]
     executions.clear()
     result = CliRunner().invoke(app, ["--home", str(new), "resume", first.run_id])
     assert result.exit_code == 0, result.output
