@@ -11,7 +11,8 @@ Per token and layer the cache holds c_kv (Hc * Rc values) and k_pe (Hp * Dr valu
     [k_nope | v] = kv_b_proj(c_kv)           expanded per KV head (prefill, training)
 A query head scores q_pe . k_pe + q_nope . k_nope, with q_pe from its own q_proj rows.
 Decode works in latent space (absorbed): W_uk is folded into the query and W_uv applied after the
-attention-weighted sum of latents, so the cache is never expanded.
+attention-weighted sum of latents, so the cache is never expanded. The attention hands a decode step to its cache
+(`LatentCache.decode`, `mha2mla_core.modeling.latent_cache`), which runs it in the fused kernel it has for that step.
 """
 
 from __future__ import annotations
