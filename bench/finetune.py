@@ -143,7 +143,10 @@ VARIANTS = {
         "base": {}, "lr15e4": dict(lr=1.5e-3), "lr3e4": dict(lr=3e-4), "hid1": dict(hidden_weight=1.0),
         "hid5": dict(hidden_weight=5.0), "attn": dict(trainable="attention", lr=1e-3),
         "recon512x600": dict(recon_on="train", recon_rows=512, recon_steps=600, recon_micro=16),
+        "hid5-lr15e4": dict(hidden_weight=5.0, lr=1.5e-3), "hid5-lr3e4": dict(hidden_weight=5.0, lr=3e-4),
     }.items()},
+    "kd-erot-kv16-tcalib-hid5-20m": Variant(**EROT, hidden_weight=5.0, tokens=20_000_000, eval_every_tokens=4_000_000,
+                                            decay_frac=0.5),
 }
 
 
@@ -374,9 +377,9 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
                          kd_weight=variant.kd_weight, hidden_weight=variant.hidden_weight,
                          trainable=variant.trainable, decay_frac=variant.decay_frac,
-                         compile=True, log_every=25,
+                         compile=variant.tokens >= 20_000_000, log_every=25,  # compiling pays off from ~20M
                          eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
-                         checkpoint_every=max(1, steps // 4), keep_last=1)
+                         checkpoint_every=max(1, steps // 4) if variant.tokens >= 20_000_000 else 0, keep_last=1)
     curve = [{"tokens": 0, "ppl": stages.get("reconstructed_ppl", stages["converted_ppl"])}]
 
     def on_event(event: TrainEvent) -> None:
