@@ -184,7 +184,7 @@ def convert(
     mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout)
     if kv_rank is not None:
         mla["kv_rank"] = _kv_rank(kv_rank)
-    try:
+    with user_errors():
         recipe = read_recipe(config) if config else {}
         if model is None and "model" not in recipe:
             raise ValueError("give the MODEL to convert, or a recipe that names it (--config recipe.yaml)")
@@ -205,9 +205,6 @@ def convert(
             export=dict(target=export_target) if export_target else None,
             gate=given(max_ppl=champion_max_ppl, max_ppl_change_pct=champion_max_ppl_change),
         )))  # fmt: skip
-    except (ValueError, OSError) as exc:
-        print_error(exc)
-        raise typer.Exit(2) from None
     outcome = run_with_progress(ctx, convert_flow, params)
     reloaded = reload_report(outcome, params, state(ctx).settings) if check else None
     if json_output:

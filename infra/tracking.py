@@ -1,11 +1,12 @@
-"""Thin MLflow wrapper: a parent run per flow, a nested run per stage, lineage lookups.
+"""Thin MLflow wrapper, the one module of the pipeline that imports mlflow: a parent run per flow, a nested run per
+stage, artifacts of a run (`log_json`, `log_text`, `log_file`), the registry, lineage lookups.
 
     configure(settings)
     with parent_run("smollm2-135m", params=config) as flow_id:
         with stage_run("svd-init", stage_config, parent_run_id=flow_id) as stage_id:
             log_dataset("calibration", calib_ref.sha256, calib_ref.uri)
             ...
-            log_output(ckpt_ref)
+            log_output(ckpt_ref, key)          # key: the output's key in the artifact store
         log_metrics(headline)                      # on the flow's run: what the runs table sorts by
         register_checkpoint(local_dir, ckpt_ref, "smollm2-135m-mla-...", description="...", champion=passed)
 
@@ -14,8 +15,10 @@
   helpers below act on the stage run.
 - Parent runs carry tag `mha2mla.kind=flow` plus the code and library versions (`run_tags`);
   stage runs carry `mha2mla.kind=stage` and `mha2mla.stage=NAME`.
-- A stage records its primary output with `log_output(ref)` (tags `mha2mla.output_uri` and
-  `mha2mla.output_sha256`); `lineage(uri)` finds that run, then its flow and sibling stages.
+- A stage records its primary output with `log_output(ref, key)` (tags `mha2mla.output_uri`,
+  `mha2mla.output_sha256` and `mha2mla.output_key`); `lineage(uri)` finds that run (in a copied or moved store
+  by its key, or its digest), then its flow and sibling stages.
+- A sqlite store copied or moved with its `mlruns/` is re-pointed at the copy on `configure` (`_rehome`).
 - A checkpoint is registered as an MLflow model: a pyfunc that generates (`infra/mlflow_model.py`, logged as
   code) with the Hugging Face folder as its artifact, a signature, a description, the tags
   `mha2mla.checkpoint_uri` / `mha2mla.checkpoint_sha256` and the alias `candidate` (`champion` when the

@@ -40,17 +40,18 @@ DATA_STAGE, RECON_STAGE, STAGE = "finetune-data", "reconstruct", "finetune"
 
 
 class RowsParams(BaseModel):
-    """What decides the training rows (and nothing that only decides the training)."""
+    """What decides the training rows (and nothing that only decides the training): `FinetuneParams.rows()`, whose
+    fields and FinetuneConfig's are the defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    text_field: str = "text"
-    split: str = "train"
-    limit_chars: int | None = None
-    synthetic_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of rows sampled from the original (data-free)
-    seq_len: int = Field(1024, ge=2)
-    num_rows: int = Field(1, ge=1)  # rows sampled with synthetic_fraction > 0: the training budget's worth
-    seed: int = 0
+    text_field: str
+    split: str
+    limit_chars: int | None
+    synthetic_fraction: float  # share of rows sampled from the original (data-free)
+    seq_len: int
+    num_rows: int = Field(ge=1)  # rows sampled with synthetic_fraction > 0: the training budget's worth
+    seed: int
 
 
 class ReconstructParams(BaseModel):
