@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 EVENT_MARK = "mha2mla-event "  # a rank's stdout line carrying one TrainEvent as JSON
 TAIL_LINES = 40  # of the log, quoted in a LaunchError
+_ROOT_CAUSE = re.compile(r"^\s*(rank|exitcode)\s*: (-?\d+)")  # torchrun's summary: "rank : 1 (...)", "exitcode : -9"
 _RANK_ERROR = re.compile(r"^\[rank(\d+)\]: (\w+(Error|Exception)\b.*)")  # a rank's uncaught exception, as torch prints it
 
 
@@ -143,27 +145,52 @@ def _run(spec: tuple[str, TrainJob | SampleJob], nproc: int, workdir: Path, devi
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo processes on the CPU even on a machine with GPUs
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", __name__, str(job_file)]  # fmt: skip
-    on_line = on_line or logger.info
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    errors: list[str] = []
-    with open(log, "w") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                               env=env) as proc:  # fmt: skip
-        for line in proc.stdout:
-            f.write(line)
-            f.flush()
-            tail.append(line.rstrip())
-            if found := _RANK_ERROR.match(line):
-                errors.append(f"rank {found[1]}: {found[2]}")
-            mark = line.find(EVENT_MARK)
-            if mark >= 0 and on_event is not None:
-                on_event(TrainEvent(**json.loads(line[mark + len(EVENT_MARK):])))
-            elif mark < 0:
-                on_line(line.rstrip())
+    reader = _LogReader(log, on_event, on_line or logger.info)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        reader.follow(proc.stdout)
     if proc.returncode != 0:
-        cause = "; ".join(dict.fromkeys(errors)) or "no rank raised (killed?), see the last lines"
-        raise LaunchError(f"{spec[0]} on {nproc} processes failed (torchrun exit {proc.returncode}): {cause}\n"
-                          f"the full log of every rank: {log}\nits last lines:\n" + "\n".join(tail))
+        raise LaunchError(f"{spec[0]} on {nproc} processes failed (torchrun exit {proc.returncode}): {reader.cause()}\n"
+                          f"the full log of every rank: {log}\nits last lines:\n" + "\n".join(reader.tail))
     return log
+
+
+class _LogReader:
+    """Follows torchrun's output: writes the log, dispatches events and lines, remembers what failed."""
+
+    def __init__(self, log: Path, on_event: Callable[[TrainEvent], None] | None, on_line: Callable[[str], None]):
+        self.log, self.on_event, self.on_line = log, on_event, on_line
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.errors: list[str] = []  # each rank's uncaught exception
+        self.root: dict[str, int] = {}  # the rank torchrun saw fail first, and its exit code
+
+    def follow(self, stream) -> None:
+        with open(self.log, "w") as f:
+            for line in stream:
+                f.write(line)
+                f.flush()
+                self._note(line.rstrip())
+
+    def _note(self, line: str) -> None:
+        self.tail.append(line)
+        if found := _RANK_ERROR.match(line):
+            self.errors.append(f"rank {found[1]}: {found[2]}")
+        if "Root Cause" in line:
+            self.root["seen"] = 1
+        elif self.root and (found := _ROOT_CAUSE.match(line)):
+            self.root.setdefault(found[1], int(found[2]))
+        mark = line.find(EVENT_MARK)
+        if mark < 0:
+            self.on_line(line)
+        elif self.on_event is not None:
+            self.on_event(TrainEvent(**json.loads(line[mark + len(EVENT_MARK):])))
+
+    def cause(self) -> str:
+        """What failed: a rank's signal (the other ranks' errors follow from it), else each rank's exception."""
+        errors = "; ".join(dict.fromkeys(self.errors)) or "no rank raised; see the last lines"
+        code = self.root.get("exitcode", 0)
+        if code < 0:
+            return f"rank {self.root.get('rank')} was killed by {signal.Signals(-code).name}; then {errors}"
+        return errors
 
 
 # ---- the ranks -----------------------------------------------------------------------------------------------------
