@@ -1,5 +1,5 @@
 """The MLflow model of a registered checkpoint: a pyfunc that generates text (logged as code, see
-`infra.tracking.log_checkpoint_model`).
+`infra.tracking.registry.register_checkpoint`).
 
     model = mlflow.pyfunc.load_model("models:/smollm2-135m-mla-r8-k16@candidate")
     model.predict(pd.DataFrame({"prompt": ["The capital of France is"]}), params={"max_new_tokens": 16})
