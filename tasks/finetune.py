@@ -8,7 +8,9 @@ original's output on the first rows (block-wise, as post-training quantization d
 original into the whole model on all of them, end to end. Training checkpoints go to a local
 work folder named by the stage's cache key, so a killed run of the same call resumes from its last checkpoint; the
 finished model goes to the artifact store. Sampling and training run on the worker's device (`MHA2MLA_DEVICE`,
-default: CUDA when present).
+default: CUDA when present). On a worker with `MHA2MLA_GPUS` = N > 1, both run as N processes under torchrun
+(`mha2mla_core.training.launch`: FSDP for training, each GPU sampling its share of the rows), with the same global batch
+and the same seeds, so that the result is the same call and the same cache key whatever N is.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from __future__ import annotations
 import copy
 
 import torch
+from safetensors.torch import save_file
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.tracking import log_metrics
+from mha2mla_core.loading import load_model
+from mha2mla_core.training.launch import SampleJob, TrainJob, launch_finetune, launch_sampling
 from mha2mla_core.training.loop import finetune as train
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
 from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows
-from infra.stage import DatasetInput, RunLink, StageOutput, StageResult, artifact_key, context, stage_task, work_dir
+from infra.stage import (DatasetInput, RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task,
+                         work_dir)  # fmt: skip
 from tasks.inputs import (
     DataSource,
     ModelSource,
@@ -108,12 +114,14 @@ def _rows_device(config: RowsParams) -> torch.device:
 
 
 def _rows_params(config: RowsParams, data: DataSource, **_) -> dict:
-    return {**config.model_dump(mode="json"), "source": data.source, "device": str(_rows_device(config))}
+    device = _rows_device(config)
+    return {**config.model_dump(mode="json"), "source": data.source, "device": str(device),
+            "gpus": training_gpus(device)}  # fmt: skip
 
 
 def _training_params(config: BaseModel, rows: StageResult, **_) -> dict:
     device = training_device(context().settings.device)
-    return {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device)}
+    return {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device), "gpus": training_gpus(device)}
 
 
 @stage_task(DATA_STAGE, code=("mha2mla_core.training.packing", "mha2mla_core.training.synthetic"), params=_rows_params)
@@ -121,10 +129,9 @@ def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run:
     """The training rows (N, seq_len) as int32 token ids: the packed documents, `synthetic_fraction` of them
     replaced by continuations the original model samples from their first tokens."""
     original, tokenizer = load_source(model)
-    sampler = on_device(original, _rows_device(config))
     packed = pack_texts(tokenizer, read_documents(data, config.text_field, config.split, config.limit_chars),
                         config.seq_len)  # fmt: skip
-    rows = mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
+    rows = _mix_rows(model, original, packed, config)
     output = save_tensors({"rows": rows.to(torch.int32)}, artifact_key(model.slug, DATA_STAGE, "rows.safetensors"))
     sampled = num_sampled_rows(config.synthetic_fraction, config.num_rows)
     metrics = {"rows": rows.shape[0], "tokens": rows.numel(), "sampled_rows": sampled}
@@ -158,15 +165,61 @@ def finetune(
     """Train a private copy of `checkpoint` on `rows` (from `finetune_data`) with the original `model` as teacher;
     metrics every log step."""
     device = training_device(context().settings.device)
-    train_cfg = config.train
-    teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, train_cfg.needs_teacher)
-    result = train(student, teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE),
-                   callbacks=[lambda event: log_metrics(event.metrics, step=event.step)])  # fmt: skip
-    del teacher
+    train_cfg, gpus = config.train, training_gpus(device)
+    if gpus > 1:
+        result, student, tokenizer = _train_on_gpus(model, checkpoint, rows, train_cfg, (device, gpus))
+    else:
+        teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, train_cfg.needs_teacher)
+        result = train(student, teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE), callbacks=[_log_event])
+        del teacher
     output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
     dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
     metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
     return StageOutput(output, metrics=metrics, datasets=(dataset,))
+
+
+def _log_event(event) -> None:
+    log_metrics(event.metrics, step=event.step)
+
+
+def _mix_rows(model: ModelSource, original: torch.nn.Module, packed: torch.Tensor, config: RowsParams) -> torch.Tensor:
+    """`mix_in_continuations` of `packed` (N, seq_len); on MHA2MLA_GPUS > 1 GPUs each one samples its share."""
+    device = _rows_device(config)
+    gpus = training_gpus(device)
+    if gpus == 1 or config.synthetic_fraction == 0:
+        sampler = on_device(original, device)
+        return mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
+    with scratch_dir() as tmp:
+        save_file({"rows": packed.contiguous()}, tmp / "packed.safetensors")
+        job = SampleJob(teacher=model.name, rows=str(tmp / "packed.safetensors"), fraction=config.synthetic_fraction,
+                        num_rows=config.num_rows, seed=config.seed)  # fmt: skip
+        return launch_sampling(job, gpus, work_dir(DATA_STAGE) / f"gpus-{gpus}", device_type=device.type)
+
+
+def _train_on_gpus(model: ModelSource, checkpoint: StageResult, rows: StageResult, cfg: FinetuneConfig,
+                   where: tuple[torch.device, int]) -> tuple:  # fmt: skip
+    """(FinetuneResult, trained student, tokenizer) of `cfg` on `where` = (device, N) as N processes under torchrun;
+    checkpoints, the launch log and the trained model in the stage's work folder, so that a relaunch resumes."""
+    (device, gpus), store = where, context().store
+    work = work_dir(STAGE) / f"gpus-{gpus}"
+    with scratch_dir() as tmp:
+        student_dir = store.get_dir(checkpoint.uri, tmp / "student", sha256=checkpoint.sha256)
+        rows_file = store.get_file(rows.uri, tmp / "rows.safetensors", sha256=rows.sha256)
+        job = TrainJob(student=str(student_dir), teacher=model.name if cfg.needs_teacher else None,
+                       rows=str(rows_file), config=cfg, output=str(work / "model"),
+                       checkpoint_dir=str(work / "checkpoints"))  # fmt: skip
+        run = launch_finetune(job, gpus, work / "launch", device_type=device.type, on_event=_log_event)
+    student, tokenizer = load_model(str(work / "model"))
+    return run.result, student, tokenizer
+
+
+def training_gpus(device: torch.device) -> int:
+    """`MHA2MLA_GPUS`: the processes a training stage spreads over, checked against this worker's CUDA devices."""
+    gpus = context().settings.gpus
+    if device.type == "cuda" and gpus > torch.cuda.device_count():
+        raise ValueError(f"MHA2MLA_GPUS={gpus} but this worker has {torch.cuda.device_count()} CUDA devices; set it to "
+                         f"at most {torch.cuda.device_count()}")  # fmt: skip
+    return gpus
 
 
 def _training_inputs(model: ModelSource, checkpoint: StageResult, rows: StageResult, device: torch.device,
