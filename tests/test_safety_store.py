@@ -77,6 +77,21 @@ def test_parse_record_reads_only_json_records_of_stage_results(tmp_path):
     assert not marker.exists()
 
 
+def test_a_record_names_its_artifacts_relative_to_its_store(tmp_path):
+    from infra.artifacts import LocalStore
+    from infra.stage import STORE_URI, StageResult, in_store, parse_record, relocate
+
+    old, new = LocalStore(tmp_path / "old"), LocalStore(tmp_path / "new")
+    result = StageResult(stage="svd-init", output=ArtifactRef(uri=old.uri("stages/m/model"), sha256="0" * 64, size=1),
+                         files={"plot.png": ArtifactRef(uri=old.uri("stages/m/plot.png"), sha256="1" * 64, size=2)})  # fmt: skip
+    stored = relocate(record(result), old.root + "/", STORE_URI)
+    assert old.root not in stored.decode()
+    moved = parse_record(in_store(stored, new))  # the same record, read in a copy of the store
+    assert moved.uri == new.uri("stages/m/model") and moved.files["plot.png"].uri == new.uri("stages/m/plot.png")
+    assert parse_record(in_store(record(result), new)) == result  # a record written before keeps its URIs
+    assert in_store(b"\x80\x04K\x01.", new) == b"\x80\x04K\x01."  # not JSON: left for parse_record to refuse
+
+
 def _poison_records(store, marker_dir: Path) -> int:
     """Replace every cache record in the store by a pickle record whose loading creates a marker file."""
     listing = [store.key_of(uri) for uri in _record_uris(store)]
