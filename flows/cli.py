@@ -130,7 +130,8 @@ def _kv_rank(value: str) -> int | None:
 def convert(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="hub id, local HF directory, .gguf file, or smollm2-135m (or the recipe's)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections); options given too override it"),
+    config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections), or a packaged recipe's name (gpu); options given too override it"),
+    recipe: str = typer.Option("auto", help="recovery recipe under --config and the options: gpu (data-free distillation, flows/recipes/gpu.yaml), none (conversion only), or auto: gpu on a worker whose MHA2MLA_DEVICE is a GPU when neither --config nor a fine-tuning option is given, else none"),
     rope_strategy: Optional[str] = typer.Option(None, help="rotated | high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
@@ -177,18 +178,21 @@ def convert(
     tuning = given(finetune_tokens=finetune_tokens, finetune_lr=finetune_lr, kd_weight=kd_weight, trainable=trainable,
                    finetune_seq_len=finetune_seq_len, finetune_batch=finetune_batch, grad_accum=grad_accum,
                    reconstruct_steps=reconstruct_steps)  # fmt: skip
-    if tuning and not finetune_data and synthetic_fraction is None:
-        flags = ", ".join("--" + name.replace("_", "-") for name in tuning)
-        raise typer.BadParameter(f"{flags} set, but fine-tuning is off: give --finetune-data TEXT, or "
-                                 "--synthetic-fraction 1 for data-free fine-tuning")  # fmt: skip
     mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout)
     if kv_rank is not None:
         mla["kv_rank"] = _kv_rank(kv_rank)
+    tunes = bool(finetune_data or synthetic_fraction is not None)  # the options alone turn fine-tuning on
     with user_errors():
-        recipe = read_recipe(config) if config else {}
-        if model is None and "model" not in recipe:
+        base = read_recipe(config) if config else {}
+        recovery = _recovery_recipe(recipe, explicit=bool(config or tuning or tunes), device=state(ctx).settings.device)
+        base = overlay(read_recipe(recovery), base) if recovery else base
+        if tuning and not tunes and not base.get("finetune"):
+            flags = ", ".join("--" + name.replace("_", "-") for name in tuning)
+            raise typer.BadParameter(f"{flags} set, but fine-tuning is off: give --finetune-data TEXT, "
+                                     "--synthetic-fraction 1 for data-free fine-tuning, or --recipe gpu")  # fmt: skip
+        if model is None and "model" not in base:
             raise ValueError("give the MODEL to convert, or a recipe that names it (--config recipe.yaml)")
-        params = ConvertParams.model_validate(overlay(recipe, dict(
+        params = ConvertParams.model_validate(overlay(base, dict(
             model=_local(model), name=name, mla=mla,
             calibration=given(data=_local(calib_data), num_tokens=calib_tokens, model_samples=calib_model_samples or None),
             evaluation=given(text=_local(eval_text), max_tokens=eval_tokens, mc_tasks=_items(mc_tasks), mc_limit=mc_limit,
@@ -200,11 +204,13 @@ def convert(
                                       trainable=trainable, seq_len=finetune_seq_len, micro_batch_size=finetune_batch,
                                       grad_accum_steps=grad_accum),
                           **given(synthetic_fraction=synthetic_fraction), **_reconstruct(reconstruct_steps))
-            if finetune_data or synthetic_fraction is not None else None,
+            if tunes or tuning else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
             export=dict(target=export_target) if export_target else None,
             gate=given(max_ppl=champion_max_ppl, max_ppl_change_pct=champion_max_ppl_change),
         )))  # fmt: skip
+        if reconstruct_steps == 0 and params.finetune:  # the overlay reads None as "not given": drop it here
+            params = params.model_copy(update={"finetune": params.finetune.model_copy(update={"reconstruct": None})})
     outcome = run_with_progress(ctx, convert_flow, params)
     reloaded = reload_report(outcome, params, state(ctx).settings) if check else None
     if json_output:
@@ -227,6 +233,21 @@ def reload_report(outcome, params, settings: Settings) -> dict[str, Any]:
                       f"{escape(' '.join(command[1:4]))} ...")  # fmt: skip
         raise typer.Exit(1)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _recovery_recipe(recipe: str, explicit: bool, device: str) -> str | None:
+    """The packaged recipe `--recipe` names (None: conversion only); auto picks gpu on a GPU worker unless the
+    command already says how to fine-tune (--config or a fine-tuning option)."""
+    from flows.publish import packaged_recipes
+    from tasks.finetune import training_device
+
+    if recipe == "auto":
+        return "gpu" if not explicit and training_device(device).type == "cuda" else None
+    if recipe == "none":
+        return None
+    if recipe not in packaged_recipes():
+        raise ValueError(f"--recipe {recipe!r}: use auto, none or a packaged recipe ({', '.join(packaged_recipes())})")
+    return recipe
 
 
 def _reconstruct(steps: int | None) -> dict[str, Any]:

@@ -148,12 +148,23 @@ def publish(name: str, final: StageResult, *, summary: RunSummary, champion: boo
         return register_checkpoint(directory, final.output, name, description=describe(summary), champion=champion)
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # packaged recipes, read by name: gpu
+
+
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
 def read_recipe(path: str | Path) -> dict:
-    """A recipe file (`recipe.yaml` beside a registered checkpoint, or `model` plus a catalog entry's sections) as
-    the `convert` parameters it holds; ValueError naming the file when it is not one."""
+    """A recipe file (`recipe.yaml` beside a registered checkpoint, or `model` plus a catalog entry's sections), or
+    the name of a packaged recipe (flows/recipes/NAME.yaml), as the `convert` parameters it holds; ValueError naming
+    the file when it is not one."""
     path = Path(path)
+    if not path.is_file() and path.name == str(path) and (RECIPES_DIR / f"{path}.yaml").is_file():
+        path = RECIPES_DIR / f"{path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+        raise FileNotFoundError(f"recipe {path} does not exist; give a recipe file or a packaged recipe: "
+                                f"{', '.join(packaged_recipes())}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

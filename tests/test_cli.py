@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from mlflow import MlflowClient
@@ -183,6 +184,32 @@ def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, 
     assert seen["params"].finetune.reconstruct is None
     cli("convert", str(tiny_source), "--synthetic-fraction", "1", "--reconstruct-steps", "50")
     assert seen["params"].finetune.reconstruct.steps == 50
+
+
+def test_a_gpu_worker_runs_the_gpu_recipe_unless_told_otherwise(cli, tiny_source, monkeypatch):
+    seen = {}
+
+    def capture(ctx, flow, params):
+        seen["params"] = params
+        raise SystemExit(0)
+
+    monkeypatch.setattr("flows.cli.run_with_progress", capture)
+    cli("convert", str(tiny_source))  # a CPU worker: conversion only
+    assert seen["params"].finetune is None
+    monkeypatch.setattr("tasks.finetune.training_device", lambda setting: torch.device("cuda"))
+    cli("convert", str(tiny_source))
+    params = seen["params"]
+    assert params.calibration.model_samples and params.finetune.data is None and params.finetune.synthetic_fraction == 1
+    train = params.finetune.train
+    assert (train.max_tokens, train.lr, train.hidden_weight, train.decay_frac) == (20_000_000, 3e-4, 5.0, 0.5)
+    cli("convert", str(tiny_source), "--recipe", "none")
+    assert seen["params"].finetune is None
+    cli("convert", str(tiny_source), "--finetune-data", "text.txt")  # the command says how to fine-tune: no recipe
+    assert seen["params"].finetune.train.hidden_weight == 0.0 and not seen["params"].calibration.model_samples
+    cli("convert", str(tiny_source), "--recipe", "gpu", "--finetune-tokens", "32768", "--reconstruct-steps", "0")
+    finetune = seen["params"].finetune
+    assert (finetune.train.max_tokens, finetune.train.hidden_weight, finetune.reconstruct) == (32768, 5.0, None)
+    assert "packaged recipe (gpu)" in cli("convert", str(tiny_source), "--recipe", "fast", code=2)
 
 
 def test_catalog_typo_is_reported_before_anything_runs(cli, tmp_path):
