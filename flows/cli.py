@@ -161,7 +161,7 @@ def convert(
     needle_lengths: Optional[str] = typer.Option(None, help="needle prompt lengths in tokens, comma list (implies --needle)"),
     speed: bool = typer.Option(False, "--speed", help="prefill/decode tokens/s and peak memory (grid: InferenceConfig's)"),
     speed_contexts: Optional[str] = typer.Option(None, help="speed-test context lengths, comma list (implies --speed)"),
-    name: Optional[str] = typer.Option(None, help="run and registry name (default MODEL-mla)"),
+    name: Optional[str] = typer.Option(None, help="run and registry name (default: MODEL-mla-CONFIG, flows.naming.default_name)"),
     champion_max_ppl: Optional[float] = typer.Option(None, help="quality gate: the checkpoint becomes the registered model's `champion` if its PPL is at most this"),
     champion_max_ppl_change: Optional[float] = typer.Option(None, help="quality gate: ... if its PPL change against the original is at most this many %"),
     check: bool = typer.Option(True, help="reload the checkpoint in a fresh process and generate a sample"),
@@ -326,8 +326,8 @@ def export(
     checkpoint: str = typer.Argument(..., help="a converted checkpoint: local folder, models:/NAME/VERSION, models:/NAME@ALIAS or artifact URI (file://, s3://)"),
     out: Path = typer.Argument(..., help="new or empty folder to write the exported model to"),
     export_format: str = typer.Option("deepseek_v3", "--format", help="deepseek_v3: the format vLLM, SGLang, llama.cpp and TensorRT-LLM run MLA in"),
-    target: str = typer.Option("hf", help="hf | llamacpp | vllm | trtllm: refuse a layout the engine's MLA kernels do not run"),
-    check_tokens: int = typer.Option(512, help="packaged calibration tokens on which the export's logits are compared with the checkpoint's; 0 = no check"),
+    target: Optional[str] = typer.Option(None, help="hf | llamacpp | vllm | trtllm: refuse a layout the engine's MLA kernels do not run (default: ExportParams')"),
+    check_tokens: Optional[int] = typer.Option(None, help="packaged calibration tokens on which the export's logits are compared with the checkpoint's; 0 = no check (default: ExportParams')"),
     json_output: bool = typer.Option(False, "--json", help="print what was written and measured as one JSON object on stdout"),
 ) -> None:
     """Write a converted checkpoint in a serving engine's format (README: Serving)."""
@@ -336,11 +336,12 @@ def export(
     if export_format != "deepseek_v3":
         raise typer.BadParameter(f"--format {export_format!r}: the one export format is deepseek_v3")
     with user_errors():
-        summary = export_checkpoint(checkpoint, out, ExportParams(target=target, check_tokens=check_tokens), state(ctx).settings)
+        params = ExportParams(**given(target=target, check_tokens=check_tokens))
+        summary = export_checkpoint(checkpoint, out, params, state(ctx).settings)
     if json_output:
         print(json.dumps(summary))
         return
-    report_export(f"{checkpoint} -> {out} (deepseek_v3, target {target})", summary)
+    report_export(f"{checkpoint} -> {out} (deepseek_v3, target {params.target})", summary)
 
 
 @app.command()
