@@ -22,12 +22,10 @@ artifacts are missing or changed is skipped: the key is re-derived from it, so t
 new record lives beside the stale one (a later run finds the stale record, re-derives, and hits the new one).
 Registered model versions that point at a corrupt artifact are tagged `mha2mla.integrity`.
 
-Result records are JSON (Prefect's JSON serializer, never pickle), kept in the artifact store itself under
-`prefect-results/`, so every process and every worker that shares the store shares the cache. Anyone who can
-write to the store can write a record, so a record reaches Prefect's deserializer only if it is exactly a JSON
-record of a `StageResult` (`parse_record`): one naming another serializer (pickle runs code as it loads), other
-decoder hooks or another class is refused, with a warning, as a cache miss. Records are write-once: of two
-writers of one key, the first one's record stays (both are valid).
+Result records (`infra.stage_records`: JSON only, their artifact URIs relative to the store) are kept in the
+artifact store itself under `prefect-results/`, so every process and every worker that shares the store shares
+the cache; a record that is not exactly a JSON record of a `StageResult` is refused, with a warning, as a cache
+miss. Records are write-once: of two writers of one key, the first one's record stays (both are valid).
 
 Every stage call (each attempt) writes its artifacts to a folder of its own, `stages/SLUG/STAGE/KEY16/RUN`, so no
 path ever holds two contents: two runs of one key at once, a retry, or an uncached call cannot overwrite what
@@ -55,10 +53,9 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
-from prefect.serializers import JSONSerializer
 from prefect.tasks import exponential_backoff
 from prefect.transactions import get_transaction
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from infra import tracking
 from infra.artifacts import (
@@ -74,50 +71,21 @@ from infra.artifacts import (
 )
 from infra.code_digest import code_digest
 from infra.settings import Settings
+from infra.stage_records import (
+    STORE_URI,
+    DatasetInput,
+    StageResult,
+    UnsafeRecordError,
+    in_store,
+    parse_record,
+    relocate,
+)
 
 logger = logging.getLogger(__name__)
 
 RESULTS_PREFIX = "prefect-results"
 STAGES_PREFIX = "stages"
 _REKEY_LIMIT = 8  # stale records skipped per key before the stage gives up caching
-
-
-class DatasetInput(BaseModel):
-    """A dataset a stage read, as MLflow's `log_input` records it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    digest: str  # sha256 of the content the stage used
-    source: str  # where it came from: package file, local path, s3:// URI or hub id
-    context: str = "training"
-
-
-class StageResult(BaseModel):
-    """What a stage returns through Prefect: small, frozen, JSON."""
-
-    model_config = ConfigDict(frozen=True)
-
-    stage: str
-    output: ArtifactRef  # the primary artifact (safetensors, a model directory, or JSON)
-    files: dict[str, ArtifactRef] = {}  # side artifacts (plots, tables), logged to MLflow by name
-    metrics: dict[str, float] = {}
-    params: dict[str, Any] = {}  # the stage's resolved config
-    datasets: tuple[DatasetInput, ...] = ()
-
-    @property
-    def uri(self) -> str:
-        return self.output.uri
-
-    @property
-    def sha256(self) -> str:
-        return self.output.sha256
-
-    def cache_token(self) -> str:
-        return self.output.sha256
-
-    def refs(self) -> list[ArtifactRef]:
-        return [self.output, *self.files.values()]
 
 
 class RunLink(BaseModel):
@@ -217,83 +185,9 @@ def cache_payload(value: Any) -> Any:
         return value
     raise TypeError(f"task input of type {type(value).__name__} cannot be part of a cache key; pass a config")
 
+
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-class UnsafeRecordError(ValueError):
-    """A result record that is not a JSON record of a StageResult; it never reaches Prefect's deserializer."""
-
-
-_RECORD_SERIALIZER = JSONSerializer().model_dump(mode="json")  # the only serializer a record may name
-_RESULT_CLASS = f"{StageResult.__module__}.{StageResult.__qualname__}"
-_DECODER_KEYS = ("__class__", "__exc_type__")  # keys that make Prefect's JSON decoder import and build a type
-
-
-def parse_record(content: bytes) -> StageResult:
-    """The StageResult of a result record, read with plain `json` (nothing imported, nothing run); raise
-    UnsafeRecordError for anything else: another serializer (pickle), other decoder hooks, another class."""
-    try:
-        record = json.loads(content)
-        serializer = record["metadata"]["serializer"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UnsafeRecordError(f"not a JSON result record ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if not isinstance(serializer, dict) or serializer.get("type") != _RECORD_SERIALIZER["type"]:
-        named = serializer.get("type") if isinstance(serializer, dict) else serializer
-        raise UnsafeRecordError(f"it names serializer {str(named)[:40]!r}, not {_RECORD_SERIALIZER['type']!r}")
-    if serializer != _RECORD_SERIALIZER:
-        changed = sorted(k for k in {*serializer, *_RECORD_SERIALIZER} if serializer.get(k) != _RECORD_SERIALIZER.get(k))
-        raise UnsafeRecordError(f"its JSON serializer has other settings: {', '.join(changed)[:120]}")
-    try:
-        payload = json.loads(record["result"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UnsafeRecordError(f"its result is not JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if not isinstance(payload, dict) or set(payload) != {"__class__", "data"} or payload["__class__"] != _RESULT_CLASS:
-        named = payload.get("__class__") if isinstance(payload, dict) else type(payload).__name__
-        raise UnsafeRecordError(f"its result is {str(named)[:80]!r}, not a {_RESULT_CLASS}")
-    if _names_a_type(payload["data"]):
-        raise UnsafeRecordError(f"its {_RESULT_CLASS} holds objects with {' or '.join(_DECODER_KEYS)} (a Python type)")
-    try:
-        return StageResult.model_validate(payload["data"])
-    except ValidationError as exc:
-        raise UnsafeRecordError(f"its result is not a valid StageResult ({exc.error_count()} errors)") from None
-
-
-STORE_URI = "mha2mla-store:"  # what a stored record writes for the root of the store that holds it
-
-
-def relocate(content: bytes, old: str, new: str) -> bytes:
-    """A result record with each artifact URI that starts with `old` starting with `new` instead; other content
-    as it is (`parse_record` judges it). Records are stored with their URIs relative to the store (`STORE_URI`),
-    so that a store copied or moved elsewhere still serves its cache from its own place."""
-    try:
-        record = json.loads(content)
-        record["result"] = json.dumps(_moved_uris(json.loads(record["result"]), old, new))
-    except (ValueError, KeyError, TypeError):
-        return content
-    return json.dumps(record).encode()
-
-
-def in_store(content: bytes, store: ArtifactStore) -> bytes:
-    """A stored record with its artifact URIs resolved against `store`'s root."""
-    return relocate(content, STORE_URI, store.root + "/")
-
-
-def _moved_uris(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, dict):
-        return {k: new + v.removeprefix(old) if k == "uri" and isinstance(v, str) and v.startswith(old)
-                else _moved_uris(v, old, new) for k, v in value.items()}  # fmt: skip
-    if isinstance(value, list):
-        return [_moved_uris(v, old, new) for v in value]
-    return value
-
-
-def _names_a_type(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(key in value for key in _DECODER_KEYS) or any(_names_a_type(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_names_a_type(v) for v in value)
-    return False
 
 
 def record_problem(key: str, store: ArtifactStore) -> str | None:
