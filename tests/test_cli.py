@@ -38,6 +38,19 @@ def cli(local_env, monkeypatch):
     return invoke
 
 
+@pytest.fixture
+def seen(monkeypatch) -> dict:
+    """`convert` stops once its params are built; seen["params"] holds them (the flow is tested in test_flow)."""
+    seen = {}
+
+    def capture(ctx, flow, params):
+        seen["params"] = params
+        raise SystemExit(0)
+
+    monkeypatch.setattr("flows.cli.run_with_progress", capture)
+    return seen
+
+
 def latest_flow_run():
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -149,14 +162,7 @@ def test_bad_input_is_one_clear_line(cli, tiny_source, args, message):
     assert message in out and "Traceback" not in out and "errors.pydantic.dev" not in out
 
 
-def test_calibration_and_finetune_options_reach_the_stage_configs(cli, tiny_source, monkeypatch):
-    seen = {}
-
-    def capture(ctx, flow, params):
-        seen["params"] = params
-        raise SystemExit(0)  # the flow itself is tested in test_flow
-
-    monkeypatch.setattr("flows.cli.run_with_progress", capture)
+def test_calibration_and_finetune_options_reach_the_stage_configs(cli, tiny_source, seen):
     cli("convert", str(tiny_source), "--finetune-data", "text.txt", "--finetune-tokens", "4096", "--finetune-lr", "3e-4",
         "--kd-weight", "0.5", "--trainable", "attention", "--finetune-seq-len", "256", "--finetune-batch", "4",
         "--grad-accum", "2", "--synthetic-fraction", "0.25", "--calib-model-samples")  # fmt: skip
@@ -168,14 +174,7 @@ def test_calibration_and_finetune_options_reach_the_stage_configs(cli, tiny_sour
     assert (train.seq_len, train.micro_batch_size, train.grad_accum_steps) == (256, 4, 2)
 
 
-def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, tiny_source, monkeypatch):
-    seen = {}
-
-    def capture(ctx, flow, params):
-        seen["params"] = params
-        raise SystemExit(0)
-
-    monkeypatch.setattr("flows.cli.run_with_progress", capture)
+def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, tiny_source, seen):
     cli("convert", str(tiny_source), "--synthetic-fraction", "1", "--calib-model-samples")
     finetune = seen["params"].finetune
     assert finetune is not None and finetune.data is None and finetune.synthetic_fraction == 1
@@ -186,14 +185,7 @@ def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, 
     assert seen["params"].finetune.reconstruct.steps == 50
 
 
-def test_a_gpu_worker_runs_the_gpu_recipe_unless_told_otherwise(cli, tiny_source, monkeypatch):
-    seen = {}
-
-    def capture(ctx, flow, params):
-        seen["params"] = params
-        raise SystemExit(0)
-
-    monkeypatch.setattr("flows.cli.run_with_progress", capture)
+def test_a_gpu_worker_runs_the_gpu_recipe_unless_told_otherwise(cli, tiny_source, seen, monkeypatch):
     cli("convert", str(tiny_source))  # a CPU worker: conversion only
     assert seen["params"].finetune is None
     monkeypatch.setattr("tasks.finetune.training_device", lambda setting: torch.device("cuda"))
