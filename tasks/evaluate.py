@@ -41,7 +41,7 @@ class NeedleParams(BaseModel):
     lengths: tuple[int, ...] = (512, 1024, 2048)  # prompt tokens
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)  # where the needle sits: 0 = first, 1 = last in the haystack
     trials: int = 1  # passkeys per (length, depth) cell
-    haystack: str | None = None  # a local text file; None = the Gutenberg books of shared/data/text_calib
+    haystack: str | None = None  # a local text file; None = the package's books (mha2mla_core/resources)
 
     @model_validator(mode="after")
     def _valid(self) -> NeedleParams:

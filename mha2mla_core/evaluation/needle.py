@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from mha2mla_core.evaluation.paths import GUTENBERG_DIR, check_fits_context, read_text
+from mha2mla_core.evaluation.paths import PACKAGED_BOOKS, check_fits_context, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ HAYSTACK_CHARS_PER_TOKEN = 16  # characters of haystack text tokenized per promp
 class NeedleConfig:
     """The grid (lengths x depths, `trials` passkeys per cell) and the prompt pieces."""
 
-    haystack_paths: tuple[Path, ...] = ()  # () = the Gutenberg books of shared/data/text_calib/gutenberg
+    haystack_paths: tuple[Path, ...] = ()  # () = the package's books (mha2mla_core/resources)
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)  # prompt tokens
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     trials: int = 2
@@ -87,15 +87,8 @@ class NeedleResult:
 
 
 def haystack_files(paths: tuple[Path, ...]) -> list[Path]:
-    """The given files, or the Gutenberg books of the shared data when none are given."""
-    if paths:
-        return [Path(p) for p in paths]
-    books = sorted(GUTENBERG_DIR.glob("*.txt"))
-    if not books:
-        raise FileNotFoundError(
-            f"no haystack text: {GUTENBERG_DIR} has no .txt books; pass NeedleConfig(haystack_paths=(file, ...))"
-        )
-    return books
+    """The given files, or the package's own public-domain books when none are given."""
+    return [Path(p) for p in paths] if paths else list(PACKAGED_BOOKS)
 
 
 def load_haystack(paths: tuple[Path, ...]) -> str:

@@ -1,6 +1,7 @@
 """Where the evaluation data lives by default, and how text files are read.
 
-The defaults point at the project's shared data checkout (`<repo>/../shared/data`, see its README). An installed
+The needle's default haystack is the package's own books. The perplexity and multiple-choice defaults point at the
+project's shared data checkout (`<repo>/../shared/data`, see its README), the benchmarks' protocol; an installed
 package has no such directory: pass explicit paths (the error messages say which option).
 """
 
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# the package's own public-domain books (mha2mla_core/resources/README.md): the needle's default haystack
+PACKAGED_BOOKS = tuple(Path(__file__).resolve().parents[1] / "resources" / name
+                       for name in ("calibration_books.txt", "heldout_books.txt"))
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 WIKITEXT2_TEST = SHARED_DATA_DIR / "text_eval" / "wikitext-2-raw" / "wiki.test.raw"
 MC_DATA_DIR = SHARED_DATA_DIR / "mc"
