@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MHA2MLA_"
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     # processes the training stages spread over on this worker: finetune-data samples and finetune trains (FSDP) as
     # this many processes under torchrun, one per GPU (with device cpu: gloo processes); 1 = in the worker's process
-    gpus: int = 1
+    gpus: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _below_home(self) -> "Settings":
@@ -111,13 +111,6 @@ class Settings(BaseSettings):
     def _check_multipart(cls, value: int) -> int:
         if value < 5:
             raise ValueError(f"s3_multipart_mb={value} < 5, S3's minimum part size; use >= 5")
-        return value
-
-    @field_validator("gpus")
-    @classmethod
-    def _check_gpus(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"{ENV_PREFIX}GPUS={value}; use >= 1 (1 = train in the worker's own process)")
         return value
 
     @field_validator("device")

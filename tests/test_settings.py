@@ -60,6 +60,7 @@ def test_secrets_never_show(monkeypatch):
         ("device", "gpu"),
         ("device", "cuda:x"),
         ("device", "cpu:0"),
+        ("gpus", 0),
     ],
 )
 def test_bad_values_are_refused_with_the_fix(field, value):
