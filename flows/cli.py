@@ -239,10 +239,10 @@ def _recovery_recipe(recipe: str, explicit: bool, device: str) -> str | None:
     """The packaged recipe `--recipe` names (None: conversion only); auto picks gpu on a GPU worker unless the
     command already says how to fine-tune (--config or a fine-tuning option)."""
     from flows.publish import packaged_recipes
-    from tasks.finetune import training_device
+    from tasks.inputs import worker_device
 
     if recipe == "auto":
-        return "gpu" if not explicit and training_device(device).type == "cuda" else None
+        return "gpu" if not explicit and worker_device(device).type == "cuda" else None
     if recipe == "none":
         return None
     if recipe not in packaged_recipes():

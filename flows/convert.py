@@ -36,7 +36,7 @@ from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
 from infra.stage import RunLink, StageResult, context, ensure_result_storage, log_cache_hit
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.export import ExportParams, check_export_inputs, export
-from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct, training_device
+from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct
 from tasks.inputs import (
     DEFAULT_CALIBRATION,
     DEFAULT_EVAL_TEXT,
@@ -47,6 +47,7 @@ from tasks.inputs import (
     read_text,
     resolve_data,
     resolve_model,
+    worker_device,
 )
 from tasks.quantize_kv import quantize_kv
 from tasks.sample_calibration import CalibrationParams, sample_calibration
@@ -171,8 +172,7 @@ def check_inputs(params: ConvertParams, model: ModelSource, eval_text: DataSourc
 def convert(params: ConvertParams, catalog_run_id: str | None = None) -> ConvertOutcome:
     """Convert `params.model` to MLA, evaluate it against the original, register the checkpoint."""
     settings = context().settings  # the artifact store and tracking server are reachable
-    if params.finetune:
-        training_device(settings.device)  # a worker told to train on a device it lacks fails before any stage
+    worker_device(settings.device)  # a worker told to use a device it lacks fails before any stage
     ensure_result_storage()
     model = resolve_model(params.model)
     calib_data = resolve_data(params.calibration.data, DEFAULT_CALIBRATION)

@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     # files larger than this upload (and copy) in parts of this size; S3's minimum part is 5 MiB
     s3_multipart_mb: int = 64
 
-    # where this worker fine-tunes: auto (the CUDA device when there is one, else the CPU), cpu, cuda, cuda:N
+    # where this worker runs the model stages (data-free calibration, svd-init, reconstruct, finetune): auto (the
+    # CUDA device when there is one, else the CPU), cpu, cuda, cuda:N
     device: str = "auto"
     # processes the training stages spread over on this worker: finetune-data samples and finetune trains (FSDP) as
     # this many processes under torchrun, one per GPU (with device cpu: gloo processes); 1 = in the worker's process

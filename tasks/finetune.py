@@ -15,7 +15,6 @@ and the same seeds, so that the result is the same call and the same cache key w
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from safetensors.torch import save_file
@@ -37,9 +36,11 @@ from tasks.inputs import (
     load_checkpoint,
     load_source,
     load_tensors,
+    on_device,
     read_documents,
     save_checkpoint,
     save_tensors,
+    worker_device,
 )
 
 DATA_STAGE, RECON_STAGE, STAGE = "finetune-data", "reconstruct", "finetune"
@@ -110,7 +111,7 @@ class FinetuneParams(BaseModel):
 
 
 def _rows_device(config: RowsParams) -> torch.device:
-    return training_device(context().settings.device) if config.synthetic_fraction > 0 else torch.device("cpu")
+    return worker_device(context().settings.device) if config.synthetic_fraction > 0 else torch.device("cpu")
 
 
 def _rows_params(config: RowsParams, data: DataSource, **_) -> dict:
@@ -120,7 +121,7 @@ def _rows_params(config: RowsParams, data: DataSource, **_) -> dict:
 
 
 def _training_params(config: BaseModel, rows: StageResult, **_) -> dict:
-    device = training_device(context().settings.device)
+    device = worker_device(context().settings.device)
     return {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device), "gpus": training_gpus(device)}
 
 
@@ -144,7 +145,7 @@ def reconstruct(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: ReconstructParams, run: RunLink
 ) -> StageOutput:
     """Fit each attention layer of a private copy of `checkpoint` to the original `model`'s on the first rows."""
-    device = training_device(context().settings.device)
+    device = worker_device(context().settings.device)
     teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, with_teacher=True)
     first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
     fit = reconstruct_attention(student, teacher, first.to(device), config.config)
@@ -164,7 +165,7 @@ def finetune(
 ) -> StageOutput:
     """Train a private copy of `checkpoint` on `rows` (from `finetune_data`) with the original `model` as teacher;
     metrics every log step."""
-    device = training_device(context().settings.device)
+    device = worker_device(context().settings.device)
     train_cfg, gpus = config.train, training_gpus(device)
     if gpus > 1:
         result, student, tokenizer = _train_on_gpus(model, checkpoint, rows, train_cfg, (device, gpus))
@@ -228,20 +229,3 @@ def _training_inputs(model: ModelSource, checkpoint: StageResult, rows: StageRes
     teacher = on_device(load_source(model)[0], device) if with_teacher else None
     student, tokenizer = load_checkpoint(checkpoint, shared=False)
     return teacher, student.to(device), tokenizer, load_tensors(rows)["rows"].long()
-
-
-def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The shared (memoised) source model itself on the CPU; elsewhere a private copy, so that other stages and
-    threads keep using the CPU one."""
-    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
-
-
-def training_device(setting: str) -> torch.device:
-    """The device `MHA2MLA_DEVICE` names on this worker (auto: CUDA when present); checked before anything loads."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        found = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
-        raise ValueError(f"MHA2MLA_DEVICE={setting!r} but this worker has {found}; set it to auto or cpu")
-    return device

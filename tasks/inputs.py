@@ -11,6 +11,7 @@ place), so the flow's stages do not reload the same 135M-parameter model three t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -244,3 +245,21 @@ def save_tensors(tensors: dict[str, torch.Tensor], key: str, metadata: dict[str,
 
 def load_tensors(result: StageResult) -> dict[str, torch.Tensor]:
     return load_safetensors(context().store.get_bytes(result.uri, sha256=result.sha256))
+
+
+def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The shared (memoised) source model itself on the CPU; elsewhere a private copy, so that other stages and
+    threads keep using the CPU one."""
+    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
+
+
+def worker_device(setting: str) -> torch.device:
+    """The device `MHA2MLA_DEVICE` names on this worker (auto: CUDA when present), where the model stages run (the
+    data-free calibration, the conversion, the training stages); checked before anything loads."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"MHA2MLA_DEVICE={setting!r} but this worker has {found}; set it to auto or cpu")
+    return device

@@ -7,8 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mha2mla_core.conversion.calibration import continue_with_model
 from mha2mla_core.conversion.calibration import sample_calibration as sample_ids
-from infra.stage import DatasetInput, RunLink, StageOutput, artifact_key, stage_task
-from tasks.inputs import DataSource, ModelSource, load_source, read_documents, save_tensors
+from infra.stage import DatasetInput, RunLink, StageOutput, artifact_key, context, stage_task
+from tasks.inputs import DataSource, ModelSource, load_source, on_device, read_documents, save_tensors, worker_device
 
 STAGE = "sample-calibration"
 
@@ -40,8 +40,9 @@ def sample_calibration(
     original, tokenizer = load_source(model)
     texts = read_documents(data, config.text_field, config.split, config.limit_chars)
     sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
-    if config.model_samples:
-        sample = continue_with_model(original, sample, seq_len, seed=config.seed)
+    if config.model_samples:  # on the worker's device (MHA2MLA_DEVICE); the ids come back on the CPU
+        sampler = on_device(original, worker_device(context().settings.device))
+        sample = continue_with_model(sampler, sample, seq_len, seed=config.seed)
     key = artifact_key(model.slug, STAGE, "calibration.safetensors")
     output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
     dataset = DatasetInput(name="calibration", digest=sample.digest, source=data.uri)

@@ -188,7 +188,7 @@ def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, 
 def test_a_gpu_worker_runs_the_gpu_recipe_unless_told_otherwise(cli, tiny_source, seen, monkeypatch):
     cli("convert", str(tiny_source))  # a CPU worker: conversion only
     assert seen["params"].finetune is None
-    monkeypatch.setattr("tasks.finetune.training_device", lambda setting: torch.device("cuda"))
+    monkeypatch.setattr("tasks.inputs.worker_device", lambda setting: torch.device("cuda"))
     cli("convert", str(tiny_source))
     params = seen["params"]
     assert params.calibration.model_samples and params.finetune.data is None and params.finetune.synthetic_fraction == 1
