@@ -13,7 +13,6 @@ from mha2mla_core.modeling.decoding import (
     GROUPED_DECODE,
     GROUPED_MIN_PAIRS,
     StaticDecoder,
-    decode_attention,
     generate_static,
     grouped_decode_attention,
     grouped_view,
@@ -133,11 +132,11 @@ def test_decoder_groups_from_grouped_min_pairs_rows_x_kv_heads():
     assert StaticDecoder(model, state, cuda_graph=False, grouped=False).grouped is False
 
 
-def test_decode_attention_leaves_mla_and_non_sdpa_models_alone(mla):
+def test_grouped_view_leaves_mla_and_non_sdpa_models_alone(mla):
     eager = tiny_model("llama-gqa", attn_implementation="eager")
     for model, expected in ((mla, mla.config._attn_implementation), (eager, "eager")):
-        with decode_attention(model):
-            assert model.config._attn_implementation == expected
+        assert grouped_view(model) is model
+        assert model.config._attn_implementation == expected
 
 
 def test_decoder_runs_in_chunks_and_refuses_to_overrun_its_cache(mla):

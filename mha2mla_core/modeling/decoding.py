@@ -28,8 +28,6 @@ of its own), so the caller's model, which another thread may be running, is neve
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +94,6 @@ def _with_config(module: torch.nn.Module, old: PretrainedConfig, new: Pretrained
     if getattr(module, "config", None) is old:
         view.config = new
     return view
-
-
-@contextmanager
-def decode_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-    """Within: the model to call for a decode step through `grouped_decode_attention` (`grouped_view`)."""
-    yield grouped_view(model)
 
 
 def static_cache_for(model: PreTrainedModel, max_cache_len: int) -> Cache:
