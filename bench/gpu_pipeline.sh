@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# The whole `mha2mla convert` pipeline (Prefect + MLflow, embedded default) on a bare offline GPU machine.
+#
+#   bash bench/gpu_pipeline.sh stage       # only copy the carried folders to $GPU_KIT, join the GGUF, install wheels
+#   bash bench/gpu_pipeline.sh flow        # (a) SmolLM2-135M GGUF, --recipe gpu on 2 GPUs, wikitext-2 + MC all + needle
+#   bash bench/gpu_pipeline.sh convert8b   # (b) random Llama-3-8B shape (bf16 HF dir), --recipe none on 1 GPU
+#   bash bench/gpu_pipeline.sh all         # (a) then (b); (b) runs even if (a) failed
+#
+# Run it from the repo root. Every mode first "stages": each carried folder present in the repo (.carry_pf1,
+# .carry_pf2, .whl_lm, .whl, .carry_data, .carry_mc, .carry_ma, .carry_mb) is copied to $GPU_KIT (default
+# /root/gpu_kit), which persists between back-to-back device calls; later calls read it from there. Once both GGUF
+# parts are there they are joined into $MODEL_GGUF (default /root/ft/model.gguf); once all four wheel folders are
+# there they are installed into /tmp/site (python3 -m pip --no-index --no-deps --target), with two dist-info stubs:
+# `mlflow` (the code is mlflow-skinny's; the pipeline pins `mlflow==VERSION` in registered models) and `mha2mla`
+# (the code version when the tree has no .git).
+#
+# Each part runs under `timeout $PART_TIMEOUT` (default 540 s, so that a 600 s device call still copies the
+# results), with its own fresh MHA2MLA_HOME under /root/mha2mla_runs, and ends with the stages' wall times from
+# the product's own `mha2mla runs` (the flow run's `seconds.*` metrics). Files land flat in $OUT (at most 7):
+#   pipeline.log, flow.log, flow.json, flow_summary.md, convert8b.log, convert8b.json, convert8b_summary.md
+#
+# Knobs (environment): PART_TIMEOUT, EVAL_TOKENS (part a, default 65536), MC_LIMIT (part a, items per MC task /
+# per MMLU subject; default: all), NEEDLE_LENGTHS (part a; default NeedleParams'), CALIB_TOKENS_8B (default 8192),
+# EVAL_TOKENS_8B (default 4096), CHECK_8B=1 (reload the 8B checkpoint in a fresh process; default off: it costs
+# another full load), GPU_PIPELINE_TINY=1 (local CPU smoke run: .venv's python, smollm2-135m, --recipe none, a tiny
+# random Llama shape, tiny budgets; nothing staged or installed).
+set -uo pipefail
+
+MODE=${1:-all}
+TINY=${GPU_PIPELINE_TINY:-0}
+REPO=$PWD
+KIT=${GPU_KIT:-/root/gpu_kit}
+SITE=${GPU_SITE:-/tmp/site}
+MODEL_GGUF=${MODEL_GGUF:-/root/ft/model.gguf}
+RUNS=${GPU_RUNS:-/root/mha2mla_runs}
+OUT=${OUT:-$REPO/runs/gpu_pipeline_out}
+PART_TIMEOUT=${PART_TIMEOUT:-540}
+PY=${PYTHON:-python3}
+if [[ $TINY == 1 ]]; then
+    PY=${PYTHON:-$REPO/.venv/bin/python}
+    KIT=$REPO MODEL_GGUF=smollm2-135m RUNS=$(mktemp -d /tmp/gpu_pipeline_tiny.XXXX)
+fi
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [[ $TINY == 1 ]]; then export PYTHONPATH=$REPO; else export PYTHONPATH=$SITE:$REPO; fi
+
+log() { echo "[gpu_pipeline $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/pipeline.log" >&2; }
+mha2mla() { "$PY" -c 'import sys; from flows.cli import app; sys.argv[0] = "mha2mla"; app()' "$@"; }
+wikitext() {  # the flow reads .txt/.jsonl/.parquet: wiki.test.raw under a .txt name
+    mkdir -p "$RUNS" && cp -n "$(kit .carry_data)/wiki.test.raw" "$RUNS/wikitext-2-test.txt" && echo "$RUNS/wikitext-2-test.txt"
+}
+kit() { if [[ -d $REPO/$1 && -n $(ls -A "$REPO/$1" 2>/dev/null) ]]; then echo "$REPO/$1"; else echo "$KIT/$1"; fi; }
+
+# ---- staging: carried folders -> $GPU_KIT, the GGUF joined, the wheels installed --------------------------------
+stage() {
+    [[ $TINY == 1 ]] && return 0
+    for dir in .carry_pf1 .carry_pf2 .whl_lm .whl .carry_data .carry_mc .carry_ma .carry_mb; do
+        if [[ -d $REPO/$dir && -n $(ls -A "$REPO/$dir") ]]; then
+            mkdir -p "$KIT/$dir" && cp -r "$REPO/$dir/." "$KIT/$dir/" && log "staged $dir ($(du -sh "$KIT/$dir" | cut -f1))"
+        fi
+    done
+    if [[ ! -s $MODEL_GGUF && -f $KIT/.carry_ma/part && -f $KIT/.carry_mb/part ]]; then
+        mkdir -p "$(dirname "$MODEL_GGUF")"
+        cat "$KIT/.carry_ma/part" "$KIT/.carry_mb/part" > "$MODEL_GGUF" && log "joined $MODEL_GGUF ($(du -sh "$MODEL_GGUF" | cut -f1))"
+    fi
+    if [[ ! -f $SITE/.gpu_pipeline_installed ]]; then
+        local missing="" dir
+        for dir in .carry_pf1 .carry_pf2 .whl_lm .whl; do ls "$(kit $dir)"/*.whl >/dev/null 2>&1 || missing+=" $dir"; done
+        if [[ -n $missing ]]; then log "wheels not installed yet: missing$missing"; return 0; fi
+        log "installing wheels into $SITE"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+            "$(kit .carry_pf1)"/*.whl "$(kit .carry_pf2)"/*.whl "$(kit .whl_lm)"/*.whl "$(kit .whl)"/*.whl 2>&1 \
+            | grep -v "already exists\|WARNING: Target directory" | tee -a "$OUT/pipeline.log"
+        stub mlflow "$(cd "$SITE" && ls -d mlflow_skinny-*.dist-info | sed 's/mlflow_skinny-\(.*\).dist-info/\1/')"
+        stub mha2mla "$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")"
+        touch "$SITE/.gpu_pipeline_installed"
+    fi
+}
+
+stub() {  # an installed-distribution record without files: importlib.metadata.version($1) == $2
+    mkdir -p "$SITE/$1-$2.dist-info"
+    printf 'Metadata-Version: 2.1\nName: %s\nVersion: %s\n' "$1" "$2" > "$SITE/$1-$2.dist-info/METADATA"
+    log "stub dist-info $1 $2"
+}
+
+preflight() {
+    "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/pipeline.log"
+import importlib, importlib.metadata as md, sys
+bad = []
+for name in ("prefect", "mlflow", "sqlalchemy", "alembic", "pydantic_settings", "boto3", "lm_eval", "datasets", "gguf", "torch", "transformers"):
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001
+        bad.append(f"{name}: {type(err).__name__}: {err}")
+for dist in ("mlflow", "mha2mla", "prefect", "torch", "transformers"):
+    try:
+        print(f"  {dist} {md.version(dist)}")
+    except md.PackageNotFoundError:
+        bad.append(f"dist {dist}: not installed")
+try:
+    import torch
+    print(f"  python {sys.version.split()[0]}; cuda devices: {torch.cuda.device_count()}")
+except ImportError as err:
+    bad.append(f"torch: {err}")
+print("preflight: " + ("ok" if not bad else "FAILED\n  " + "\n  ".join(bad)))
+EOF
+}
+
+# ---- after a part: the evaluation table and the stages' wall times ----------------------------------------------
+summarize() {  # $1 = part name; reads $OUT/$1.json (the convert --json outcome) and the store's runs
+    local part=$1 md=$OUT/$1_summary.md
+    {
+        echo "# $part"
+        echo
+        echo "## stages (mha2mla runs)"
+        echo '```'
+        mha2mla runs --limit 1 2>&1
+        echo '```'
+        echo
+        echo "## stage wall times (the flow run's seconds.* metrics)"
+        mha2mla runs --limit 1 --json 2>/dev/null | "$PY" -c '
+import json, sys
+runs = json.load(sys.stdin)
+if not runs:
+    sys.exit(print("no flow run recorded"))
+flow = runs[0]
+secs = {k[len("seconds."):]: v for k, v in flow["run"]["metrics"].items() if k.startswith("seconds.")}
+if secs:
+    for name, value in sorted(secs.items(), key=lambda kv: kv[0] == "total"):
+        print(f"- {name}: {value:.1f} s")
+else:  # the flow did not finish: the stage runs start times only
+    from datetime import datetime
+    starts = [(s["name"], datetime.fromisoformat(str(s["start_time"]))) for s in flow["stages"]]
+    status = flow["run"]["status"]
+    print(f"flow run {status}: no seconds.* metrics; stage starts (offset from the first):")
+    for name, at in starts:
+        print(f"- {name}: +{(at - starts[0][1]).total_seconds():.1f} s")
+'
+        echo
+        echo "## evaluation table"
+        "$PY" -c '
+import json, sys
+try:
+    out = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except (OSError, ValueError, IndexError) as err:
+    sys.exit(print(f"no outcome JSON ({type(err).__name__}: {err})"))
+from mha2mla_core.evaluation.report import Comparison
+print(Comparison.from_dict(out["table"]).to_markdown())
+print("\ncheckpoint:", out["checkpoint"]["uri"])
+print("registered: models:/" + str(out["model_version"]))
+print("stage cache:", out["cache"])
+if out.get("reloaded"):
+    print("reloaded:", {k: v for k, v in out["reloaded"].items() if k != "prompt"})
+' "$OUT/$part.json"
+    } > "$md" 2>&1
+    cat "$md"
+}
+
+run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, timeout, log, summary
+    local part=$1 start rc
+    shift
+    export MHA2MLA_HOME=$RUNS/$part-$(date -u +%Y%m%d-%H%M%S)
+    mkdir -p "$MHA2MLA_HOME"
+    log "part $part: MHA2MLA_HOME=$MHA2MLA_HOME MHA2MLA_GPUS=${MHA2MLA_GPUS:-1}; mha2mla convert $*"
+    start=$(date +%s)
+    { timeout --kill-after=30 "$PART_TIMEOUT" "$PY" -c 'import sys; from flows.cli import app; sys.argv[0] = "mha2mla"; app()' \
+        convert "$@" --json > "$OUT/$part.json"; } 2>&1 | tee "$OUT/$part.log"
+    rc=${PIPESTATUS[0]}
+    log "part $part: exit $rc after $(( $(date +%s) - start )) s$([[ $rc == 124 ]] && echo " (timed out at $PART_TIMEOUT s)")"
+    summarize "$part" | tee -a "$OUT/$part.log"
+    return "$rc"
+}
+
+# ---- (a) the real model, the packaged gpu recipe on 2 GPUs ------------------------------------------------------
+part_flow() {
+    local mc args
+    mc=$(kit .carry_mc)
+    args=(--eval-text "$(wikitext)" --mc-tasks all --mc-data-dir "$mc" --needle --name smollm2-gpu-flow)
+    if [[ $TINY == 1 ]]; then  # conversion only, tiny budgets
+        args+=(--recipe none --calib-tokens 1024 --eval-tokens 1024 --mc-limit 2 --needle-lengths 256 --kv-rank 8)
+        MHA2MLA_GPUS=1
+    else
+        args+=(--recipe gpu --eval-tokens "${EVAL_TOKENS:-65536}" ${MC_LIMIT:+--mc-limit "$MC_LIMIT"}
+               ${NEEDLE_LENGTHS:+--needle-lengths "$NEEDLE_LENGTHS"})
+        [[ -s $MODEL_GGUF ]] || { log "no model at $MODEL_GGUF: carry .carry_ma and .carry_mb first"; return 1; }
+        MHA2MLA_GPUS=2
+    fi
+    export MHA2MLA_GPUS
+    run_part flow "$MODEL_GGUF" "${args[@]}"
+}
+
+# ---- (b) a random Llama-3-8B shape, conversion only, on 1 GPU ---------------------------------------------------
+part_convert8b() {
+    local dir=$KIT/llama3-8b-random start
+    [[ $TINY == 1 ]] && dir=$RUNS/llama-tiny-random
+    if [[ ! -f $dir/config.json ]]; then
+        start=$(date +%s)
+        CUDA_VISIBLE_DEVICES=0 "$PY" - "$dir" "$MODEL_GGUF" "$TINY" <<'EOF' 2>&1 | tee -a "$OUT/convert8b.log" || return 1
+import sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from bench.shapes import LLAMA_3_8B
+from mha2mla_core import load_model
+
+path, gguf, tiny = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+shape = dict(LLAMA_3_8B)
+if tiny:
+    shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+start = time.perf_counter()
+tokenizer = load_model(gguf)[1]  # the real model's tokenizer, as bench/scale.py saves its random shapes
+torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    model = LlamaForCausalLM(LlamaConfig(**shape, dtype="bfloat16")).eval()
+init_s = time.perf_counter() - start
+model.save_pretrained(path)  # safetensors, bf16
+tokenizer.save_pretrained(path)
+params = sum(p.numel() for p in model.parameters())
+print(f"random Llama-3-8B shape{' (tiny)' if tiny else ''}: {params / 1e9:.2f} B params, bf16, init {init_s:.0f} s, "
+      f"saved to {path} in {time.perf_counter() - start - init_s:.0f} s", flush=True)
+EOF
+        log "random model written to $dir in $(( $(date +%s) - start )) s"
+    else
+        log "reusing the random model at $dir"
+    fi
+    local args=(--recipe none --calib-tokens "${CALIB_TOKENS_8B:-8192}" --eval-text "$(wikitext)"
+                --eval-tokens "${EVAL_TOKENS_8B:-4096}" --name llama3-8b-random-mla)
+    [[ ${CHECK_8B:-0} == 1 ]] || args+=(--no-check)
+    [[ $TINY == 1 ]] && args=(--recipe none --calib-tokens 1024 --eval-text "$(wikitext)" --eval-tokens 1024
+                              --name llama-tiny-random-mla)
+    CUDA_VISIBLE_DEVICES=0 MHA2MLA_GPUS=1 run_part convert8b "$dir" "${args[@]}"
+}
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+log "mode $MODE; repo $REPO; kit $KIT; out $OUT; tiny $TINY"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee -a "$OUT/pipeline.log"
+stage
+[[ $MODE == stage ]] && { preflight; exit 0; }
+preflight
+status=0
+case $MODE in
+    flow) part_flow || status=$? ;;
+    convert8b) part_convert8b || status=$? ;;
+    all) part_flow || status=$?; part_convert8b || status=$? ;;
+    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all" >&2; exit 2 ;;
+esac
+df -h "$RUNS" "$KIT" 2>/dev/null | tee -a "$OUT/pipeline.log"
+log "done: mode $MODE, status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit "$status"
