@@ -196,6 +196,17 @@ def test_cuda_graph_replay_equals_eager_decoding(mla, source):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("source", ["original", "mla"])
+def test_compiled_step_decodes_the_same_tokens(mla, source):
+    model = (tiny_model("qwen2-bias") if source == "original" else copy.deepcopy(mla)).cuda()
+    batch, mask = (t.cuda() for t in _left_padded_batch())
+    batch, mask = batch.repeat(8, 1), mask.repeat(8, 1)  # enough rows for grouped decoding of the original
+    eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True, compiled=True), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_sampling_is_seeded_and_rows_of_one_prompt_diverge(mla):
     model = copy.deepcopy(mla).cuda()
     ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(11)).cuda().expand(64, 4)

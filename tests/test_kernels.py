@@ -11,6 +11,7 @@ from mha2mla_core.kernels import (
     GroupQuant,
     QuantizedLatentKV,
     dequantize_group,
+    grouped_query_decode,
     latent_decode_attention,
     latent_decode_attention_quantized,
     latent_decode_attention_reference,
@@ -185,3 +186,46 @@ def test_triton_int4_matches_dequantized_reference(layout, dtype, B, Tq, T_res, 
     ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
     rel = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
     assert rel < {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype], f"relative error {rel:.2e}"
+
+
+def _gqa_inputs(B, T, H=9, Hkv=3, D=64, dtype=torch.float32, device="cpu"):
+    q = torch.randn(B, H, D, dtype=dtype, device=device)  # (B, H, D)
+    k = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)  # (B, Hkv, T, D)
+    v = torch.randn(B, Hkv, T, D, dtype=dtype, device=device)  # (B, Hkv, T, D)
+    return q, k, v
+
+
+def _sdpa_gqa(q, k, v, scale, start, end):
+    """softmax(scale q.k) v over keys [start[b], end) of each row, through torch's SDPA with K/V expanded."""
+    B, H, D = q.shape
+    T = k.shape[2]
+    positions = torch.arange(T)
+    allowed = (positions[None, :] >= start[:, None]) & (positions[None, :] < end)  # (B, T)
+    rep = H // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].float(), k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float(),
+        attn_mask=allowed[:, None, None, :], scale=scale,
+    )  # (B, H, 1, D)
+    return out[:, :, 0].to(q.dtype)
+
+
+def test_grouped_query_decode_equals_attention_over_the_written_slots():
+    q, k, v = _gqa_inputs(3, 40)
+    start, end = torch.tensor([0, 5, 11], dtype=torch.int32), torch.tensor([29])
+    k[:, :, 29:], v[:, :, 29:] = 1e4, -1e4  # unwritten slots of a static cache: never read
+    expected = _sdpa_gqa(q, k, v, 0.125, start, 29)
+    torch.testing.assert_close(grouped_query_decode(q, k, v, 0.125, start, end), expected)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("B", "T", "end"), [(1, 5000, 4999), (512, 1024, 515), (16, 4096, 1)])
+def test_triton_grouped_decode_matches_reference(dtype, B, T, end):
+    q, k, v = _gqa_inputs(B, T, dtype=dtype, device="cuda")
+    start = torch.randint(0, max(1, end // 2), (B,), dtype=torch.int32, device="cuda")
+    kv_end = torch.tensor([end], device="cuda")
+    expected = _sdpa_gqa(q.cpu(), k.cpu(), v.cpu(), 0.125, start.cpu(), end)
+    got = grouped_query_decode(q, k, v, 0.125, start, kv_end)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.cpu(), expected, **tol)

@@ -1,6 +1,7 @@
 """Decode kernels for absorbed latent attention (Triton on CUDA, plain torch elsewhere)."""
 
 from mha2mla_core.kernels.latent_decode import (
+    grouped_query_decode,
     latent_decode_attention,
     latent_decode_attention_quantized,
     latent_decode_attention_reference,
@@ -12,6 +13,7 @@ __all__ = [
     "GroupQuant",
     "QuantizedLatentKV",
     "dequantize_group",
+    "grouped_query_decode",
     "latent_decode_attention",
     "latent_decode_attention_quantized",
     "latent_decode_attention_reference",

@@ -15,7 +15,6 @@ shared by the cache that writes it and the kernels that read it.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -23,11 +22,11 @@ import torch
 from mha2mla_core.kernels.quant_codes import QuantizedLatentKV
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # a constant, so torch.compile traces the dispatch
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+    return _HAS_TRITON and torch.cuda.is_available()
 
 
 def latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None, kv_end=None) -> torch.Tensor:
@@ -43,11 +42,57 @@ def latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale: float, kv_start=None
     returns o_lat: (B, H, Rc) = softmax(scale * (q_lat.c_kv + q_pe.k_pe)) @ c_kv, fp32 accumulation, output in q's dtype
     """
     _check_decode_inputs(q_lat, q_pe, c_kv, k_pe, kv_start, kv_end)
-    if c_kv.is_cuda and c_kv.dtype in _TRITON_DTYPES and triton_available():
-        from mha2mla_core.kernels import triton_latent
-
-        return triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
+    if c_kv.is_cuda and c_kv.dtype in _TRITON_DTYPES and _HAS_TRITON:
+        return torch.ops.mha2mla.latent_decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
     return latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
+
+
+def grouped_query_decode(q, k, v, scale: float, kv_start=None, kv_end=None) -> torch.Tensor:
+    """One decode step of grouped-query attention over a K/V cache, read once per K/V head and only up to kv_end.
+
+    q (B, H, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv); kv_start / kv_end as in `latent_decode_attention`
+    returns (B, H, Dv) = softmax(scale * q.k) @ v for head h's K/V head h // (H // Hkv)
+
+    It is `latent_decode_attention` with no latent scores: k stands where the rope key does, v where the latent does.
+    """
+    B, H, _ = q.shape
+    out_like = q.new_zeros(()).expand(B, H, v.shape[3])  # (B, H, Dv): a latent query of zeros scores nothing
+    _check_decode_inputs(out_like, q, v, k, kv_start, kv_end)
+    if v.is_cuda and v.dtype in _TRITON_DTYPES and _HAS_TRITON:
+        return torch.ops.mha2mla.grouped_decode(q, k, v, scale, kv_start, kv_end)
+    return latent_decode_attention_reference(out_like, q, v, k, scale, kv_start, kv_end)
+
+
+# The Triton launches as torch ops: torch.compile sees one opaque op (its output shape from the fake), so a compiled
+# model keeps one graph around the decode kernels instead of breaking at them.
+@torch.library.custom_op("mha2mla::latent_decode", mutates_args=())
+def _latent_decode_op(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, scale: float,
+    kv_start: torch.Tensor | None, kv_end: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    from mha2mla_core.kernels import triton_latent
+
+    return triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end)
+
+
+@_latent_decode_op.register_fake
+def _(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end):
+    return torch.empty_like(q_lat)  # (B, H, Rc)
+
+
+@torch.library.custom_op("mha2mla::grouped_decode", mutates_args=())
+def _grouped_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    from mha2mla_core.kernels import triton_latent
+
+    return triton_latent.grouped_decode(q, k, v, scale, kv_start, kv_end)
+
+
+@_grouped_decode_op.register_fake
+def _(q, k, v, scale, kv_start, kv_end):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[3])  # (B, H, Dv)
 
 
 def latent_decode_attention_quantized(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None):
@@ -55,7 +100,7 @@ def latent_decode_attention_quantized(q_lat, q_pe, kv: QuantizedLatentKV, scale:
     c_res, k_res = kv.c_kv_residual, kv.k_pe_residual
     _check_decode_inputs(q_lat, q_pe, c_res, k_res, kv_start)
     fused = kv.c_kv.nbits == 4 and kv.k_pe.nbits == 4 and kv.c_kv.num_tokens > 0
-    if fused and c_res.is_cuda and c_res.dtype in _TRITON_DTYPES and triton_available():
+    if fused and c_res.is_cuda and c_res.dtype in _TRITON_DTYPES and _HAS_TRITON:
         from mha2mla_core.kernels import triton_latent
 
         return triton_latent.decode_int4(q_lat, q_pe, kv, scale, kv_start)

@@ -72,6 +72,7 @@ def _split_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, DR: tl.constexpr, P_PAD: tl.constexpr, P_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    LATENT_SCORES: tl.constexpr,
 ):
     split = tl.program_id(0)
     c = tl.program_id(1)
@@ -82,9 +83,11 @@ def _split_kernel(
     head = c * G + offs_h
     offs_r = tl.arange(0, RC_PAD)
     r_ok = offs_r < RC
-    q_lat = tl.load(
-        Q_lat + b * stride_qb + head[:, None] * stride_qh + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0
-    )  # (BLOCK_H, RC_PAD)
+    if LATENT_SCORES:
+        q_lat = tl.load(
+            Q_lat + b * stride_qb + head[:, None] * stride_qh + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_H, RC_PAD)
     c_base = C + b * stride_cb + c * stride_ch
     k_base = K + b * stride_kb + (c * G // HPG) * stride_kh  # the first rope group this program's heads read
     q_pe_row = Q_pe + b * stride_pb + head[:, None] * stride_ph
@@ -109,7 +112,10 @@ def _split_kernel(
         c_tile = tl.load(
             c_base + offs_t[:, None] * STRIDE_CT + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
         )  # (BLOCK_T, RC_PAD)
-        s = tl.dot(q_lat, tl.trans(c_tile), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
+        if LATENT_SCORES:
+            s = tl.dot(q_lat, tl.trans(c_tile), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
+        else:  # grouped-query attention: the rope key is the whole key, the latent the value
+            s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
         for pc in tl.static_range(0, P_PAD, P_CHUNK):
             offs_p = pc + offs_p0
             grp, dim = _rope_columns(offs_p, KPC, DR)
@@ -339,9 +345,12 @@ class _Partials:
         return _Partials(o, ml, 0, S)
 
 
-def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partials | None, pos_offset=0, kv_end=None):
+def _launch_split(
+    q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partials | None, pos_offset=0, kv_end=None,
+    latent_scores=True,
+):
     """Run `_split_kernel` over c_kv/k_pe (up to kv_end when given): into `parts`, or straight to the output when
-    parts is None."""
+    parts is None. Without latent_scores q_lat is never read (only its shape and strides are used)."""
     B, H, Rc = q_lat.shape
     Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
     G, KPC = H // Hc, _rope_groups_per_program(Hc, Hkv)
@@ -360,7 +369,7 @@ def _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts: _Partial
         G=G, HPG=H // Hkv, KPC=KPC, RC=Rc, RC_PAD=_pow2(Rc), DR=Dr, P_PAD=p_pad, P_CHUNK=min(p_pad, 128),
         BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t,
         HAS_START=kv_start is not None, HAS_END=kv_end is not None, DIRECT=parts is None,
-        DOT_PREC=_dot_precision(q_lat.dtype),
+        DOT_PREC=_dot_precision(q_lat.dtype), LATENT_SCORES=latent_scores,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -402,13 +411,27 @@ def decode(
     return _with_smaller_tiles_on_overflow(run, cfg or default_config(q_lat, c_kv, k_pe))
 
 
-def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig) -> torch.Tensor:
+def grouped_decode(q, k, v, scale: float, kv_start=None, kv_end=None, cfg: LaunchConfig | None = None) -> torch.Tensor:
+    """One decode step of grouped-query attention, q (B, H, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, H, Dv).
+
+    It is the split kernel with no latent scores: k takes the rope key's place (every dim of it), v the latent's, so
+    each program reads a K/V head's tiles once for its H // Hkv query heads, and only up to kv_end.
+    """
+    _check_last_dim_contiguous(q=q, k=k, v=v)
+    out_like = q.new_empty(q.shape[0], q.shape[1], v.shape[3])  # (B, H, Dv): the output's shape; never read
+    run = functools.partial(_decode, out_like, q, v, k, scale, kv_start, kv_end, latent_scores=False)
+    return _with_smaller_tiles_on_overflow(run, cfg or default_config(out_like, v, k))
+
+
+def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig, latent_scores=True) -> torch.Tensor:
     B, H, Rc = q_lat.shape
     splits, _ = _num_splits(B, c_kv.shape[1], c_kv.shape[2], cfg, c_kv.device)
+    launch = functools.partial(_launch_split, q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, kv_end=kv_end,
+                               latent_scores=latent_scores)  # fmt: skip
     if splits == 1:
-        return _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts=None, kv_end=kv_end)
+        return launch(parts=None)
     parts = _Partials.empty(B, H, splits, Rc, q_lat.device)
-    _launch_split(q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, parts, kv_end=kv_end)
+    launch(parts=parts)
     return _combine(parts.o, parts.ml, torch.empty_like(q_lat))
 
 

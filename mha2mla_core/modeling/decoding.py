@@ -35,7 +35,8 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel, 
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mha2mla_core.modeling.latent_cache import StaticLatentCache
+from mha2mla_core.kernels import grouped_query_decode
+from mha2mla_core.modeling.latent_cache import StaticLatentCache, left_padding
 from mha2mla_core.modeling.modeling_mla import MLAForCausalLM
 
 GROUPED_DECODE = "mha2mla_grouped_decode"
@@ -53,7 +54,9 @@ def grouped_decode_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function. query (B, H, 1, D), key/value (B, Hkv, T, D), mask (B, 1, 1, T) bool
-    (True = attend) or additive -> (B, 1, H, D). Anything else (a prompt, no grouping, dropout, soft-capping,
+    (True = attend) or additive -> (B, 1, H, D). Given `decode_bounds` (the static decoder passes them), the step runs
+    in `grouped_query_decode`, which reads only the written slots (the Triton split kernel on CUDA); otherwise two
+    matmuls over the whole cache under the mask. Anything else (a prompt, no grouping, dropout, soft-capping,
     attention sinks) goes to transformers' sdpa unchanged."""
     b, h, q_len, d = query.shape
     hkv = key.shape[1]
@@ -61,8 +64,11 @@ def grouped_decode_attention(
     if q_len != 1 or hkv == h or unusual:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)  # fmt: skip
-    q = query.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D): the G query heads of a group share one K/V head
     scale = d**-0.5 if scaling is None else scaling
+    bounds = kwargs.get("decode_bounds")  # (kv_start (B,), kv_end (1,)): the static decoder's written slots
+    if bounds is not None:
+        return grouped_query_decode(query[:, :, 0], key, value, scale, *bounds).unsqueeze(1), None  # (B, 1, H, D)
+    q = query.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D): the G query heads of a group share one K/V head
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T)
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
@@ -177,9 +183,12 @@ class StaticDecoder:
         cuda_graph: bool | None = None,
         temperature: float = 0.0,
         grouped: bool | None = None,
+        compiled: bool = False,
     ):
         """`grouped`: whether an original GQA model decodes through `grouped_decode_attention` (True) or transformers'
-        own sdpa path (False); None picks it by the batch (`GROUPED_MIN_PAIRS`)."""
+        own sdpa path (False); None picks it by the batch (`GROUPED_MIN_PAIRS`). `compiled`: the step's model runs
+        through torch.compile (Inductor fuses the small element-wise kernels between the matmuls; the decode kernels
+        stay as they are), before the graph is captured."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature}: give 0 (greedy) or a positive sampling temperature")
         if grouped is None:
@@ -187,6 +196,8 @@ class StaticDecoder:
             grouped = state.tokens.shape[0] * kv_heads >= GROUPED_MIN_PAIRS
         self.model, self.state, self.temperature, self.grouped = model, state, temperature, grouped
         self.step_model = grouped_view(model) if grouped else model  # the caller's model is never changed
+        self.forward = torch.compile(self.step_model, dynamic=False) if compiled else self.step_model
+        self.kv_start = left_padding(state.mask) if self.step_model is not model else None  # (B,) grouped decoding
         self.graph = None
         if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
             self.graph = self._capture()
@@ -195,8 +206,10 @@ class StaticDecoder:
     def _step(self) -> None:
         s = self.state
         s.mask.index_fill_(3, s.slot, True)  # the slot written this step becomes visible
-        logits = self.step_model(
+        bounds = {} if self.kv_start is None else {"decode_bounds": (self.kv_start, s.slot + 1)}
+        logits = self.forward(
             input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache, use_cache=True,
+            **bounds,
         ).logits  # (B, 1, V)
         s.tokens.copy_(next_tokens(logits[:, -1], self.temperature))
         s.out.index_copy_(1, s.step, s.tokens)
@@ -237,19 +250,26 @@ def generate_static(
     cuda_graph: bool | None = None,
     temperature: float = 0.0,
     grouped: bool | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """`generate()` for exactly max_new_tokens (no early stop), greedy or sampled at `temperature`:
-    (B, P + N) ids, the prompt included. `grouped` as in `StaticDecoder`."""
+    (B, P + N) ids, the prompt included. `grouped` and `compiled` as in `StaticDecoder`."""
     state = prefill(model, input_ids, max_new_tokens, attention_mask, temperature)
-    new = StaticDecoder(model, state, cuda_graph, temperature, grouped).run(max_new_tokens - 1)
+    new = StaticDecoder(model, state, cuda_graph, temperature, grouped, compiled).run(max_new_tokens - 1)
     return torch.cat([input_ids, new], dim=1)
 
 
 @torch.no_grad()
 def sample_continuations(
-    model: PreTrainedModel, prompts: torch.Tensor, seq_len: int, temperature: float = 1.0, seed: int = 0
+    model: PreTrainedModel,
+    prompts: torch.Tensor,
+    seq_len: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    compiled: bool = False,
 ) -> torch.Tensor:
-    """Rows (N, seq_len) of `prompts` (N, P) continued by sampling from `model` (a HF causal LM)."""
+    """Rows (N, seq_len) of `prompts` (N, P) continued by sampling from `model` (a HF causal LM); `compiled` as in
+    `StaticDecoder`."""
     n, p = prompts.shape
     if not 1 <= p < seq_len:
         raise ValueError(f"prompts have {p} tokens; need 1 <= prompt length < seq_len={seq_len}")
@@ -258,5 +278,5 @@ def sample_continuations(
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = generate_static(model, prompts.to(device), seq_len - p, temperature=temperature)
+        out = generate_static(model, prompts.to(device), seq_len - p, temperature=temperature, compiled=compiled)
     return out.cpu()  # (N, seq_len)
