@@ -19,8 +19,12 @@
 # the product's own `mha2mla runs` (the flow run's `seconds.*` metrics). Files land flat in $OUT (at most 7):
 #   pipeline.log, flow.log, flow.json, flow_summary.md, convert8b.log, convert8b.json, convert8b_summary.md
 #
-# Knobs (environment): PART_TIMEOUT, EVAL_TOKENS (part a, default 65536), MC_LIMIT (part a, items per MC task /
-# per MMLU subject; default: all), NEEDLE_LENGTHS (part a; default NeedleParams'), CALIB_TOKENS_8B (default 8192),
+# RESUME=1 reuses the part's last MHA2MLA_HOME instead of a fresh one: a part cut off by the timeout is rerun in the
+# next call, and the stages it finished are cache hits (their wall times are in the first call's log lines).
+#
+# Knobs (environment): PART_TIMEOUT, EVAL_TOKENS (part a, default 65536), MC_LIMIT (part a, items per MC task and
+# per MMLU subject; default 100, `all` = every item: ~30k items, minutes per model), FINETUNE_TOKENS (part a;
+# default: the gpu recipe's 20M), NEEDLE_LENGTHS (part a; default NeedleParams'), CALIB_TOKENS_8B (default 8192),
 # EVAL_TOKENS_8B (default 4096), CHECK_8B=1 (reload the 8B checkpoint in a fresh process; default off: it costs
 # another full load), GPU_PIPELINE_TINY=1 (local CPU smoke run: .venv's python, smollm2-135m, --recipe none, a tiny
 # random Llama shape, tiny budgets; nothing staged or installed).
@@ -38,7 +42,7 @@ PART_TIMEOUT=${PART_TIMEOUT:-540}
 PY=${PYTHON:-python3}
 if [[ $TINY == 1 ]]; then
     PY=${PYTHON:-$REPO/.venv/bin/python}
-    KIT=$REPO MODEL_GGUF=smollm2-135m RUNS=$(mktemp -d /tmp/gpu_pipeline_tiny.XXXX)
+    KIT=$REPO MODEL_GGUF=smollm2-135m RUNS=${GPU_RUNS:-$(mktemp -d /tmp/gpu_pipeline_tiny.XXXX)}
 fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -160,6 +164,9 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
     local part=$1 start rc
     shift
     export MHA2MLA_HOME=$RUNS/$part-$(date -u +%Y%m%d-%H%M%S)
+    if [[ ${RESUME:-0} == 1 ]] && ls -d "$RUNS/$part"-* >/dev/null 2>&1; then  # the last store: finished stages hit
+        MHA2MLA_HOME=$(ls -d "$RUNS/$part"-* | sort | tail -1)
+    fi
     mkdir -p "$MHA2MLA_HOME"
     log "part $part: MHA2MLA_HOME=$MHA2MLA_HOME MHA2MLA_GPUS=${MHA2MLA_GPUS:-1}; mha2mla convert $*"
     start=$(date +%s)
@@ -180,8 +187,9 @@ part_flow() {
         args+=(--recipe none --calib-tokens 1024 --eval-tokens 1024 --mc-limit 2 --needle-lengths 256 --kv-rank 8)
         MHA2MLA_GPUS=1
     else
-        args+=(--recipe gpu --eval-tokens "${EVAL_TOKENS:-65536}" ${MC_LIMIT:+--mc-limit "$MC_LIMIT"}
+        args+=(--recipe gpu --eval-tokens "${EVAL_TOKENS:-65536}" ${FINETUNE_TOKENS:+--finetune-tokens "$FINETUNE_TOKENS"}
                ${NEEDLE_LENGTHS:+--needle-lengths "$NEEDLE_LENGTHS"})
+        [[ ${MC_LIMIT:-100} == all ]] || args+=(--mc-limit "${MC_LIMIT:-100}")
         [[ -s $MODEL_GGUF ]] || { log "no model at $MODEL_GGUF: carry .carry_ma and .carry_mb first"; return 1; }
         MHA2MLA_GPUS=2
     fi
