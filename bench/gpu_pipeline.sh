@@ -203,7 +203,8 @@ part_convert8b() {
     [[ $TINY == 1 ]] && dir=$RUNS/llama-tiny-random
     if [[ ! -f $dir/config.json ]]; then
         start=$(date +%s)
-        CUDA_VISIBLE_DEVICES=0 "$PY" - "$dir" "$MODEL_GGUF" "$TINY" <<'EOF' 2>&1 | tee -a "$OUT/convert8b.log" || return 1
+        rm -rf "$dir.partial"  # written whole, then renamed: a cut-off write is never reused
+        CUDA_VISIBLE_DEVICES=0 "$PY" - "$dir.partial" "$MODEL_GGUF" "$TINY" <<'EOF' 2>&1 | tee -a "$OUT/convert8b.log"
 import sys, time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -228,6 +229,8 @@ params = sum(p.numel() for p in model.parameters())
 print(f"random Llama-3-8B shape{' (tiny)' if tiny else ''}: {params / 1e9:.2f} B params, bf16, init {init_s:.0f} s, "
       f"saved to {path} in {time.perf_counter() - start - init_s:.0f} s", flush=True)
 EOF
+        [[ ${PIPESTATUS[0]} == 0 ]] || { log "writing the random model failed"; return 1; }
+        mv "$dir.partial" "$dir"
         log "random model written to $dir in $(( $(date +%s) - start )) s"
     else
         log "reusing the random model at $dir"
