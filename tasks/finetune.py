@@ -27,7 +27,7 @@ from mha2mla_core.training.loop import finetune as train
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
-from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows
+from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows, sampling_dtype
 from infra.stage import (DatasetInput, RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task,
                          work_dir)  # fmt: skip
 from tasks.inputs import (
@@ -125,7 +125,8 @@ def _training_params(config: BaseModel, rows: StageResult, **_) -> dict:
     return {**config.model_dump(mode="json"), "rows": rows.uri, "device": str(device), "gpus": training_gpus(device)}
 
 
-@stage_task(DATA_STAGE, code=("mha2mla_core.training.packing", "mha2mla_core.training.synthetic"), params=_rows_params)
+@stage_task(DATA_STAGE, params=_rows_params,
+            code=("mha2mla_core.training.packing", "mha2mla_core.training.synthetic", "mha2mla_core.modeling.decoding"))
 def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run: RunLink) -> StageOutput:
     """The training rows (N, seq_len) as int32 token ids: the packed documents, `synthetic_fraction` of them
     replaced by continuations the original model samples from their first tokens."""
@@ -188,7 +189,7 @@ def _mix_rows(model: ModelSource, original: torch.nn.Module, packed: torch.Tenso
     device = _rows_device(config)
     gpus = training_gpus(device)
     if gpus == 1 or config.synthetic_fraction == 0:
-        sampler = on_device(original, device)
+        sampler = on_device(original, device).to(sampling_dtype(device))  # a private copy off the CPU
         return mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
     with scratch_dir() as tmp:
         save_file({"rows": packed.contiguous()}, tmp / "packed.safetensors")

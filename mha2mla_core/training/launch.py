@@ -48,7 +48,7 @@ from mha2mla_core.loading import load_model
 from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEvent
 from mha2mla_core.training.distributed import World, current_world, init_distributed
 from mha2mla_core.training.loop import finetune
-from mha2mla_core.training.synthetic import plan_continuations, sample_batches
+from mha2mla_core.training.synthetic import plan_continuations, sample_batches, sampling_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _log_event(event: TrainEvent) -> None:
 
 
 def _sample(job: SampleJob, device: torch.device, world: World, workdir: Path) -> None:
-    teacher = load_model(job.teacher)[0].to(device)
+    teacher = load_model(job.teacher)[0].to(device, sampling_dtype(device))
     rows = load_file(job.rows)["rows"]  # (N, T)
     _, prompts = plan_continuations(rows, job.fraction, job.num_rows, seed=job.seed)
     start = time.perf_counter()
