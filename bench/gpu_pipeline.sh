@@ -10,9 +10,9 @@
 # .carry_pf2, .whl_lm, .whl, .carry_data, .carry_mc, .carry_ma, .carry_mb) is copied to $GPU_KIT (default
 # /root/gpu_kit), which persists between back-to-back device calls; later calls read it from there. Once both GGUF
 # parts are there they are joined into $MODEL_GGUF (default /root/ft/model.gguf); once all four wheel folders are
-# there they are installed into /tmp/site (python3 -m pip --no-index --no-deps --target), with two dist-info stubs:
-# `mlflow` (the code is mlflow-skinny's; the pipeline pins `mlflow==VERSION` in registered models) and `mha2mla`
-# (the code version when the tree has no .git).
+# there they are installed into /tmp/site (python3 -m pip --no-index --no-deps --target). MLflow is mlflow-skinny
+# (registered models then pin it); the tree has no .git there, so the runs' code version is "unknown" and each
+# stage's code digest names its code.
 #
 # Each part runs under `timeout $PART_TIMEOUT` (default 540 s, so that a 600 s device call still copies the
 # results), with its own fresh MHA2MLA_HOME under /root/mha2mla_runs, and ends with the stages' wall times from
@@ -50,9 +50,7 @@ if [[ $TINY == 1 ]]; then export PYTHONPATH=$REPO; else export PYTHONPATH=$SITE:
 
 log() { echo "[gpu_pipeline $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/pipeline.log" >&2; }
 mha2mla() { "$PY" -c 'import sys; from flows.cli import app; sys.argv[0] = "mha2mla"; app()' "$@"; }
-wikitext() {  # the flow reads .txt/.jsonl/.parquet: wiki.test.raw under a .txt name
-    mkdir -p "$RUNS" && cp -n "$(kit .carry_data)/wiki.test.raw" "$RUNS/wikitext-2-test.txt" && echo "$RUNS/wikitext-2-test.txt"
-}
+wikitext() { echo "$(kit .carry_data)/wiki.test.raw"; }  # read as stored, as the bench protocol reads it
 kit() { if [[ -d $REPO/$1 && -n $(ls -A "$REPO/$1" 2>/dev/null) ]]; then echo "$REPO/$1"; else echo "$KIT/$1"; fi; }
 
 # ---- staging: carried folders -> $GPU_KIT, the GGUF joined, the wheels installed --------------------------------
@@ -75,16 +73,8 @@ stage() {
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
             "$(kit .carry_pf1)"/*.whl "$(kit .carry_pf2)"/*.whl "$(kit .whl_lm)"/*.whl "$(kit .whl)"/*.whl 2>&1 \
             | grep -v "already exists\|WARNING: Target directory" | tee -a "$OUT/pipeline.log"
-        stub mlflow "$(cd "$SITE" && ls -d mlflow_skinny-*.dist-info | sed 's/mlflow_skinny-\(.*\).dist-info/\1/')"
-        stub mha2mla "$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")"
         touch "$SITE/.gpu_pipeline_installed"
     fi
-}
-
-stub() {  # an installed-distribution record without files: importlib.metadata.version($1) == $2
-    mkdir -p "$SITE/$1-$2.dist-info"
-    printf 'Metadata-Version: 2.1\nName: %s\nVersion: %s\n' "$1" "$2" > "$SITE/$1-$2.dist-info/METADATA"
-    log "stub dist-info $1 $2"
 }
 
 preflight() {
@@ -96,7 +86,7 @@ for name in ("prefect", "mlflow", "sqlalchemy", "alembic", "pydantic_settings", 
         importlib.import_module(name)
     except Exception as err:  # noqa: BLE001
         bad.append(f"{name}: {type(err).__name__}: {err}")
-for dist in ("mlflow", "mha2mla", "prefect", "torch", "transformers"):
+for dist in ("mlflow-skinny", "prefect", "torch", "transformers"):
     try:
         print(f"  {dist} {md.version(dist)}")
     except md.PackageNotFoundError:

@@ -4,8 +4,9 @@ One entry point, `load_texts`, reads any text source through `datasets` in strea
 cached on disk, and `limit_chars` stops reading early, also for a large hub dataset):
 
 - a hub dataset name (`"HuggingFaceFW/fineweb-edu"`), read with `split`;
-- a local `.txt` file (one document per file), `.jsonl` / `.jsonl.gz` / `.json`, or `.parquet`;
-- a local directory: every such file under it, in sorted path order.
+- a local `.txt` file (one document per file), `.jsonl` / `.jsonl.gz` / `.json`, or `.parquet`; a file with any other
+  suffix is read as plain text too (WikiText's `.raw`, `.md`, none), and one that is not UTF-8 text is refused;
+- a local directory: every file with one of those suffixes under it, in sorted path order.
 
 s3:// URIs are resolved to local files by the tasks layer before they reach core.
 """
@@ -61,7 +62,7 @@ def _iter_documents(source: str | Path, text_field: str, split: str) -> Iterator
     path = Path(source)
     if path.exists():
         for file in _local_files(path):
-            builder = _BUILDERS[_suffix(file)]
+            builder = _BUILDERS.get(_suffix(file), "text")
             kwargs = {"sample_by": "document"} if builder == "text" else {}
             # one stream per file: files of one directory may have different columns
             stream = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=True, **kwargs)
@@ -86,12 +87,28 @@ def _local_files(path: Path) -> list[Path]:
     """The readable files at `path` (itself, or every supported file under it in sorted path order)."""
     if path.is_file():
         if _suffix(path) not in _BUILDERS:
-            raise ValueError(f"{path}: unsupported file type; supported: {sorted(_BUILDERS)}")
+            _check_plain_text(path)
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in _BUILDERS)
     if not files:
         raise ValueError(f"{path}: no text files in it; supported: {sorted(_BUILDERS)}")
     return files
+
+
+def is_plain_text(path: Path) -> bool:
+    """Whether a local file is read as one plain-text document (`.txt`, or any suffix that is not json/parquet)."""
+    return _BUILDERS.get(_suffix(path), "text") == "text"
+
+
+def _check_plain_text(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(head) < (1 << 16) or e.start < len(head) - 4:  # not a multi-byte character cut at the end
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); give a text file or one of "
+                             f"{sorted(_BUILDERS)}") from None  # fmt: skip
 
 
 def _suffix(path: Path) -> str:

@@ -179,10 +179,13 @@ def read_documents(data: DataSource, text_field: str = "text", split: str = "tra
 
 
 def read_text(data: DataSource) -> str:
-    """One text: a .txt file exactly as stored (CRLF kept), other sources' documents joined by blank lines."""
+    """One text: a plain-text file (.txt, .raw, ...) exactly as stored (CRLF kept), other sources' documents joined
+    by blank lines."""
+    from mha2mla_core.data import is_plain_text
+
     with scratch_dir() as tmp:
         path = local_copy(data, tmp) if data.source.startswith(("s3://", PACKAGE_PREFIX)) else Path(data.source)
-        if path.is_file() and path.suffix == ".txt":
+        if path.is_file() and is_plain_text(path):
             with open(path, encoding="utf-8", newline="") as f:
                 return f.read()
     return "\n\n".join(read_documents(data))

@@ -2,10 +2,11 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
-from mha2mla_core.data import load_texts
+from mha2mla_core.data import is_plain_text, load_texts
 
 
 def _write_jsonl(path, rows, opener=open):
@@ -17,6 +18,19 @@ def _write_jsonl(path, rows, opener=open):
 def test_txt_file_is_one_document(tmp_path):
     (tmp_path / "book.txt").write_text("line one\nline two\n", encoding="utf-8")
     assert load_texts(tmp_path / "book.txt") == ["line one\nline two\n"]
+
+
+def test_a_file_of_any_other_suffix_is_plain_text_and_binary_is_refused(tmp_path):
+    (tmp_path / "wiki.test.raw").write_text(" = Valkyria = \n\n text\n", encoding="utf-8")
+    assert load_texts(tmp_path / "wiki.test.raw") == [" = Valkyria = \n\n text\n"]
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\xff\xfe" + bytes(range(256)))
+    with pytest.raises(ValueError, match=r"model.gguf: not UTF-8 text"):
+        load_texts(tmp_path / "model.gguf")
+
+
+def test_plain_text_is_what_is_not_json_or_parquet():
+    assert [is_plain_text(Path(n)) for n in ("a.txt", "wiki.test.raw", "notes", "a.jsonl.gz", "a.json", "a.parquet")] == [
+        True, True, True, False, False, False]  # fmt: skip
 
 
 def test_jsonl_gz_and_custom_field(tmp_path):

@@ -229,3 +229,41 @@ def test_a_tracking_server_s_local_artifacts_of_another_store_are_not_written(se
     elsewhere = settings.model_copy(update={"mlflow_artifact_root": str(tmp_path / "other-mlruns")})
     with pytest.raises(ValueError, match="the store was copied or moved.*set MHA2MLA_EXPERIMENT"):
         configure(elsewhere)
+
+
+def test_requirements_pin_the_variant_that_provides_an_import(monkeypatch):
+    from importlib import metadata
+
+    from infra.tracking import registry
+
+    real_version = metadata.version
+
+    def version(name):  # an environment with mlflow-skinny but no `mlflow` distribution
+        if name == "mlflow":
+            raise metadata.PackageNotFoundError(name)
+        return "3.17.2" if name == "mlflow-skinny" else real_version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: {"mlflow": ["mlflow-tracing", "mlflow-skinny"]})
+    pins = registry._requirements()
+    assert "mlflow-skinny==3.17.2" in pins and not any(p.startswith("mlflow==") for p in pins)
+
+
+def test_code_version_of_a_copied_tree_without_git_or_install(monkeypatch):
+    from importlib import metadata
+
+    from infra.tracking import runs
+
+    def no_git(*args):
+        raise OSError("git: not found")
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(runs, "_git", no_git)
+    monkeypatch.setattr(metadata, "version", not_installed)
+    runs.code_version.cache_clear()
+    try:
+        assert runs.code_version() == "unknown"
+    finally:
+        runs.code_version.cache_clear()

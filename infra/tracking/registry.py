@@ -92,8 +92,21 @@ def checkpoint_version(name: str, sha256: str) -> ModelVersion | None:
 
 
 def _requirements() -> list[str]:
-    """Pinned requirements of the pyfunc: the versions this process runs (local labels such as +cpu dropped)."""
-    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+    """Pinned requirements of the pyfunc: the distributions and versions this process runs (local labels such as
+    +cpu dropped). Where only a variant provides an import (mlflow-skinny for mlflow), the variant is pinned."""
+    return [f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in map(_distribution, MODEL_REQUIREMENTS)]
+
+
+def _distribution(name: str) -> str:
+    """The installed distribution that provides import `name`: `name` itself, else the first one named after it."""
+    try:
+        metadata.version(name)
+        return name
+    except metadata.PackageNotFoundError:
+        providers = sorted(d for d in metadata.packages_distributions().get(name, []) if d.startswith(name))
+        if not providers:
+            raise
+        return providers[0]
 
 
 def resolve_checkpoint(target: str) -> tuple[str, str | None]:

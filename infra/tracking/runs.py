@@ -280,14 +280,17 @@ def _cell(value: Any) -> str:
 
 @functools.cache
 def code_version() -> str:
-    """The git commit of this checkout (`-dirty` if tracked files changed), else the
-    installed mha2mla package version."""
+    """The git commit of this checkout (`-dirty` if tracked files changed), else the installed mha2mla package
+    version, else "unknown" (a copied source tree; each stage's code digest still names its code)."""
     repo = Path(__file__).resolve().parents[2]
     try:
         commit = _git(repo, "rev-parse", "HEAD")
         dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return metadata.version("mha2mla")
+        try:
+            return metadata.version("mha2mla")
+        except metadata.PackageNotFoundError:
+            return "unknown"
     return commit + ("-dirty" if dirty else "")
 
 
