@@ -131,7 +131,7 @@ def convert(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="hub id, local HF directory, .gguf file, or smollm2-135m (or the recipe's)"),
     config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections), or a packaged recipe's name (gpu); options given too override it"),
-    recipe: str = typer.Option("auto", help="recovery recipe under --config and the options: gpu (data-free distillation, flows/recipes/gpu.yaml), none (conversion only), or auto: gpu on a worker whose MHA2MLA_DEVICE is a GPU when neither --config nor a fine-tuning option is given, else none"),
+    recipe: Optional[str] = typer.Option(None, help="recovery recipe under --config and the options: gpu (data-free distillation, flows/recipes/gpu.yaml), cpu (a short block-wise reconstruction, flows/recipes/cpu.yaml), none (conversion only), or auto: gpu on a worker whose MHA2MLA_DEVICE is a GPU, cpu elsewhere, when neither --config nor a fine-tuning option is given (default: MHA2MLA_RECIPE, auto)"),
     rope_strategy: Optional[str] = typer.Option(None, help="rotated | high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
@@ -151,7 +151,7 @@ def convert(
     finetune_batch: Optional[int] = typer.Option(None, help="rows per forward pass, per process (default: FinetuneConfig's)"),
     grad_accum: Optional[int] = typer.Option(None, help="forward passes per optimizer step (default: FinetuneConfig's)"),
     synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1]; 1 = data-free, and fine-tunes without --finetune-data (default: FinetuneParams')"),
-    reconstruct_steps: Optional[int] = typer.Option(None, help="steps of the reconstruct stage, which fits each converted attention layer to the original's output before end-to-end fine-tuning; 0 = none (default: FinetuneParams')"),
+    reconstruct_steps: Optional[int] = typer.Option(None, help="steps of the reconstruct stage, which fits each converted attention layer to the original's output: before end-to-end fine-tuning, or alone on the calibration windows when there is none; 0 = none (default: FinetuneParams' / the cpu recipe's)"),
     kv_bits: int = typer.Option(0, help="quantize the latent cache to 4 or 2 bits; 0 = no quantization"),
     export_target: Optional[str] = typer.Option(None, help="also export the final checkpoint in DeepSeek-V3's format for hf | llamacpp | vllm | trtllm (README: Serving); default: no export"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
@@ -176,17 +176,19 @@ def convert(
         progress_to_stderr(ctx)
 
     tuning = given(finetune_tokens=finetune_tokens, finetune_lr=finetune_lr, kd_weight=kd_weight, trainable=trainable,
-                   finetune_seq_len=finetune_seq_len, finetune_batch=finetune_batch, grad_accum=grad_accum,
-                   reconstruct_steps=reconstruct_steps)  # fmt: skip
+                   finetune_seq_len=finetune_seq_len, finetune_batch=finetune_batch, grad_accum=grad_accum)  # fmt: skip
     mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout)
     if kv_rank is not None:
         mla["kv_rank"] = _kv_rank(kv_rank)
     tunes = bool(finetune_data or synthetic_fraction is not None)  # the options alone turn fine-tuning on
+    settings = state(ctx).settings
     with user_errors():
         base = read_recipe(config) if config else {}
-        recovery = _recovery_recipe(recipe, explicit=bool(config or tuning or tunes), device=state(ctx).settings.device)
+        explicit = bool(config or tuning or tunes or reconstruct_steps is not None)
+        recovery = _recovery_recipe(recipe or settings.recipe, explicit=explicit, device=settings.device)
         base = overlay(read_recipe(recovery), base) if recovery else base
-        if tuning and not tunes and not base.get("finetune"):
+        fine_tuned = tunes or bool(base.get("finetune"))
+        if tuning and not fine_tuned:
             flags = ", ".join("--" + name.replace("_", "-") for name in tuning)
             raise typer.BadParameter(f"{flags} set, but fine-tuning is off: give --finetune-data TEXT, "
                                      "--synthetic-fraction 1 for data-free fine-tuning, or --recipe gpu")  # fmt: skip
@@ -204,13 +206,15 @@ def convert(
                                       trainable=trainable, seq_len=finetune_seq_len, micro_batch_size=finetune_batch,
                                       grad_accum_steps=grad_accum),
                           **given(synthetic_fraction=synthetic_fraction), **_reconstruct(reconstruct_steps))
-            if tunes or tuning else None,
+            if fine_tuned else None,
+            reconstruct=dict(steps=reconstruct_steps) if reconstruct_steps and not fine_tuned else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
             export=dict(target=export_target) if export_target else None,
             gate=given(max_ppl=champion_max_ppl, max_ppl_change_pct=champion_max_ppl_change),
         )))  # fmt: skip
-        if reconstruct_steps == 0 and params.finetune:  # the overlay reads None as "not given": drop it here
-            params = params.model_copy(update={"finetune": params.finetune.model_copy(update={"reconstruct": None})})
+        if reconstruct_steps == 0:  # the overlay reads None as "not given": drop the reconstruction here
+            finetune = params.finetune and params.finetune.model_copy(update={"reconstruct": None})
+            params = params.model_copy(update={"finetune": finetune, "reconstruct": None})
     outcome = run_with_progress(ctx, convert_flow, params)
     reloaded = reload_report(outcome, params, state(ctx).settings) if check else None
     if json_output:
@@ -236,17 +240,18 @@ def reload_report(outcome, params, settings: Settings) -> dict[str, Any]:
 
 
 def _recovery_recipe(recipe: str, explicit: bool, device: str) -> str | None:
-    """The packaged recipe `--recipe` names (None: conversion only); auto picks gpu on a GPU worker unless the
-    command already says how to fine-tune (--config or a fine-tuning option)."""
+    """The packaged recipe `--recipe` names (None: conversion only); auto picks gpu on a GPU worker and cpu
+    elsewhere, unless the command already says how to recover (--config, a fine-tuning or reconstruction option)."""
     from flows.publish import packaged_recipes
     from tasks.inputs import worker_device
 
     if recipe == "auto":
-        return "gpu" if not explicit and worker_device(device).type == "cuda" else None
+        return None if explicit else "gpu" if worker_device(device).type == "cuda" else "cpu"
     if recipe == "none":
         return None
     if recipe not in packaged_recipes():
-        raise ValueError(f"--recipe {recipe!r}: use auto, none or a packaged recipe ({', '.join(packaged_recipes())})")
+        raise ValueError(f"recipe {recipe!r} (--recipe or MHA2MLA_RECIPE): use auto, none or a packaged recipe "
+                         f"({', '.join(packaged_recipes())})")  # fmt: skip
     return recipe
 
 

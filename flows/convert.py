@@ -1,9 +1,10 @@
 """The `convert` flow: one model, one MLA config, stage by stage, each stage cached on its inputs' digests.
 
     sample-calibration -> score-rope (2-norm only) -> svd-init -> [finetune-data -> [reconstruct] -> finetune]
+                                                               or [reconstruct] on the calibration windows
     -> [quantize-kv]
     -> [export] (DeepSeek-V3 format, of the last full-precision checkpoint, after the evaluations)
-    evaluate[original], evaluate[mla], [evaluate[finetuned]], [evaluate[int4]]
+    evaluate[original], evaluate[mla], [evaluate[finetuned] or evaluate[reconstructed]], [evaluate[int4]]
 
 One MLflow parent run per flow run (params = the resolved config, tags = model source and digest, code and
 library versions; artifacts = `config.json`, the side-by-side evaluation table `eval_table.md` / `.json` and its
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.context import FlowRunContext
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.artifacts import MANIFEST_NAME, ArtifactRef, DigestMismatchError
 from flows.naming import default_name
@@ -33,10 +34,11 @@ from infra.tracking import (
 from mha2mla_core import MLAConfig
 from mha2mla_core.conversion.convert import check_convertible
 from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
+from mha2mla_core.training.config import ReconstructConfig
 from infra.stage import RunLink, StageResult, context, ensure_result_storage, log_cache_hit
 from tasks.evaluate import EvalParams, check_eval_inputs, evaluate, log_comparison
 from tasks.export import ExportParams, check_export_inputs, export
-from tasks.finetune import FinetuneParams, finetune, finetune_data, reconstruct
+from tasks.finetune import FinetuneParams, ReconstructParams, finetune, finetune_data, reconstruct
 from tasks.inputs import (
     DEFAULT_CALIBRATION,
     DEFAULT_EVAL_TEXT,
@@ -71,11 +73,22 @@ class ConvertParams(BaseModel):
     calibration: CalibrationParams = CalibrationParams()
     evaluation: EvalParams = EvalParams()
     finetune: FinetuneParams | None = None  # None: no fine-tuning
+    # without fine-tuning: block-wise reconstruction of the conversion on the calibration windows (the cpu recipe);
+    # with fine-tuning, finetune.reconstruct runs on its rows instead
+    reconstruct: ReconstructConfig | None = None
     quantize_kv: KVCacheQuantConfig | None = None  # None: the latent cache stays in the model's dtype
     export: ExportParams | None = None  # None: no DeepSeek-V3 export of the final checkpoint
     # MLflow run name, Prefect flow run name and registry model name
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: flows.naming.default_name
     gate: QualityGate | None = None  # a checkpoint that passes becomes the registered model's `champion`
+
+
+    @model_validator(mode="after")
+    def _one_reconstruction(self) -> ConvertParams:
+        if self.reconstruct is not None and self.finetune is not None:
+            raise ValueError("reconstruct (top level) fits a conversion that is not fine-tuned; with fine-tuning "
+                             "set finetune.reconstruct, which runs on the training rows")  # fmt: skip
+        return self
 
 
 class ConvertOutcome(BaseModel):
@@ -200,6 +213,9 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
             if recon := params.finetune.reconstruction():
                 start = stage(reconstruct, model, start, rows, recon)
             checkpoints["finetuned"] = stage(finetune, model, start, rows, params.finetune)
+        elif params.reconstruct:
+            recon = ReconstructParams(config=params.reconstruct, tokens=params.calibration.num_tokens, seq_len=seq_len)
+            checkpoints["reconstructed"] = stage(reconstruct, model, checkpoints["mla"], calib, recon)
         if params.quantize_kv:
             last = list(checkpoints.values())[-1]
             checkpoints[f"int{params.quantize_kv.nbits}"] = stage(quantize_kv, last, model.slug, params.quantize_kv)
@@ -209,7 +225,7 @@ def convert(params: ConvertParams, catalog_run_id: str | None = None) -> Convert
         comparison = log_comparison(before, after)
         exported = None
         if params.export:  # the last full-precision checkpoint; a quantized cache is our own class's
-            label = "finetuned" if "finetuned" in checkpoints else "mla"
+            label = next(label for label in ("finetuned", "reconstructed", "mla") if label in checkpoints)
             exported = stage(export, checkpoints[label], model, calib, after[label].metrics, params.export).output
         table = json.loads(comparison.to_json())
         final = list(checkpoints.values())[-1]

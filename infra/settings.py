@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # processes the training stages spread over on this worker: finetune-data samples and finetune trains (FSDP) as
     # this many processes under torchrun, one per GPU (with device cpu: gloo processes); 1 = in the worker's process
     gpus: int = Field(1, ge=1)
+    # the recovery `mha2mla convert MODEL` runs when the command names none (--recipe): auto (the gpu recipe on a
+    # worker whose device is a GPU, the cpu recipe elsewhere), none (conversion only), or a packaged recipe's name
+    recipe: str = "auto"
 
     @model_validator(mode="after")
     def _below_home(self) -> "Settings":

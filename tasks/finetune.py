@@ -68,6 +68,9 @@ class ReconstructParams(BaseModel):
 
     config: ReconstructConfig
     tokens: int = Field(ge=1)  # of the first training rows, which the layers are fitted on
+    # the rows are the calibration sample's flat ids, cut into windows of this many tokens (a conversion with no
+    # fine-tuning); None: the rows of finetune-data
+    seq_len: int | None = Field(None, ge=2)
 
 
 class FinetuneParams(BaseModel):
@@ -145,9 +148,10 @@ def finetune_data(model: ModelSource, data: DataSource, config: RowsParams, run:
 def reconstruct(
     model: ModelSource, checkpoint: StageResult, rows: StageResult, config: ReconstructParams, run: RunLink
 ) -> StageOutput:
-    """Fit each attention layer of a private copy of `checkpoint` to the original `model`'s on the first rows."""
+    """Fit each attention layer of a private copy of `checkpoint` to the original `model`'s on the first rows (of
+    finetune-data, or of the calibration sample when the conversion has no fine-tuning)."""
     device = worker_device(context().settings.device)
-    teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, with_teacher=True)
+    teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, True, config.seq_len)
     first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
     fit = reconstruct_attention(student, teacher, first.to(device), config.config)
     del teacher
@@ -155,7 +159,7 @@ def reconstruct(
     before, after = fit.rel_mse_before, fit.rel_mse_after
     metrics = {"rel_mse_before": sum(before) / len(before), "rel_mse_after": sum(after) / len(after),
                "seconds": fit.seconds, "tokens": first.numel()}  # fmt: skip
-    dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
+    dataset = DatasetInput(name="calibration" if config.seq_len else "finetune", digest=rows.sha256, source=rows.uri)
     return StageOutput(output, metrics=metrics, datasets=(dataset,))
 
 
@@ -225,8 +229,15 @@ def training_gpus(device: torch.device) -> int:
 
 
 def _training_inputs(model: ModelSource, checkpoint: StageResult, rows: StageResult, device: torch.device,
-                     with_teacher: bool) -> tuple:  # fmt: skip
-    """(teacher on `device` or None, a private copy of `checkpoint` on `device`, its tokenizer, rows (N, seq_len))."""
+                     with_teacher: bool, seq_len: int | None = None) -> tuple:  # fmt: skip
+    """(teacher on `device` or None, a private copy of `checkpoint` on `device`, its tokenizer, rows (N, seq_len)):
+    finetune-data's rows, or with `seq_len` the calibration sample's ids in whole windows of seq_len."""
     teacher = on_device(load_source(model)[0], device) if with_teacher else None
     student, tokenizer = load_checkpoint(checkpoint, shared=False)
-    return teacher, student.to(device), tokenizer, load_tensors(rows)["rows"].long()
+    tensors = load_tensors(rows)
+    if seq_len is None:
+        ids = tensors["rows"]
+    else:
+        flat = tensors["input_ids"]  # (N,)
+        ids = flat[: flat.numel() // seq_len * seq_len].view(-1, seq_len)
+    return teacher, student.to(device), tokenizer, ids.long()

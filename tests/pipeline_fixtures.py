@@ -95,6 +95,7 @@ def local_env(prefect_api, mlflow_db_template, tmp_path, monkeypatch):
     monkeypatch.setenv("MHA2MLA_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     monkeypatch.setenv("MHA2MLA_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MHA2MLA_PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("MHA2MLA_RECIPE", "none")  # conversions recover only where a test asks (cpu: reconstruction)
     for name, value in {"PREFECT_HOME": tmp_path / "prefect", "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
         monkeypatch.setenv(name, str(value))  # what the CLI would set, undone after the test
     _reset_process_state()

@@ -185,12 +185,23 @@ def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, 
     assert seen["params"].finetune.reconstruct.steps == 50
 
 
-def test_a_gpu_worker_runs_the_gpu_recipe_unless_told_otherwise(cli, tiny_source, seen, monkeypatch):
-    cli("convert", str(tiny_source))  # a CPU worker: conversion only
-    assert seen["params"].finetune is None
+def test_a_worker_runs_its_device_s_recipe_unless_told_otherwise(cli, tiny_source, seen, monkeypatch):
+    monkeypatch.delenv("MHA2MLA_RECIPE")  # the tests' environment turns recovery off; a worker's default is auto
+    cli("convert", str(tiny_source))  # a CPU worker: the cpu recipe, a short reconstruction on the calibration
+    params = seen["params"]
+    assert params.finetune is None and params.reconstruct.steps == 50 and not params.reconstruct.bf16
+    cli("convert", str(tiny_source), "--reconstruct-steps", "20")
+    assert seen["params"].reconstruct.steps == 20 and seen["params"].finetune is None
+    cli("convert", str(tiny_source), "--recipe", "cpu", "--reconstruct-steps", "0")
+    assert seen["params"].reconstruct is None
+    monkeypatch.setenv("MHA2MLA_RECIPE", "none")  # a worker pool that only converts
+    cli("convert", str(tiny_source))
+    assert seen["params"].reconstruct is None and seen["params"].finetune is None
+    monkeypatch.delenv("MHA2MLA_RECIPE")
     monkeypatch.setattr("tasks.inputs.worker_device", lambda setting: torch.device("cuda"))
     cli("convert", str(tiny_source))
     params = seen["params"]
+    assert params.reconstruct is None and params.finetune.reconstruct.steps == 300
     assert params.calibration.model_samples and params.finetune.data is None and params.finetune.synthetic_fraction == 1
     train = params.finetune.train
     assert (train.max_tokens, train.lr, train.hidden_weight, train.decay_frac) == (20_000_000, 3e-4, 5.0, 0.5)
@@ -201,7 +212,7 @@ def test_a_gpu_worker_runs_the_gpu_recipe_unless_told_otherwise(cli, tiny_source
     cli("convert", str(tiny_source), "--recipe", "gpu", "--finetune-tokens", "32768", "--reconstruct-steps", "0")
     finetune = seen["params"].finetune
     assert (finetune.train.max_tokens, finetune.train.hidden_weight, finetune.reconstruct) == (32768, 5.0, None)
-    assert "packaged recipe (gpu)" in cli("convert", str(tiny_source), "--recipe", "fast", code=2)
+    assert "packaged recipe (cpu, gpu)" in cli("convert", str(tiny_source), "--recipe", "fast", code=2)
 
 
 def test_catalog_typo_is_reported_before_anything_runs(cli, tmp_path):

@@ -265,6 +265,23 @@ def test_data_free_finetune_needs_no_text(local_env, tiny_source, tiny_params):
     assert "calibration_books" in data_run.data.params["source"]  # the prompts' source: the packaged books
 
 
+def test_a_conversion_without_fine_tuning_is_reconstructed_on_its_calibration(local_env, tiny_source, tiny_params):
+    base = tiny_params(tiny_source)
+    params = type(base).model_validate({**base.model_dump(mode="json"),
+                                        "reconstruct": {"steps": 20, "micro_batch_size": 2, "bf16": False, "lr": 1e-4}})  # fmt: skip
+    outcome = run_convert(params)
+    assert outcome.table["models"] == ["original", "mla", "reconstructed"]
+    assert "finetune-data" not in outcome.cache and outcome.cache["reconstruct"] == "miss"
+    ppl = next(row for row in outcome.table["rows"] if row["key"] == "ppl")["values"]
+    assert ppl["reconstructed"] < ppl["mla"]  # fitted to the original's attention outputs
+    recon = stage_runs(outcome.run_id)["reconstruct"]
+    assert recon.data.metrics["rel_mse_after"] < recon.data.metrics["rel_mse_before"]
+    assert recon.data.metrics["tokens"] == params.calibration.num_tokens  # every calibration window
+    assert [d.dataset.name for d in recon.inputs.dataset_inputs] == ["calibration"]
+    with pytest.raises(ValueError, match="with fine-tuning set finetune.reconstruct"):
+        type(base).model_validate({**params.model_dump(mode="json"), "finetune": {"synthetic_fraction": 1}})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_training_on_a_missing_device_fails_before_any_stage(local_env, tiny_source, executions, tiny_params, monkeypatch):
     from infra.stage import context

@@ -1,0 +1,70 @@
+"""What a short block-wise reconstruction buys a CPU worker: SmolLM2-135M's default conversion, then the `cpu`
+recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
+
+    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--out bench/results/cpu_reconstruct.jsonl]
+
+As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
+512), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps,
+scores, fits 50 more (a schedule of their own), scores, and so on. Scored: PPL on the packaged held-out books (4,096
+tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2 protocol (bench/zero_shot.py:
+16,384 tokens). One JSON line per point, printed and appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from flows.publish import read_recipe
+from mha2mla_core import MLAConfig, convert_to_mla, default_calibration_texts, load_model, sample_calibration
+from mha2mla_core.conversion.calibration import HELDOUT_FILE, packaged_text_path
+from mha2mla_core.evaluation.paths import WIKITEXT2_TEST, read_text
+from mha2mla_core.evaluation.perplexity import perplexity
+from mha2mla_core.training.config import ReconstructConfig
+from mha2mla_core.training.reconstruct import reconstruct_attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200], help="cumulative steps scored")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2-135m")
+    books = packaged_text_path(HELDOUT_FILE).read_text(encoding="utf-8")
+    wiki = read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md")
+    mla_cfg = MLAConfig()
+    calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=8192, seq_len=mla_cfg.calib_seq_len)
+    windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512): what the reconstruct stage fits on
+    recipe = ReconstructConfig(**read_recipe("cpu")["reconstruct"])
+
+    def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
+        row = dict(model=label, steps=steps, seconds=round(seconds, 1),
+                   ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
+                   ppl_wikitext2=perplexity(m, tokenizer, wiki, window=512, max_tokens=16384).ppl,
+                   cpus=os.cpu_count(), command="bench/cpu_reconstruct.py", recipe=dataclasses.asdict(recipe))  # fmt: skip
+        print(json.dumps(row), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    point("original", model, 0, 0.0)
+    start = time.perf_counter()
+    mla = convert_to_mla(copy.deepcopy(model), mla_cfg, calib.input_ids)
+    point("converted", mla, 0, time.perf_counter() - start)
+    done = 0
+    for steps in args.steps:
+        start = time.perf_counter()
+        reconstruct_attention(mla, model, windows, dataclasses.replace(recipe, steps=steps - done))
+        done = steps
+        point("reconstructed", mla, steps, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
