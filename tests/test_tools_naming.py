@@ -14,6 +14,7 @@ def test_default_name_spells_out_the_config():
                           quantize_kv={"nbits": 4},
                           finetune={"synthetic_fraction": 1, "train": {"max_tokens": 20_000_000}})  # fmt: skip
     assert config_tag(tuned) == "2norm8-kv8-joint-perhead-ft20M-int4"
+    assert config_tag(ConvertParams(model="m", reconstruct={"steps": 50})).endswith("-shared-rec50")
     assert config_tag(ConvertParams(model="m", mla={"kv_rank": None, "rope_strategy": "high"})).startswith("high8-kvfull-")
     assert registry_name(ConvertParams(model="m", name="mine"), "m") == "mine"
 
