@@ -187,22 +187,14 @@ def test_reference_decode_ignores_slots_past_kv_end():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("source", ["original", "mla"])
-def test_cuda_graph_replay_equals_eager_decoding(mla, source):
+@pytest.mark.parametrize("rows", [2, 16])  # 16: enough rows for the original's grouped decoding (the split kernel)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_replay_equals_eager_decoding(mla, source, rows, compiled):
     model = (tiny_model("qwen2-bias") if source == "original" else copy.deepcopy(mla)).cuda()
-    batch, mask = (t.cuda() for t in _left_padded_batch())
+    batch, mask = (t.cuda().repeat(rows // 2, 1) for t in _left_padded_batch())
     eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=False)
-    assert torch.equal(generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True), eager)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("source", ["original", "mla"])
-def test_compiled_step_decodes_the_same_tokens(mla, source):
-    model = (tiny_model("qwen2-bias") if source == "original" else copy.deepcopy(mla)).cuda()
-    batch, mask = (t.cuda() for t in _left_padded_batch())
-    batch, mask = batch.repeat(8, 1), mask.repeat(8, 1)  # enough rows for grouped decoding of the original
-    eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True)
-    assert torch.equal(generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True, compiled=True), eager)
+    replayed = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True, compiled=compiled)
+    assert torch.equal(replayed, eager)
 
 
 @pytest.mark.gpu
