@@ -130,7 +130,7 @@ def _kv_rank(value: str) -> int | None:
 def convert(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="hub id, local HF directory, .gguf file, or smollm2-135m (or the recipe's)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections), or a packaged recipe's name (gpu); options given too override it"),
+    config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections), or a packaged recipe's name (gpu, cpu); options given too override it"),
     recipe: Optional[str] = typer.Option(None, help="recovery recipe under --config and the options: gpu (data-free distillation, flows/recipes/gpu.yaml), cpu (a short block-wise reconstruction, flows/recipes/cpu.yaml), none (conversion only), or auto: gpu on a worker whose MHA2MLA_DEVICE is a GPU, cpu elsewhere, when neither --config nor a fine-tuning option is given (default: MHA2MLA_RECIPE, auto)"),
     rope_strategy: Optional[str] = typer.Option(None, help="rotated | high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),

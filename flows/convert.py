@@ -82,7 +82,6 @@ class ConvertParams(BaseModel):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: flows.naming.default_name
     gate: QualityGate | None = None  # a checkpoint that passes becomes the registered model's `champion`
 
-
     @model_validator(mode="after")
     def _one_reconstruction(self) -> ConvertParams:
         if self.reconstruct is not None and self.finetune is not None:

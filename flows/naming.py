@@ -1,7 +1,7 @@
 """Names a user can tell apart: a run and its registered model are named from the model and its config
-(`smollm2-135m-mla-2norm8-kv16-outputaware-shared`, `...-kv8-...`, `...-ft20M-int4`, `...-rec50`), so that a kv_rank 8 conversion
-is a model of its own, not version 2 of the default one; Prefect runs carry the same name, and each stage task its
-role (`svd-init`, `evaluate[original]`)."""
+(`smollm2-135m-mla-2norm8-kv16-outputaware-shared`, `...-kv8-...`, `...-ft20M-int4`, `...-rec50`), so that a
+kv_rank 8 conversion is a model of its own, not version 2 of the default one; Prefect runs carry the same name, and
+each stage task its role (`svd-init`, `evaluate[original]`)."""
 
 from __future__ import annotations
 
