@@ -5,7 +5,8 @@
 Cases (SmolLM2-135M shape, random weights, bf16, the decoder of `mha2mla_core.modeling.decoding`):
 - `teacher`: the data-free sampler's step, the original model at `--rows` rows over a 1,024-slot static cache
   (temperature 1), as `sample_continuations` runs it;
-- `mla-b1` / `original-b1`: one-row greedy decode at a 4k context.
+- `mla-b1` / `original-b1`: one-row greedy decode at a 4k context (`mla-b1-unfused`: without the MLA attention's
+  fused decode weights, `StaticDecoder(fused=False)`).
 For each, with the step's model eager and compiled (`--compiled 0 1`): ms a step from graph replays, then a profile
 of steps without the graph (the same kernels, plus launch gaps): the top kernels by GPU time and the kernel count a
 step.
@@ -50,17 +51,19 @@ def kernels(decoder: StaticDecoder, top: int) -> None:
         print(f"  {e.device_time_total / PROFILED_STEPS:9.1f} us {e.count / PROFILED_STEPS:5.0f}x  {e.key[:110]}")
 
 
-def case(name: str, model, prompt_len: int, new: int, rows: int, temperature: float, top: int, compiled: bool) -> None:
+def case(name: str, model, prompt_len: int, new: int, rows: int, temperature: float, top: int, compiled: bool,
+         fused: bool = True) -> None:  # fmt: skip
     prompt = torch.randint(3, SMOLLM2_135M["vocab_size"], (1, prompt_len), device="cuda")
     state = tile(prefill(model, prompt, new, temperature=temperature), rows)
     start = time.perf_counter()
-    graph = StaticDecoder(model, state, cuda_graph=True, temperature=temperature, compiled=compiled)
+    decoder = dict(temperature=temperature, compiled=compiled, fused=fused)
+    graph = StaticDecoder(model, state, cuda_graph=True, **decoder)
     ready_s = time.perf_counter() - start
     ms = step_ms(graph, min(32, new - 8))
     print(f"{name}{' compiled' if compiled else ''}: rows {rows}, context {prompt_len}+{new}: graph {ms:.3f} ms a "
           f"step, {rows / ms * 1e3:,.0f} tok/s (capture {ready_s:.1f} s)")  # fmt: skip
     state = tile(prefill(model, prompt, new, temperature=temperature), rows)
-    kernels(StaticDecoder(model, state, cuda_graph=False, temperature=temperature, compiled=compiled), top)
+    kernels(StaticDecoder(model, state, cuda_graph=False, **decoder), top)
 
 
 def sampler(model, rows: int, compiled: bool, seq_len: int = 1024) -> None:
@@ -91,6 +94,7 @@ def main() -> None:
         for rows in args.rows:  # the sampler's cache: a 4-token prompt, then its middle (~512 of 1,024 slots written)
             case("teacher", models["original"], 512, 512, rows, 1.0, args.top, compiled)
         case("mla-b1", models["mla"], 4096, 64, 1, 0.0, args.top, compiled)
+        case("mla-b1-unfused", models["mla"], 4096, 64, 1, 0.0, args.top, compiled, fused=False)
         case("original-b1", models["original"], 4096, 64, 1, 0.0, args.top, compiled)
 
 

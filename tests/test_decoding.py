@@ -32,6 +32,19 @@ def mla(request):
     return convert_to_mla(tiny_model("qwen2-bias"), cfg, calib_ids())
 
 
+def test_fused_decode_step_equals_the_absorbed_one(mla):
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = mla(ids[:, :-1], use_cache=True).past_key_values
+        other = copy.deepcopy(cache)
+    with torch.no_grad():
+        absorbed = mla(ids[:, -1:], past_key_values=cache, use_cache=True).logits  # (B, 1, V)
+        weights = [layer.self_attn.fused_decode_weights() for layer in mla.model.layers]
+        fused = mla(ids[:, -1:], past_key_values=other, use_cache=True, mla_decode_weights=weights).logits
+    torch.testing.assert_close(fused, absorbed, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(other.layers[0].keys, cache.layers[0].keys)  # the same latent stored
+
+
 def _left_padded_batch():
     short = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(3))
     long = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(4))

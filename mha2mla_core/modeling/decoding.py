@@ -184,11 +184,13 @@ class StaticDecoder:
         temperature: float = 0.0,
         grouped: bool | None = None,
         compiled: bool = False,
+        fused: bool = True,
     ):
         """`grouped`: whether an original GQA model decodes through `grouped_decode_attention` (True) or transformers'
         own sdpa path (False); None picks it by the batch (`GROUPED_MIN_PAIRS`). `compiled`: the step's model runs
         through torch.compile (Inductor fuses the small element-wise kernels between the matmuls; the decode kernels
-        stay as they are), before the graph is captured."""
+        stay as they are), before the graph is captured. `fused`: an MLA model's step runs its attention in two matmuls
+        around the decode kernel (`MLAAttention.fused_decode_weights`, built here from the weights as they are)."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature}: give 0 (greedy) or a positive sampling temperature")
         if grouped is None:
@@ -198,6 +200,9 @@ class StaticDecoder:
         self.step_model = grouped_view(model) if grouped else model  # the caller's model is never changed
         self.forward = torch.compile(self.step_model, dynamic=False) if compiled else self.step_model
         self.kv_start = left_padding(state.mask) if self.step_model is not model else None  # (B,) grouped decoding
+        self.fused = None  # per layer, for an MLA model's absorbed decode
+        if fused and isinstance(model, MLAForCausalLM) and model.config.mla_decode == "absorbed":
+            self.fused = [layer.self_attn.fused_decode_weights() for layer in model.model.layers]
         self.graph = None
         if cuda_graph if cuda_graph is not None else state.tokens.is_cuda:
             self.graph = self._capture()
@@ -206,10 +211,12 @@ class StaticDecoder:
     def _step(self) -> None:
         s = self.state
         s.mask.index_fill_(3, s.slot, True)  # the slot written this step becomes visible
-        bounds = {} if self.kv_start is None else {"decode_bounds": (self.kv_start, s.slot + 1)}
+        extra = {} if self.kv_start is None else {"decode_bounds": (self.kv_start, s.slot + 1)}
+        if self.fused is not None:
+            extra["mla_decode_weights"] = self.fused
         logits = self.forward(
             input_ids=s.tokens, attention_mask=s.mask, position_ids=s.positions, past_key_values=s.cache, use_cache=True,
-            **bounds,
+            **extra,
         ).logits  # (B, 1, V)
         s.tokens.copy_(next_tokens(logits[:, -1], self.temperature))
         s.out.index_copy_(1, s.step, s.tokens)

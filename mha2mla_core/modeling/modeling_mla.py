@@ -18,9 +18,11 @@ attention-weighted sum of latents, so the cache is never expanded. The attention
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -140,6 +142,21 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+@dataclass(frozen=True)
+class FusedDecodeWeights:
+    """One layer's decode step in two matmuls (`MLAAttention.fused_decode_weights`).
+
+    w_in (H*Rc + H*Dr + Hc*Rc + Hp*Dr, E): [q_lat | q_pe | c_kv | k_pe] from the hidden state in one matmul, W_uk
+    folded into the query's non-RoPE rows; w_out (E, H*Rc): o_proj with W_uv folded in. Biases as the layer's.
+    """
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    w_out: torch.Tensor
+    b_out: torch.Tensor | None
+    splits: tuple[int, int, int, int]  # widths of q_lat, q_pe, c_kv, k_pe in w_in's rows
+
+
 class MLAAttention(nn.Module):
     """Multi-head latent attention converted from a Llama-family attention layer.
 
@@ -200,6 +217,51 @@ class MLAAttention(nn.Module):
             b_v = self.kv_b_proj.bias.view(self.num_kv_heads, -1)[:, self.nope_dim :]  # (Hkv, D)
         return w[:, : self.nope_dim], w[:, self.nope_dim :], b_v
 
+    @torch.no_grad()
+    def fused_decode_weights(self) -> FusedDecodeWeights:
+        """This layer's decode step folded into two matmuls (computed in fp32, stored in the weights' dtype): fewer,
+        larger kernels for a step that launches many small ones. A snapshot: rebuild it after the weights change."""
+        g, r, dr, dn, rc, e = (self.num_kv_heads, self.num_key_value_groups, self.rope_dim, self.nope_dim,
+                               self.kv_lora_rank, self.config.hidden_size)  # fmt: skip
+        w_uk, w_uv, b_v = (None if w is None else w.float() for w in self.up_weights())  # (G, Dn, Rc), (G, D, Rc)
+        w_q = self.q_proj.weight.float().view(g, r, dr + dn, e)
+        w_in = torch.cat([
+            torch.einsum("gdc,grdi->grci", w_uk, w_q[:, :, dr:]).reshape(-1, e),  # q_lat = W_uk^T q_nope
+            w_q[:, :, :dr].reshape(-1, e), self.kv_a_proj.weight.float(), self.k_rope_proj.weight.float(),
+        ])  # fmt: skip
+        b_in = None
+        if self.q_proj.bias is not None or self.k_rope_proj.bias is not None:
+            zeros = w_q.new_zeros
+            b_q = zeros(g, r, dr + dn) if self.q_proj.bias is None else self.q_proj.bias.float().view(g, r, dr + dn)
+            b_k = zeros(self.k_rope_proj.out_features) if self.k_rope_proj.bias is None else self.k_rope_proj.bias
+            b_in = torch.cat([torch.einsum("gdc,grd->grc", w_uk, b_q[:, :, dr:]).flatten(), b_q[:, :, :dr].flatten(),
+                              zeros(self.kv_a_proj.out_features), b_k.float()])  # fmt: skip
+        w_o = self.o_proj.weight.float().view(e, g, r, self.head_dim)
+        w_out = torch.einsum("igrd,gdc->igrc", w_o, w_uv).reshape(e, -1)  # o_proj(W_uv o_lat)
+        b_out = None if self.o_proj.bias is None else self.o_proj.bias.float()
+        if b_v is not None:  # the value bias passes through o_proj
+            b_out = torch.einsum("igrd,gd->i", w_o, b_v) + (0 if b_out is None else b_out)
+        dtype = self.q_proj.weight.dtype
+        cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
+        splits = (g * r * rc, g * r * dr, self.kv_latent_groups * rc, self.rope_heads * dr)
+        return FusedDecodeWeights(cast(w_in), cast(b_in), cast(w_out), cast(b_out), splits)
+
+    def fused_decode_step(self, x, cos, sin, attention_mask, cache: LatentCache, w: FusedDecodeWeights):
+        """A decode step (S == 1) through `fused_decode_weights`: the same attention as `absorbed_attention` and
+        o_proj, in two matmuls around the cache's kernel. x (B, 1, E) -> (B, 1, E)."""
+        b = x.shape[0]
+        g, r, dr = self.num_kv_heads, self.num_key_value_groups, self.rope_dim
+        q_lat, q_pe, c_kv, k_pe = F.linear(x, w.w_in, w.b_in).split(w.splits, dim=-1)  # (B, 1, width) each
+        q_pe = apply_partial_rope(q_pe.view(b, g, r, 1, dr), cos.unsqueeze(2), sin.unsqueeze(2))  # (B, G, r, 1, Dr)
+        k_pe = apply_partial_rope(k_pe.view(b, 1, self.rope_heads, dr).transpose(1, 2), cos, sin)  # (B, Hp, 1, Dr)
+        c_kv = c_kv.view(b, 1, self.kv_latent_groups, self.kv_lora_rank).transpose(1, 2)  # (B, Hc, 1, Rc)
+        heads = q_lat.reshape(b, self.num_heads, self.kv_lora_rank), q_pe.reshape(b, self.num_heads, dr)
+        o_lat = cache.decode(c_kv, k_pe, self.layer_idx, LatentQuery(*heads, self.scaling, attention_mask))
+        if o_lat is None:  # a cache with no kernel for this step: attend in PyTorch on what it stores
+            q_lat5 = heads[0].view(b, g, r, 1, self.kv_lora_rank)
+            o_lat = self.latent_attention(q_lat5, q_pe, *cache.update(c_kv, k_pe, self.layer_idx), attention_mask)
+        return F.linear(o_lat.reshape(b, 1, -1), w.w_out, w.b_out)
+
     # ---- forward -------------------------------------------------------------------------------------
     def forward(
         self,
@@ -209,7 +271,13 @@ class MLAAttention(nn.Module):
         past_key_values: LatentCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """`mla_decode_weights` (a list of every layer's `fused_decode_weights`, as the static decoder passes it)
+        runs a decode step through them."""
         cos, sin = rope_pair_cos_sin(*position_embeddings, self.rope_pairs)  # (B, Hp, S, Dr)
+        fused = kwargs.get("mla_decode_weights")
+        if fused is not None and hidden_states.shape[1] == 1 and past_key_values is not None:
+            step = fused[self.layer_idx]
+            return self.fused_decode_step(hidden_states, cos, sin, attention_mask, past_key_values, step), None
         c_kv, k_pe = self.project_latent(hidden_states, cos, sin)
         q_pe, q_nope = self.project_query(hidden_states, cos, sin)
         b, s = hidden_states.shape[:2]
