@@ -5,6 +5,8 @@
 #   bash bench/gpu_pipeline.sh flow        # (a) SmolLM2-135M GGUF, --recipe gpu on 2 GPUs, wikitext-2 + MC all + needle
 #   bash bench/gpu_pipeline.sh convert8b   # (b) random Llama-3-8B shape (bf16 HF dir), --recipe none on 1 GPU
 #   bash bench/gpu_pipeline.sh all         # (a) then (b); (b) runs even if (a) failed
+#   bash bench/gpu_pipeline.sh speed       # GPU tests of the decode path, bench.profile_step, bench.peer_flashinfer
+#   bash bench/gpu_pipeline.sh scale1b     # bench.scale's Llama-3.2-1B shape on 1 then 2 GPUs
 #
 # Run it from the repo root. Every mode first "stages": each carried folder present in the repo (.carry_pf1,
 # .carry_pf2, .whl_lm, .whl, .carry_data, .carry_mc, .carry_ma, .carry_mb) is copied to $GPU_KIT (default
@@ -56,7 +58,7 @@ kit() { if [[ -d $REPO/$1 && -n $(ls -A "$REPO/$1" 2>/dev/null) ]]; then echo "$
 # ---- staging: carried folders -> $GPU_KIT, the GGUF joined, the wheels installed --------------------------------
 stage() {
     [[ $TINY == 1 ]] && return 0
-    for dir in .carry_pf1 .carry_pf2 .whl_lm .whl .carry_data .carry_mc .carry_ma .carry_mb; do
+    for dir in .carry_pf1 .carry_pf2 .whl_lm .whl .carry_data .carry_mc .carry_ma .carry_mb .carry_fi; do
         if [[ -d $REPO/$dir && -n $(ls -A "$REPO/$dir") ]]; then
             mkdir -p "$KIT/$dir" && cp -r "$REPO/$dir/." "$KIT/$dir/" && log "staged $dir ($(du -sh "$KIT/$dir" | cut -f1))"
         fi
@@ -168,6 +170,27 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
     return "$rc"
 }
 
+# ---- speed (issue 17): the GPU tests of the decode path, the step profile, the FlashInfer peer ----------------------
+part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one
+    local rc=0
+    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_decoding.py \
+        tests/test_quant_cache.py 2>&1 | tail -15 | tee "$OUT/speed_tests.log" || rc=1
+    timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
+    if ls "$(kit .carry_fi)"/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$(kit .carry_fi)"/*.whl
+        timeout 300 "$PY" -m bench.peer_flashinfer --out "$OUT/peer.jsonl" 2>&1 | tail -30 | tee "$OUT/peer.log"
+    else
+        log "no .carry_fi wheels: FlashInfer peer skipped"
+    fi
+    return "$rc"
+}
+
+# ---- scale (issue 18): the Llama-3.2-1B shape on 1 then 2 GPUs ----------------------------------------------------
+part_scale1b() {
+    timeout "$PART_TIMEOUT" "$PY" -m bench.scale all --parts llama1b --gguf "$MODEL_GGUF" --data "$(kit .carry_data)" \
+        --out "$OUT" 2>&1 | tail -40 | tee "$OUT/scale1b.log"
+}
+
 # ---- (a) the real model, the packaged gpu recipe on 2 GPUs ------------------------------------------------------
 part_flow() {
     local mc args
@@ -244,7 +267,9 @@ case $MODE in
     flow) part_flow || status=$? ;;
     convert8b) part_convert8b || status=$? ;;
     all) part_flow || status=$?; part_convert8b || status=$? ;;
-    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all" >&2; exit 2 ;;
+    speed) part_speed || status=$? ;;
+    scale1b) part_scale1b || status=$? ;;
+    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all|speed|scale1b" >&2; exit 2 ;;
 esac
 df -h "$RUNS" "$KIT" 2>/dev/null | tee -a "$OUT/pipeline.log"
 log "done: mode $MODE, status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
