@@ -28,9 +28,9 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
 
 def sampling_batch_rows(model: nn.Module, seq_len: int) -> int:
     """Rows `sample_batches` decodes at once: 64 off CUDA; on a GPU the largest power of two up to
-    MAX_SAMPLING_ROWS whose full-length K/V cache and fp32 logits fit SAMPLING_MEMORY_SHARE of its memory. A step
-    costs about the same at 64 rows as at 512, so more rows sample faster: SmolLM2-135M on an H200 (bench/
-    profile_step.py) samples 90k tokens/s at 512 rows and 164k at 2,048."""
+    MAX_SAMPLING_ROWS whose full-length K/V cache and fp32 logits fit SAMPLING_MEMORY_SHARE of its memory. A step of
+    512 rows costs 1.5x one of 64, so more rows sample faster: SmolLM2-135M on an H200 (bench/profile_step.py)
+    samples 17k tokens/s at 64 rows, 89k at 512 and 163k at 2,048."""
     param = next(model.parameters())
     if param.device.type != "cuda":
         return 64
