@@ -1,7 +1,7 @@
 """What a short block-wise reconstruction buys a CPU worker: SmolLM2-135M's default conversion, then the `cpu`
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
-    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--out bench/results/cpu_reconstruct.jsonl]
+    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8] [--out bench/results/FILE.jsonl]
 
 As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
 512), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps,
@@ -34,21 +34,23 @@ from mha2mla_core.training.reconstruct import reconstruct_attention
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200], help="cumulative steps scored")
+    parser.add_argument("--kv-rank", type=int, default=MLAConfig().kv_rank, help="per KV head (16: 81.25%% saving)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
     books = packaged_text_path(HELDOUT_FILE).read_text(encoding="utf-8")
     wiki = read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md")
-    mla_cfg = MLAConfig()
+    mla_cfg = MLAConfig(kv_rank=args.kv_rank)
     calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=8192, seq_len=mla_cfg.calib_seq_len)
     windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512): what the reconstruct stage fits on
     recipe = ReconstructConfig(**read_recipe("cpu")["reconstruct"])
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
-        row = dict(model=label, steps=steps, seconds=round(seconds, 1),
+        row = dict(model=label, kv_rank=mla_cfg.kv_rank, steps=steps, seconds=round(seconds, 1),
                    ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
                    ppl_wikitext2=perplexity(m, tokenizer, wiki, window=512, max_tokens=16384).ppl,
-                   cpus=os.cpu_count(), command="bench/cpu_reconstruct.py", recipe=dataclasses.asdict(recipe))  # fmt: skip
+                   cpus=os.cpu_count(), command="bench/cpu_reconstruct.py",
+                   recipe=dataclasses.asdict(recipe))  # fmt: skip
         print(json.dumps(row), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
