@@ -27,7 +27,7 @@ from mha2mla_core.training.loop import finetune as train
 from mha2mla_core.training.config import FinetuneConfig, ReconstructConfig
 from mha2mla_core.training.packing import pack_texts
 from mha2mla_core.training.reconstruct import reconstruct_attention
-from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows, sampling_dtype
+from mha2mla_core.training.synthetic import mix_in_continuations, num_sampled_rows
 from infra.stage import (DatasetInput, RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task,
                          work_dir)  # fmt: skip
 from tasks.inputs import (
@@ -38,6 +38,7 @@ from tasks.inputs import (
     load_tensors,
     on_device,
     read_documents,
+    sampler_on,
     save_checkpoint,
     save_tensors,
     worker_device,
@@ -193,7 +194,7 @@ def _mix_rows(model: ModelSource, original: torch.nn.Module, packed: torch.Tenso
     device = _rows_device(config)
     gpus = training_gpus(device)
     if gpus == 1 or config.synthetic_fraction == 0:
-        sampler = on_device(original, device).to(sampling_dtype(device))  # a private copy off the CPU
+        sampler = sampler_on(original, device)
         return mix_in_continuations(sampler, packed, config.synthetic_fraction, config.num_rows, seed=config.seed)
     with scratch_dir() as tmp:
         save_file({"rows": packed.contiguous()}, tmp / "packed.safetensors")

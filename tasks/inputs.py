@@ -256,6 +256,13 @@ def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model if device.type == "cpu" else copy.deepcopy(model).to(device)
 
 
+def sampler_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` as the sampling stages decode with it on `device`: `on_device`, in `sampling_dtype` (bf16 on a GPU)."""
+    from mha2mla_core.training.synthetic import sampling_dtype
+
+    return on_device(model, device).to(sampling_dtype(device))
+
+
 def worker_device(setting: str) -> torch.device:
     """The device `MHA2MLA_DEVICE` names on this worker (auto: CUDA when present), where the model stages run (the
     data-free calibration, the conversion, the training stages); checked before anything loads."""

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from mha2mla_core.conversion.calibration import continue_with_model
-from mha2mla_core.training.synthetic import sampling_dtype
 from mha2mla_core.conversion.calibration import sample_calibration as sample_ids
 from infra.stage import DatasetInput, RunLink, StageOutput, artifact_key, context, stage_task
-from tasks.inputs import DataSource, ModelSource, load_source, on_device, read_documents, save_tensors, worker_device
+from tasks.inputs import DataSource, ModelSource, load_source, read_documents, sampler_on, save_tensors, worker_device
 
 STAGE = "sample-calibration"
 
@@ -43,8 +42,7 @@ def sample_calibration(
     texts = read_documents(data, config.text_field, config.split, config.limit_chars)
     sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
     if config.model_samples:  # on the worker's device (MHA2MLA_DEVICE); the ids come back on the CPU
-        device = worker_device(context().settings.device)
-        sampler = on_device(original, device).to(sampling_dtype(device))  # a private copy off the CPU
+        sampler = sampler_on(original, worker_device(context().settings.device))
         sample = continue_with_model(sampler, sample, seq_len, seed=config.seed)
     key = artifact_key(model.slug, STAGE, "calibration.safetensors")
     output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
