@@ -7,6 +7,7 @@
 #   bash bench/gpu_pipeline.sh all         # (a) then (b); (b) runs even if (a) failed
 #   bash bench/gpu_pipeline.sh speed       # GPU tests of the decode path, bench.profile_step, bench.peer_flashinfer
 #   bash bench/gpu_pipeline.sh scale1b     # bench.scale's Llama-3.2-1B shape on 1 then 2 GPUs
+#   bash bench/gpu_pipeline.sh 8b+speed    # convert8b on GPU 0 while speed runs on GPU 1 (one 2-GPU call)
 #
 # Run it from the repo root. Every mode first "stages": each carried folder present in the repo (.carry_pf1,
 # .carry_pf2, .whl_lm, .whl, .carry_data, .carry_mc, .carry_ma, .carry_mb) is copied to $GPU_KIT (default
@@ -269,7 +270,11 @@ case $MODE in
     all) part_flow || status=$?; part_convert8b || status=$? ;;
     speed) part_speed || status=$? ;;
     scale1b) part_scale1b || status=$? ;;
-    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all|speed|scale1b" >&2; exit 2 ;;
+    8b+speed)  # two GPUs, two parts at once: the 8B conversion on GPU 0, the speed part on GPU 1
+        part_convert8b & convert_pid=$!
+        CUDA_VISIBLE_DEVICES=1 part_speed || status=$?
+        wait "$convert_pid" || status=$? ;;
+    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all|speed|scale1b|8b+speed" >&2; exit 2 ;;
 esac
 df -h "$RUNS" "$KIT" 2>/dev/null | tee -a "$OUT/pipeline.log"
 log "done: mode $MODE, status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
