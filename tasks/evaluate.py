@@ -24,12 +24,13 @@ from mha2mla_core.evaluation.perplexity import PerplexityConfig
 from mha2mla_core.evaluation.report import Comparison, EvalResult, compare, flat_metrics
 from mha2mla_core.evaluation.suite import EvalConfig, check_files, check_lengths, data_files, evaluate_model
 from infra.stage import RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task
-from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_input, read_text
+from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_input, on_device, read_text, worker_device
 
 STAGE = "evaluate"
 CODE = tuple(f"mha2mla_core.evaluation.{m}" for m in ("suite", "perplexity", "multiple_choice", "needle",
              "inference", "report", "plots")) + ("mha2mla_core.modeling.modeling_mla",)  # fmt: skip
 KNOWN_TASKS = ", ".join(TASK_FILES)
+GPU_MC_BATCH_SIZE = 64  # lm-eval requests a forward pass scores on a GPU worker (MCConfig's default on a CPU)
 
 
 class NeedleParams(BaseModel):
@@ -95,12 +96,14 @@ class EvalParams(BaseModel):
         files = {str(path): sha256_file(path)[0] for path in data_files(self.suite()) if path.is_file()}
         return {**self.model_dump(mode="json"), "data_sha256": files}
 
-    def suite(self) -> EvalConfig:
-        """The core config; the perplexity text itself is passed to evaluate_model by the stage."""
+    def suite(self, mc_batch_size: int = MCConfig.batch_size) -> EvalConfig:
+        """The core config; the perplexity text itself is passed to evaluate_model by the stage. `mc_batch_size`
+        is how many lm-eval requests a forward pass scores: the stage's device decides it, not the results."""
         data = {"data_dir": Path(self.mc_data_dir)} if self.mc_data_dir else {}
         return EvalConfig(
             perplexity=PerplexityConfig(window=self.window, max_tokens=self.max_tokens),
-            multiple_choice=MCConfig(tasks=self.mc_tasks, limit=self.mc_limit, **data) if self.mc_tasks else None,
+            multiple_choice=(MCConfig(tasks=self.mc_tasks, limit=self.mc_limit, batch_size=mc_batch_size, **data)
+                             if self.mc_tasks else None),
             needle=self.needle.core() if self.needle else None,
             inference=self.speed,
             kv_probe_tokens=self.kv_probe_tokens,
@@ -119,10 +122,13 @@ def check_eval_inputs(model: ModelSource, config: EvalParams) -> None:
 @stage_task(STAGE, code=CODE, params=lambda config, text, **_: {**config.model_dump(mode="json"), "source": text.source})
 def evaluate(model: ModelSource | StageResult, slug: str, text: DataSource, config: EvalParams, run: RunLink) -> StageOutput:
     """PPL (fp32 logits) of the first `max_tokens` tokens of `text`, measured KV bytes/token, and the enabled
-    suites; the full result as JSON, the needle heatmap as PNG, every figure as a metric."""
+    suites, on the worker's device; the full result as JSON, the needle heatmap as PNG, every figure as a metric."""
+    device = worker_device(context().settings.device)
     network, tokenizer = load_model_input(model)
+    network = on_device(network, device)
     held_out = read_text(text)
-    result = evaluate_model(network, tokenizer, config.suite(), run.label or "model", perplexity_text=held_out)
+    suite = config.suite(mc_batch_size=GPU_MC_BATCH_SIZE if device.type == "cuda" else MCConfig.batch_size)
+    result = evaluate_model(network, tokenizer, suite, run.label or "model", perplexity_text=held_out)
     output, files = store_result(result, slug)
     return StageOutput(output, files=files, metrics=flat_metrics(result))
 

@@ -191,6 +191,7 @@ def test_eval_suites_rerun_only_evaluate_and_fill_the_table(local_env, tiny_sour
         uri, sha = stage_output(outcome.run_id, f"evaluate[{label}]")
         result = EvalResult.from_json(context().store.get_bytes(uri, sha256=sha).decode())
         assert len(result.needle.trials) == 2 * 2 and len(result.inference) == 4 and result.name == label
+        assert result.device.split(":")[0] == ("cuda" if torch.cuda.is_available() else "cpu")  # the worker's device
 
     rows = {row["key"]: row for row in outcome.table["rows"]}
     acc = rows["mc.arc_easy.acc"]
