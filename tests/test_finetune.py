@@ -183,6 +183,20 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses_and_weights(tmp_pat
         assert torch.equal(resumed_student.state_dict()[key], value), key
 
 
+def test_checkpoints_every_few_minutes_land_on_log_steps(tmp_path):
+    """checkpoint_minutes saves at the first log step after the interval (here: every log step), and only with a
+    checkpoint_dir; 0 turns it off."""
+    teacher, data = tiny_llama(), rows()
+    cfg = small_cfg(checkpoint_minutes=1e-9, log_every=2, keep_last=10)
+    finetune(perturbed_copy(teacher), teacher, data, cfg, checkpoint_dir=tmp_path / "timed")
+    assert [p.name for p in list_checkpoints(tmp_path / "timed")] == ["step-00000002", "step-00000004", "step-00000006"]
+    finetune(perturbed_copy(teacher), teacher, data, small_cfg(checkpoint_minutes=0, keep_last=10),
+             checkpoint_dir=tmp_path / "off")
+    assert [p.name for p in list_checkpoints(tmp_path / "off")] == ["step-00000006"]  # the end only
+    with pytest.raises(ValueError, match="checkpoint_minutes must be >= 0"):
+        small_cfg(checkpoint_minutes=-1)
+
+
 def test_keep_last_and_corrupt_latest_falls_back_with_a_warning(tmp_path, caplog):
     teacher, data = tiny_llama(), rows()
     student = perturbed_copy(teacher)

@@ -54,6 +54,9 @@ class FinetuneConfig:
     log_every: int = 10  # steps between metric events (each one syncs the GPU)
     eval_every: int = 0  # steps between evaluate() calls; 0 = only at the end
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    # wall-clock minutes between checkpoints besides checkpoint_every, so that a killed run loses at most this much
+    # training whatever a step costs; 0 = none (needs a checkpoint_dir, as every checkpoint does)
+    checkpoint_minutes: float = 5.0
     keep_last: int = 2  # checkpoints kept in checkpoint_dir
 
     def __post_init__(self) -> None:
@@ -76,8 +79,8 @@ class FinetuneConfig:
             raise ValueError(f"hidden_weight={self.hidden_weight} must be >= 0 (0 = no hidden-state distillation)")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0")
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("grad_clip, weight_decay, eval_every and checkpoint_every must be >= 0")
+        if min(self.grad_clip, self.weight_decay, self.eval_every, self.checkpoint_every, self.checkpoint_minutes) < 0:
+            raise ValueError("grad_clip, weight_decay, eval_every, checkpoint_every and checkpoint_minutes must be >= 0")
 
     @property
     def needs_teacher(self) -> bool:

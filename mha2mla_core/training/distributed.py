@@ -54,6 +54,13 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_main(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (in place)."""
+    if world.size > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

@@ -33,7 +33,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from mha2mla_core.training.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEvent
-from mha2mla_core.training.distributed import World, all_reduce_sum, barrier, current_world, shard_model
+from mha2mla_core.training.distributed import (
+    World, all_reduce_sum, barrier, broadcast_from_main, current_world, shard_model,
+)
 from mha2mla_core.training.losses import distill_loss, hidden_state_loss
 from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
 from mha2mla_core.training.params import check_not_shared, set_trainable, trainable_names
@@ -165,7 +167,7 @@ class _Trainer:
     def train(self, ckpt_dir: Path | None, callbacks: Sequence[Callback], evaluate: Evaluate | None):
         cfg, last_path = self.cfg, None
         self.model.train()
-        started = window_start = time.perf_counter()
+        started = window_start = last_saved = time.perf_counter()
         while self.step < self.total_steps:
             grad_norm = self._optimizer_step()
             self.step += 1
@@ -178,11 +180,25 @@ class _Trainer:
             paused = time.perf_counter()  # evaluation and checkpoint time is left out of the throughput
             if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                 self._emit(callbacks, "eval", self._evaluate(evaluate))
-            if ckpt_dir is not None and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last):
+            if ckpt_dir is not None and (last or self._checkpoint_due(last_saved)):
                 last_path = self._checkpoint(ckpt_dir)
+                last_saved = time.perf_counter()
                 self._emit(callbacks, "checkpoint", {}, str(last_path))
             window_start += time.perf_counter() - paused
         return self._result(time.perf_counter() - started, last_path)
+
+    def _checkpoint_due(self, last_saved: float) -> bool:
+        """Every `checkpoint_every` steps, and at the first log step after `checkpoint_minutes` have passed since the
+        last save by rank 0's clock (a log step syncs anyway; broadcast, so that all ranks save together)."""
+        cfg = self.cfg
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            return True
+        if not cfg.checkpoint_minutes or self.step % cfg.log_every:
+            return False
+        due = time.perf_counter() - last_saved >= 60 * cfg.checkpoint_minutes
+        if self.world.size == 1:
+            return due
+        return bool(broadcast_from_main(torch.tensor(float(due), device=self.device), self.world))
 
     def _optimizer_step(self) -> float:
         cfg, lr = self.cfg, wsd_lr(self.step, self.total_steps, self.cfg)
