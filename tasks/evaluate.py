@@ -24,7 +24,9 @@ from mha2mla_core.evaluation.perplexity import PerplexityConfig
 from mha2mla_core.evaluation.report import Comparison, EvalResult, compare, flat_metrics
 from mha2mla_core.evaluation.suite import EvalConfig, check_files, check_lengths, data_files, evaluate_model
 from infra.stage import RunLink, StageOutput, StageResult, artifact_key, context, scratch_dir, stage_task
-from tasks.inputs import DataSource, ModelSource, load_model_config, load_model_input, on_device, read_text, worker_device
+from tasks.inputs import (
+    DataSource, ModelSource, load_model_config, load_model_input, on_device, read_text, worker_device,
+)
 
 STAGE = "evaluate"
 CODE = tuple(f"mha2mla_core.evaluation.{m}" for m in ("suite", "perplexity", "multiple_choice", "needle",

@@ -80,7 +80,8 @@ class FinetuneConfig:
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0")
         if min(self.grad_clip, self.weight_decay, self.eval_every, self.checkpoint_every, self.checkpoint_minutes) < 0:
-            raise ValueError("grad_clip, weight_decay, eval_every, checkpoint_every and checkpoint_minutes must be >= 0")
+            raise ValueError(
+                "grad_clip, weight_decay, eval_every, checkpoint_every and checkpoint_minutes must be >= 0")
 
     @property
     def needs_teacher(self) -> bool:
