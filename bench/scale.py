@@ -90,6 +90,7 @@ class Context:
     gpus: int  # 2 on the GPU machine; gloo processes on the CPU
     device_type: str
     gguf: str = "smollm2-135m"  # the real model, and the tokenizer the random shapes are saved with
+    strategy: str = "fsdp"  # FinetuneConfig.strategy of every launch (the product's default is auto)
     started: float = 0.0
     _tokenizer: object = None
 
@@ -111,7 +112,8 @@ def finetune_config(ctx: Context, big: bool, **changes) -> FinetuneConfig:
     micro, accum, steps = (b.big_micro_batch, b.big_grad_accum, b.big_steps) if big else (b.micro_batch, b.grad_accum, b.steps)
     cfg = FinetuneConfig(max_tokens=steps * micro * accum * b.seq_len, seq_len=b.seq_len, micro_batch_size=micro,
                          grad_accum_steps=accum, lr=6e-4, kd_weight=1.0, decay_frac=0.5,
-                         log_every=b.big_log_every if big else b.log_every, bf16=ctx.device_type == "cuda")  # fmt: skip
+                         log_every=b.big_log_every if big else b.log_every, bf16=ctx.device_type == "cuda",
+                         strategy=ctx.strategy)  # fmt: skip
     return replace(cfg, **changes)
 
 
@@ -321,11 +323,12 @@ def convert8b(ctx: Context) -> dict:
 @app.command("all")
 def run_all(gguf: str = "smollm2-135m", data: Path = Path(".carry_data"), out: Path = Path("runs/scale"),
             work: Path = Path("runs/scale/work"), tiny: bool = False,
-            parts: str = "smollm2,convert8b,llama1b") -> None:  # fmt: skip
-    """Every part in order; a part that fails is reported and the next one runs."""
+            parts: str = "smollm2,convert8b,llama1b", strategy: str = "fsdp") -> None:  # fmt: skip
+    """Every part in order; a part that fails is reported and the next one runs. `--strategy ddp|fsdp|auto`: how
+    the 2-GPU launches hold the student."""
     cuda = torch.cuda.is_available() and not tiny
     ctx = Context(out, work, data, TINY if tiny else Budget(), gpus=2, device_type="cuda" if cuda else "cpu",
-                  gguf=gguf, started=time.perf_counter())  # fmt: skip
+                  gguf=gguf, strategy=strategy, started=time.perf_counter())  # fmt: skip
     if cuda and torch.cuda.device_count() < 2:
         raise typer.BadParameter(f"{torch.cuda.device_count()} GPU here; the scaling needs 2")
     print(f"{ctx.device_type}: {_device_name(ctx)}; budget {asdict(ctx.budget)}", flush=True)

@@ -20,6 +20,8 @@ from typing import Literal
 
 Trainable = Literal["all", "attention", "attention+norms"]
 _TRAINABLE = ("all", "attention", "attention+norms")
+Strategy = Literal["auto", "ddp", "fsdp"]
+_STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class FinetuneConfig:
     hidden_weight: float = 0.0
     # runtime
     bf16: bool = True  # bf16 autocast (+ FSDP bf16 params, fp32 reduce when distributed); False = fp32
+    # several processes: ddp replicates the student (one gradient all-reduce a step), fsdp shards it per decoder
+    # layer; auto = ddp where the training state (16 bytes a parameter) fits a quarter of a device, else fsdp
+    strategy: Strategy = "auto"
     compile: bool = False  # torch.compile the student (and teacher)
     seed: int = 0  # data order
     log_every: int = 10  # steps between metric events (each one syncs the GPU)
@@ -71,6 +76,8 @@ class FinetuneConfig:
                 f"grad_accum_steps={self.tokens_per_step(1)} tokens; raise max_tokens or shrink the batch"
             )
         _check_schedule(self.warmup_frac, self.decay_frac, self.min_lr_ratio)
+        if self.strategy not in _STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; use one of {_STRATEGIES}")
         if self.trainable not in _TRAINABLE:
             raise ValueError(f"trainable={self.trainable!r}; use one of {_TRAINABLE}")
         if not 0.0 <= self.kd_weight <= 1.0:

@@ -1,15 +1,23 @@
 """The few process-group pieces of training: the same loop runs in one process or, under `torchrun` /
-`accelerate launch`, as one process per device with FSDP (FSDP2 `fully_shard`: full shard, one unit per
-decoder layer plus the root; bf16 params and fp32 gradient reduction when `bf16`)."""
+`accelerate launch`, as one process per device, the student either replicated (DDP: one fp32 gradient all-reduce
+per step, the single process's numerics) or sharded (FSDP2 `fully_shard`: full shard, one unit per decoder layer
+plus the root; bf16 params and fp32 gradient reduction when `bf16`). `wrap_model` picks: a model whose training
+state fits a quarter of a device is replicated, a larger one sharded."""
 
 from __future__ import annotations
 
+import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+logger = logging.getLogger(__name__)
+_TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,39 @@ def init_distributed(local_rank: int) -> torch.device:
         return torch.device("cuda", local_rank)
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def wrap_model(model: nn.Module, strategy: str, bf16: bool) -> nn.Module:
+    """`model` for training on every process of the group: DDP or FSDP per `strategy` (auto: `replicate_fits`)."""
+    if strategy == "auto":
+        strategy = "ddp" if replicate_fits(model) else "fsdp"
+    params = sum(p.numel() for p in model.parameters())
+    logger.info("training %.0fM parameters with %s", params / 1e6, strategy.upper())
+    if strategy == "fsdp":
+        return shard_model(model, bf16)
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
+
+
+def replicate_fits(model: nn.Module) -> bool:
+    """Whether a full copy of the training state (16 bytes a parameter) takes at most a quarter of this process's
+    device, leaving the rest to activations and the teacher; always on a CPU."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return True
+    state = _TRAINING_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+    return state <= torch.cuda.get_device_properties(device).total_memory / 4
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
+    """Around a micro-step's forward and backward: whether its gradients are reduced across processes now (the
+    last micro-step of an accumulation) or only accumulated locally."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
 
 
 def shard_model(model: nn.Module, bf16: bool) -> nn.Module:

@@ -11,8 +11,8 @@ The parent writes the job as JSON in `workdir`, runs
 
 and reads every line the ranks print: training events (`TrainEvent`s, from rank 0) go to `on_event`, the rest to
 `on_line` (default: this module's logger), and all of it to `workdir/launch.log`. Each rank loads the student and the
-teacher (all of it), joins the process group (NCCL on GPUs, gloo on CPUs) and trains with FSDP (full shard, bf16
-params and fp32 gradient reduction when `config.bf16`: `distributed.shard_model`); rank 0 saves the trained student
+teacher (all of it), joins the process group (NCCL on GPUs, gloo on CPUs) and trains the student replicated (DDP) or
+sharded (FSDP), as `config.strategy` says (`distributed.wrap_model`); rank 0 saves the trained student
 (`save_pretrained` + tokenizer) and `result.json`. A rank that fails stops the others (torchrun), and the parent
 raises `LaunchError` with the last lines and the log's path.
 

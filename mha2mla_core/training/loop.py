@@ -7,8 +7,8 @@ One optimizer step: for each of `grad_accum_steps` micro-batches of (B, T) rows,
 (B, T, V) and, when kd_weight or hidden_weight > 0, the teacher's (no grad, eval mode, bf16 autocast) go into
 `distill_loss`; then clip the global grad norm, AdamW, and set the WSD learning rate of the next step.
 The caller places both models on the device; with a process group initialised (torchrun / accelerate
-launch) the student is sharded with FSDP and each rank reads its own slice of every global batch, so one
-step sees the same rows whatever the number of processes.
+launch) the student is replicated (DDP) or sharded (FSDP), per `cfg.strategy`, and each rank reads its own slice
+of every global batch, so one step sees the same rows whatever the number of processes.
 
 Resuming: with `checkpoint_dir` holding checkpoints, the newest readable one is loaded (model, optimizer,
 step, data position, RNG, loss history) and the run continues exactly where it stopped. The student's
@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from mha2mla_core.training.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEvent
 from mha2mla_core.training.distributed import (
-    World, all_reduce_sum, barrier, broadcast_from_main, current_world, shard_model,
+    World, all_reduce_sum, barrier, broadcast_from_main, current_world, gradient_sync, wrap_model,
 )
 from mha2mla_core.training.losses import distill_loss, hidden_state_loss
 from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
@@ -77,7 +77,7 @@ def finetune(
     if resume is not None:
         _check_resumable(resume, arch, data_id, cfg, world)
     set_trainable(student, cfg.trainable)
-    model = shard_model(student, cfg.bf16) if world.size > 1 else student
+    model = wrap_model(student, cfg.strategy, cfg.bf16) if world.size > 1 else student
     trainer = _Trainer(model, teacher, rows, cfg, world, meta={"arch": arch, "data_id": data_id})
     if resume is not None:
         trainer.restore(resume)
@@ -208,9 +208,8 @@ class _Trainer:
         for k in range(cfg.grad_accum_steps):
             start = base + (k * self.world.size + self.world.rank) * cfg.micro_batch_size
             ids = self.rows[self.order.rows(start, cfg.micro_batch_size)].to(self.device, non_blocking=True)
-            if self.world.size > 1 and cfg.grad_accum_steps > 1:
-                self.model.set_requires_gradient_sync(k == cfg.grad_accum_steps - 1)
-            self.window += self._micro_step(ids)
+            with gradient_sync(self.model, k == cfg.grad_accum_steps - 1):
+                self.window += self._micro_step(ids)
             self.window_micro_steps += 1
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
