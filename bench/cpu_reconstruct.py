@@ -1,10 +1,12 @@
 """What a short block-wise reconstruction buys a CPU worker: SmolLM2-135M's default conversion, then the `cpu`
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
-    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8] [--out bench/results/FILE.jsonl]
+    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8] [--calib books|model-continued]
+                                              [--out bench/results/FILE.jsonl]
 
 As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
-512), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps,
+512; `--calib model-continued`: each window rewritten by the original from its first 4 tokens, the pipeline's
+`calibration.model_samples`), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps,
 scores, fits 50 more (a schedule of their own), scores, and so on. Scored: PPL on the packaged held-out books (4,096
 tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2 protocol (bench/zero_shot.py:
 16,384 tokens). One JSON line per point, printed and appended to --out.
@@ -24,7 +26,7 @@ import torch
 
 from flows.publish import read_recipe
 from mha2mla_core import MLAConfig, convert_to_mla, default_calibration_texts, load_model, sample_calibration
-from mha2mla_core.conversion.calibration import HELDOUT_FILE, packaged_text_path
+from mha2mla_core.conversion.calibration import HELDOUT_FILE, continue_with_model, packaged_text_path
 from mha2mla_core.evaluation.paths import WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import perplexity
 from mha2mla_core.training.config import ReconstructConfig
@@ -35,6 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200], help="cumulative steps scored")
     parser.add_argument("--kv-rank", type=int, default=MLAConfig().kv_rank, help="per KV head (16: 81.25%% saving)")
+    parser.add_argument("--calib", choices=("books", "model-continued", "mixed"), default="books",
+                        help="calibration windows: the packaged books, the books continued by the original, or half "
+                             "of each (the first half of the windows continued)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
@@ -42,11 +47,21 @@ def main() -> None:
     wiki = read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md")
     mla_cfg = MLAConfig(kv_rank=args.kv_rank)
     calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=8192, seq_len=mla_cfg.calib_seq_len)
+    sampling_seconds = 0.0
+    if args.calib != "books":
+        start = time.perf_counter()
+        cut = calib.num_tokens // mla_cfg.calib_seq_len // 2 * mla_cfg.calib_seq_len  # mixed: the first half
+        cut = calib.num_tokens if args.calib == "model-continued" else cut
+        head = dataclasses.replace(calib, input_ids=calib.input_ids[:cut])
+        ids = torch.cat([continue_with_model(model, head, mla_cfg.calib_seq_len).input_ids, calib.input_ids[cut:]])
+        calib = dataclasses.replace(calib, input_ids=ids)
+        sampling_seconds = time.perf_counter() - start
     windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512): what the reconstruct stage fits on
     recipe = ReconstructConfig(**read_recipe("cpu")["reconstruct"])
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
-        row = dict(model=label, kv_rank=mla_cfg.kv_rank, steps=steps, seconds=round(seconds, 1),
+        row = dict(model=label, kv_rank=mla_cfg.kv_rank, calib=args.calib, steps=steps, seconds=round(seconds, 1),
+                   sampling_seconds=round(sampling_seconds, 1),
                    ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
                    ppl_wikitext2=perplexity(m, tokenizer, wiki, window=512, max_tokens=16384).ppl,
                    cpus=os.cpu_count(), command="bench/cpu_reconstruct.py",
