@@ -9,6 +9,11 @@
 #   bash bench/gpu_pipeline.sh scale1b     # bench.scale's Llama-3.2-1B shape on 1 then 2 GPUs
 #   bash bench/gpu_pipeline.sh 8b+speed    # convert8b on GPU 0 while speed runs on GPU 1 (one 2-GPU call)
 #
+# A device session's calls (kind nvidia-h200-x2; each within ~30 s of the last, so the machine and $GPU_KIT stay):
+#   1. `stage`, carry .carry_ma .whl;  2. `stage`, carry .carry_mb .whl_lm;  3. `stage`, carry .carry_pf1 .carry_pf2
+#   4. `PART_TIMEOUT=565 ... flow`, carry .carry_data .carry_mc (then `RESUME=1 ... flow` if it was cut off)
+#   5. `PART_TIMEOUT=470 ... 8b+speed`, carry .carry_fi;  6. `scale1b` if device time is left
+#
 # Run it from the repo root. Every mode first "stages": each carried folder present in the repo (.carry_pf1,
 # .carry_pf2, .whl_lm, .whl, .carry_data, .carry_mc, .carry_ma, .carry_mb) is copied to $GPU_KIT (default
 # /root/gpu_kit), which persists between back-to-back device calls; later calls read it from there. Once both GGUF
