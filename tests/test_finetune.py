@@ -5,6 +5,11 @@ The student is a perturbed copy of the teacher, standing in for a converted mode
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from mha2mla_core.training.packing import RowOrder
 from mha2mla_core.training.schedule import wsd_lr
 
 VOCAB, SEQ = 64, 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -195,6 +201,35 @@ def test_checkpoints_every_few_minutes_land_on_log_steps(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "off")] == ["step-00000006"]  # the end only
     with pytest.raises(ValueError, match="checkpoint_minutes must be >= 0"):
         small_cfg(checkpoint_minutes=-1)
+
+
+SIGTERM_RUN = """
+import os, signal, sys, torch
+from mha2mla_core.training.loop import FinetuneConfig, finetune
+from tests.test_finetune import perturbed_copy, rows, small_cfg, tiny_llama
+torch.manual_seed(0)
+teacher, data = tiny_llama(), rows()
+def sigterm_at_step_3(event):
+    if event.kind == "log" and event.step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+finetune(perturbed_copy(teacher), teacher, data, small_cfg(checkpoint_minutes=0), checkpoint_dir=sys.argv[1],
+         callbacks=[sigterm_at_step_3])
+"""
+
+
+def test_sigterm_saves_a_checkpoint_then_ends_the_process(tmp_path):
+    """A run sent SIGTERM (a timeout, a cancelled flow, torchrun stopping its workers) checkpoints the step it is
+    at, then dies of the signal as it would have; the same call resumes there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == -signal.SIGTERM, run.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]
+    assert "SIGTERM: saving a checkpoint" in run.stderr
+    torch.manual_seed(0)
+    teacher, data = tiny_llama(), rows()
+    resumed = finetune(perturbed_copy(teacher), teacher, data, small_cfg(checkpoint_minutes=0), checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 3 and resumed.steps == 6
 
 
 def test_keep_last_and_corrupt_latest_falls_back_with_a_warning(tmp_path, caplog):

@@ -95,10 +95,9 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-def broadcast_from_main(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Rank 0's `tensor` on every rank (in place)."""
+def all_reduce_max(tensor: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
-        dist.broadcast(tensor, src=0)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields
@@ -34,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from mha2mla_core.training.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from mha2mla_core.training.config import FinetuneConfig, FinetuneResult, TrainEvent
 from mha2mla_core.training.distributed import (
-    World, all_reduce_sum, barrier, broadcast_from_main, current_world, gradient_sync, wrap_model,
+    World, all_reduce_max, all_reduce_sum, barrier, current_world, gradient_sync, wrap_model,
 )
 from mha2mla_core.training.losses import distill_loss, hidden_state_loss
 from mha2mla_core.training.packing import RowOrder, fingerprint_rows, pack_texts
@@ -168,37 +171,47 @@ class _Trainer:
         cfg, last_path = self.cfg, None
         self.model.train()
         started = window_start = last_saved = time.perf_counter()
-        while self.step < self.total_steps:
-            grad_norm = self._optimizer_step()
-            self.step += 1
-            last = self.step == self.total_steps
-            if self.step % cfg.log_every == 0 or last:
-                seconds = time.perf_counter() - window_start
-                self.train_seconds += seconds
-                self._emit(callbacks, "log", self._log_metrics(grad_norm, seconds))
-                window_start = time.perf_counter()
-            paused = time.perf_counter()  # evaluation and checkpoint time is left out of the throughput
-            if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
-                self._emit(callbacks, "eval", self._evaluate(evaluate))
-            if ckpt_dir is not None and (last or self._checkpoint_due(last_saved)):
-                last_path = self._checkpoint(ckpt_dir)
-                last_saved = time.perf_counter()
-                self._emit(callbacks, "checkpoint", {}, str(last_path))
-            window_start += time.perf_counter() - paused
+        sigterm = _SigtermCheckpoint(enabled=ckpt_dir is not None)
+        try:
+            while self.step < self.total_steps:
+                grad_norm = self._optimizer_step()
+                self.step += 1
+                last = self.step == self.total_steps
+                if self.step % cfg.log_every == 0 or last:
+                    seconds = time.perf_counter() - window_start
+                    self.train_seconds += seconds
+                    self._emit(callbacks, "log", self._log_metrics(grad_norm, seconds))
+                    window_start = time.perf_counter()
+                paused = time.perf_counter()  # evaluation and checkpoint time is left out of the throughput
+                if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                    self._emit(callbacks, "eval", self._evaluate(evaluate))
+                if ckpt_dir is not None:
+                    save, stop = (True, False) if last else self._checkpoint_due(last_saved, sigterm.requested)
+                    if save:
+                        last_path = self._checkpoint(ckpt_dir)
+                        last_saved = time.perf_counter()
+                        self._emit(callbacks, "checkpoint", {}, str(last_path))
+                    if stop:
+                        sigterm.pass_on(self.step)
+                window_start += time.perf_counter() - paused
+        finally:
+            sigterm.restore()
         return self._result(time.perf_counter() - started, last_path)
 
-    def _checkpoint_due(self, last_saved: float) -> bool:
-        """Every `checkpoint_every` steps, and at the first log step after `checkpoint_minutes` have passed since the
-        last save by rank 0's clock (a log step syncs anyway; broadcast, so that all ranks save together)."""
+    def _checkpoint_due(self, last_saved: float, sigterm: bool) -> tuple[bool, bool]:
+        """(save now, stop after saving): every `checkpoint_every` steps; and at a log step (which syncs anyway), once
+        `checkpoint_minutes` have passed since the last save by rank 0's clock, or when any rank got SIGTERM. All
+        ranks decide together, so that they enter the collective save and stop at the same step."""
         cfg = self.cfg
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-            return True
-        if not cfg.checkpoint_minutes or self.step % cfg.log_every:
-            return False
-        due = time.perf_counter() - last_saved >= 60 * cfg.checkpoint_minutes
-        if self.world.size == 1:
-            return due
-        return bool(broadcast_from_main(torch.tensor(float(due), device=self.device), self.world))
+        every = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        if self.step % cfg.log_every:
+            return every, False
+        timed = (bool(cfg.checkpoint_minutes) and self.world.is_main
+                 and time.perf_counter() - last_saved >= 60 * cfg.checkpoint_minutes)  # fmt: skip
+        if self.world.size > 1:
+            flags = all_reduce_max(torch.tensor([float(timed), float(sigterm)], device=self.device), self.world)
+            timed, sigterm = bool(flags[0]), bool(flags[1])
+        return every or timed or sigterm, sigterm
 
     def _optimizer_step(self) -> float:
         cfg, lr = self.cfg, wsd_lr(self.step, self.total_steps, self.cfg)
@@ -304,6 +317,33 @@ class _Trainer:
             resumed_from_step=self.resumed_from, last_checkpoint=str(last_path) if last_path else None,
             history=tuple(self.history),
         )
+
+
+class _SigtermCheckpoint:
+    """While a run with a checkpoint_dir trains in the main thread (a torchrun worker, a script), SIGTERM asks for a
+    checkpoint at the next log step; after it, the signal goes on to the handler that was there before (by default:
+    the process ends), so a stopped run resumes from where it stopped. In another thread nothing is installed (Python
+    only lets the main thread handle signals); `checkpoint_minutes` bounds the loss there."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested, self.installed, self.previous = False, False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._request)
+            self.installed = True
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        logger.warning("SIGTERM: saving a checkpoint at the next log step, then stopping")
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+            self.installed = False
+
+    def pass_on(self, step: int) -> None:
+        self.restore()
+        os.kill(os.getpid(), signal.SIGTERM)  # the previous handler runs now; by default the process ends here
+        raise InterruptedError(f"training stopped by SIGTERM after the checkpoint at step {step}")
 
 
 def _make_optimizer(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
