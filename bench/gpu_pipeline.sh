@@ -177,17 +177,18 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
 }
 
 # ---- speed (issue 17): the GPU tests of the decode path, the step profile, the FlashInfer peer ----------------------
-part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one
+part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one. Ordered by what
+    # has never been measured: the FlashInfer peer, the GPU tests, then the step profile (session 8 has one)
     local rc=0
-    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_decoding.py \
-        tests/test_quant_cache.py 2>&1 | tail -15 | tee "$OUT/speed_tests.log" || rc=1
-    timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
     if ls "$(kit .carry_fi)"/*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$(kit .carry_fi)"/*.whl
-        timeout 300 "$PY" -m bench.peer_flashinfer --out "$OUT/peer.jsonl" 2>&1 | tail -30 | tee "$OUT/peer.log"
+        timeout 240 "$PY" -m bench.peer_flashinfer --out "$OUT/peer.jsonl" 2>&1 | tail -30 | tee "$OUT/peer.log"
     else
         log "no .carry_fi wheels: FlashInfer peer skipped"
     fi
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_decoding.py \
+        tests/test_quant_cache.py 2>&1 | tail -15 | tee "$OUT/speed_tests.log" || rc=1
+    timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
     return "$rc"
 }
 
