@@ -209,11 +209,12 @@ from mha2mla_core.training.loop import FinetuneConfig, finetune
 from tests.test_finetune import perturbed_copy, rows, small_cfg, tiny_llama
 torch.manual_seed(0)
 teacher, data = tiny_llama(), rows()
-def sigterm_at_step_3(event):
-    if event.kind == "log" and event.step == 3:
+def sigterm_at(event):
+    if event.kind == "log" and event.step == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGTERM)
 finetune(perturbed_copy(teacher), teacher, data, small_cfg(checkpoint_minutes=0), checkpoint_dir=sys.argv[1],
-         callbacks=[sigterm_at_step_3])
+         callbacks=[sigterm_at])
+print("returned")
 """
 
 
@@ -221,14 +222,16 @@ def test_sigterm_saves_a_checkpoint_then_ends_the_process(tmp_path):
     """A run sent SIGTERM (a timeout, a cancelled flow, torchrun stopping its workers) checkpoints the step it is
     at, then dies of the signal as it would have; the same call resumes there."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
-    assert run.returncode == -signal.SIGTERM, run.stderr[-2000:]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]
-    assert "SIGTERM: saving a checkpoint" in run.stderr
+    for step in (3, 6):  # mid-run, and at the last step: saved, and the signal is not swallowed
+        run = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(tmp_path / str(step)), str(step)], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == -signal.SIGTERM and "returned" not in run.stdout, run.stderr[-2000:]
+        assert [p.name for p in list_checkpoints(tmp_path / str(step))] == [f"step-0000000{step}"]
+        assert "SIGTERM: saving a checkpoint" in run.stderr
     torch.manual_seed(0)
     teacher, data = tiny_llama(), rows()
-    resumed = finetune(perturbed_copy(teacher), teacher, data, small_cfg(checkpoint_minutes=0), checkpoint_dir=tmp_path)
+    resumed = finetune(perturbed_copy(teacher), teacher, data, small_cfg(checkpoint_minutes=0),
+                       checkpoint_dir=tmp_path / "3")
     assert resumed.resumed_from_step == 3 and resumed.steps == 6
 
 

@@ -186,7 +186,7 @@ class _Trainer:
                 if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                     self._emit(callbacks, "eval", self._evaluate(evaluate))
                 if ckpt_dir is not None:
-                    save, stop = (True, False) if last else self._checkpoint_due(last_saved, sigterm.requested)
+                    save, stop = self._checkpoint_due(last_saved, sigterm.requested, last)
                     if save:
                         last_path = self._checkpoint(ckpt_dir)
                         last_saved = time.perf_counter()
@@ -198,13 +198,13 @@ class _Trainer:
             sigterm.restore()
         return self._result(time.perf_counter() - started, last_path)
 
-    def _checkpoint_due(self, last_saved: float, sigterm: bool) -> tuple[bool, bool]:
-        """(save now, stop after saving): every `checkpoint_every` steps; and at a log step (which syncs anyway), once
-        `checkpoint_minutes` have passed since the last save by rank 0's clock, or when any rank got SIGTERM. All
-        ranks decide together, so that they enter the collective save and stop at the same step."""
+    def _checkpoint_due(self, last_saved: float, sigterm: bool, last: bool) -> tuple[bool, bool]:
+        """(save now, stop after saving): at the last step, every `checkpoint_every` steps, and at a log step (which
+        syncs anyway) once `checkpoint_minutes` have passed since the last save by rank 0's clock, or when any rank
+        got SIGTERM. All ranks decide together, so that they enter the collective save and stop at the same step."""
         cfg = self.cfg
-        every = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
-        if self.step % cfg.log_every:
+        every = last or (bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0)
+        if self.step % cfg.log_every and not last:
             return every, False
         timed = (bool(cfg.checkpoint_minutes) and self.world.is_main
                  and time.perf_counter() - last_saved >= 60 * cfg.checkpoint_minutes)  # fmt: skip
