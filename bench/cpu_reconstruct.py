@@ -1,13 +1,14 @@
 """What a short block-wise reconstruction buys a CPU worker: SmolLM2-135M's default conversion, then the `cpu`
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
-    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8] [--calib books|model-continued]
-                                              [--out bench/results/FILE.jsonl]
+    .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8]
+        [--calib books|model-continued|mixed] [--out bench/results/FILE.jsonl]
 
 As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
 512; `--calib model-continued`: each window rewritten by the original from its first 4 tokens, the pipeline's
-`calibration.model_samples`), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps,
-scores, fits 50 more (a schedule of their own), scores, and so on. Scored: PPL on the packaged held-out books (4,096
+`calibration.model_samples` and the `cpu` recipe's; `mixed`: the first half of them), then `reconstruct_attention`
+on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps, scores, fits 50 more (a schedule
+of their own), scores, and so on. Scored: PPL on the packaged held-out books (4,096
 tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2 protocol (bench/zero_shot.py:
 16,384 tokens). One JSON line per point, printed and appended to --out.
 """
@@ -50,8 +51,8 @@ def main() -> None:
     sampling_seconds = 0.0
     if args.calib != "books":
         start = time.perf_counter()
-        cut = calib.num_tokens // mla_cfg.calib_seq_len // 2 * mla_cfg.calib_seq_len  # mixed: the first half
-        cut = calib.num_tokens if args.calib == "model-continued" else cut
+        windows = calib.num_tokens // mla_cfg.calib_seq_len
+        cut = mla_cfg.calib_seq_len * (windows if args.calib == "model-continued" else windows // 2)
         head = dataclasses.replace(calib, input_ids=calib.input_ids[:cut])
         ids = torch.cat([continue_with_model(model, head, mla_cfg.calib_seq_len).input_ids, calib.input_ids[cut:]])
         calib = dataclasses.replace(calib, input_ids=ids)
