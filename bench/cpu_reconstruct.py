@@ -51,8 +51,8 @@ def main() -> None:
     sampling_seconds = 0.0
     if args.calib != "books":
         start = time.perf_counter()
-        windows = calib.num_tokens // mla_cfg.calib_seq_len
-        cut = mla_cfg.calib_seq_len * (windows if args.calib == "model-continued" else windows // 2)
+        n_windows = calib.num_tokens // mla_cfg.calib_seq_len
+        cut = mla_cfg.calib_seq_len * (n_windows if args.calib == "model-continued" else n_windows // 2)
         head = dataclasses.replace(calib, input_ids=calib.input_ids[:cut])
         ids = torch.cat([continue_with_model(model, head, mla_cfg.calib_seq_len).input_ids, calib.input_ids[cut:]])
         calib = dataclasses.replace(calib, input_ids=ids)
