@@ -138,14 +138,21 @@ def describe(summary: RunSummary) -> str:
 
 def publish(name: str, final: StageResult, *, summary: RunSummary, champion: bool) -> RegisteredCheckpoint:
     """Register the final checkpoint as an MLflow model (card and recipe beside its weights) on the active run; a
-    checkpoint already registered under `name` keeps its version and gets the new description and aliases."""
+    checkpoint already registered under `name` keeps its version and gets the new description and aliases. One
+    larger than `registry_copy_max_gib` is registered by reference (card and recipe beside its URI), not copied."""
+    by_reference = final.output.size > context().settings.registry_copy_max_gib * 2**30
     with scratch_dir() as tmp:
         directory = None
         if checkpoint_version(name, final.sha256) is None:
-            directory = context().store.get_dir(final.uri, tmp / "checkpoint", sha256=final.sha256)
+            if by_reference:
+                directory = tmp / "checkpoint"
+                directory.mkdir()
+            else:
+                directory = context().store.get_dir(final.uri, tmp / "checkpoint", sha256=final.sha256)
             (directory / CARD_FILE).write_text(model_card(summary))
             (directory / RECIPE_FILE).write_text(recipe(summary))
-        return register_checkpoint(directory, final.output, name, description=describe(summary), champion=champion)
+        return register_checkpoint(directory, final.output, name, description=describe(summary), champion=champion,
+                                   by_reference=by_reference)  # fmt: skip
 
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # packaged recipes, read by name: gpu

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     mlflow_artifact_root: str | None = None
     # PREFECT_HOME for the embedded default: ephemeral API database and local result storage; None: HOME/prefect
     prefect_home: Path | None = None
+    # a registered model holds a copy of its checkpoint up to this many GiB; a larger one (a 7B+ model) is registered
+    # by reference: its artifact URI and digest, read from the artifact store when the model is loaded
+    registry_copy_max_gib: float = Field(4.0, ge=0)
 
     # S3: endpoint_url for MinIO / moto / other S3-compatible stores; None = AWS
     s3_endpoint_url: str | None = None

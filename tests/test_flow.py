@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -149,6 +150,22 @@ def test_default_rotated_rope_runs_without_score_rope_and_reruns_from_cache(loca
     executions.clear()
     assert run_convert(params).cache == dict.fromkeys(stages, "hit")
     assert not executions
+
+
+def test_a_checkpoint_over_the_copy_limit_is_registered_by_reference(local_env, tiny_source, tiny_params, monkeypatch):
+    """A registered model holds a copy of its checkpoint up to MHA2MLA_REGISTRY_COPY_MAX_GIB; past it (here 0 GiB)
+    it names the stored checkpoint, and loading the model reads the weights from the artifact store."""
+    from infra.stage import context
+
+    monkeypatch.setenv("MHA2MLA_REGISTRY_COPY_MAX_GIB", "0")
+    context.cache_clear()  # settings are read once per process
+    outcome = run_convert(tiny_params(tiny_source))
+    uri = f"models:/{outcome.model_version}"
+    folder = Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "checkpoint.json", "recipe.yaml"]
+    assert json.loads((folder / "checkpoint.json").read_text()) == {"uri": outcome.checkpoint.uri, "sha256": outcome.checkpoint.sha256}
+    texts = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": ["the mill"]}), params={"max_new_tokens": 3})["text"]
+    assert len(texts) == 1 and isinstance(texts[0], str)
 
 
 def test_config_change_reruns_that_stage_and_downstream_only(local_env, tiny_source, executions, tiny_params):

@@ -5,6 +5,7 @@ import dataclasses
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import mlflow
 import pandas as pd
@@ -160,28 +161,57 @@ def test_lineage_of_a_registered_checkpoint(settings, tmp_path):
         lineage(str(tmp_path / "nowhere"))
 
 
-def test_registered_checkpoint_is_an_mlflow_model_that_generates(settings, tmp_path):
+@pytest.fixture
+def stored_tiny_mla(settings, tmp_path):
+    """(model, tokenizer, local folder, stored ref) of a tiny converted checkpoint in the settings' store."""
     tok = tiny_tokenizer()
     model = convert_to_mla(tiny_lm(tok), MLAConfig(rope_dims=4, kv_rank=4, svd="aware", calib_seq_len=64),
                            calib_ids(512).clamp(max=len(tok) - 1)).eval()  # fmt: skip
     model.save_pretrained(tmp_path / "ckpt")
     tok.save_pretrained(tmp_path / "ckpt")
     bundle_code(tmp_path / "ckpt")
-    ckpt = LocalStore(settings.artifact_root).put_dir(tmp_path / "ckpt", "tiny/mla")
-    with parent_run("register"):
-        registered = register_checkpoint(tmp_path / "ckpt", ckpt, "tiny-mla-r4", description="PPL 12.5", champion=True)
-    assert registered.uri == "models:/tiny-mla-r4/1" and registered.aliases == ("candidate", "champion")
+    return model, tok, tmp_path / "ckpt", LocalStore(settings.artifact_root).put_dir(tmp_path / "ckpt", "tiny/mla")
 
-    version = MlflowClient().get_model_version_by_alias("tiny-mla-r4", "champion")
-    assert version.description == "PPL 12.5" and version.tags["mha2mla.checkpoint_sha256"] == ckpt.sha256
-    assert mlflow.models.get_model_info("models:/tiny-mla-r4@candidate").signature.inputs.input_names() == ["prompt"]
+
+def _generates_as(uri: str, model, tok) -> None:
+    """The pyfunc at `uri` continues prompts exactly as `model.generate` does (greedy, left padding)."""
     prompts = ["the river ran past the old mill", "she wrote"]
-    loaded = mlflow.pyfunc.load_model("models:/tiny-mla-r4/1")
+    loaded = mlflow.pyfunc.load_model(uri)
     texts = loaded.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 5})["text"].tolist()
     tok.padding_side = "left"
     batch = tok(prompts, return_tensors="pt", padding=True)
     out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert texts == tok.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_registered_checkpoint_is_an_mlflow_model_that_generates(settings, stored_tiny_mla):
+    model, tok, folder, ckpt = stored_tiny_mla
+    with parent_run("register"):
+        registered = register_checkpoint(folder, ckpt, "tiny-mla-r4", description="PPL 12.5", champion=True)
+    assert registered.uri == "models:/tiny-mla-r4/1" and registered.aliases == ("candidate", "champion")
+
+    version = MlflowClient().get_model_version_by_alias("tiny-mla-r4", "champion")
+    assert version.description == "PPL 12.5" and version.tags["mha2mla.checkpoint_sha256"] == ckpt.sha256
+    assert mlflow.models.get_model_info("models:/tiny-mla-r4@candidate").signature.inputs.input_names() == ["prompt"]
+    _generates_as("models:/tiny-mla-r4/1", model, tok)
+
+
+def test_a_checkpoint_registered_by_reference_loads_from_the_store_and_notices_a_change(settings, stored_tiny_mla, tmp_path):
+    model, tok, _, ckpt = stored_tiny_mla
+    beside = tmp_path / "card" / "checkpoint"  # the artifact is named after the folder, as publish names it
+    beside.mkdir(parents=True)
+    (beside / "README.md").write_text("card")
+    with parent_run("register"):
+        register_checkpoint(beside, ckpt, "tiny-mla-ref", by_reference=True)
+    artifact = Path(mlflow.artifacts.download_artifacts("models:/tiny-mla-ref/1")) / "artifacts" / "checkpoint"
+    assert sorted(p.name for p in artifact.iterdir()) == ["README.md", "checkpoint.json"]  # no weights copied
+    _generates_as("models:/tiny-mla-ref/1", model, tok)
+
+    manifest = Path(unquote(urlsplit(ckpt.uri).path)) / "_manifest.json"  # the stored folder's list of files
+    manifest.chmod(0o644)
+    manifest.write_text(manifest.read_text() + " ")
+    with pytest.raises(ValueError, match="changed since it was registered"):
+        mlflow.pyfunc.load_model("models:/tiny-mla-ref/1")
 
 
 def test_recent_runs_lists_flows_with_stages(settings):

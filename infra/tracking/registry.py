@@ -5,6 +5,7 @@ checkpoint was found corrupt, and settling them once a good copy is registered."
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from infra.tracking.tags import (
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).resolve().with_name("mlflow_model.py")
+REFERENCE = "checkpoint.json"  # as `mlflow_model.REFERENCE`: that file is logged as code, so it imports nothing of ours
 MODEL_REQUIREMENTS = ("torch", "transformers", "mlflow", "pandas", "safetensors")
 MODEL_SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, "prompt")]),
@@ -55,23 +57,31 @@ class RegisteredCheckpoint:
 
 
 def register_checkpoint(
-    directory: str | Path | None, ref: ArtifactRef, name: str, *, description: str = "", champion: bool = False
+    directory: str | Path | None, ref: ArtifactRef, name: str, *, description: str = "", champion: bool = False,
+    by_reference: bool = False,
 ) -> RegisteredCheckpoint:
     """Register the Hugging Face folder `directory` (the checkpoint `ref`) as a version of model `name`: logged as
     a pyfunc model on the active run, unless a version of `name` already holds this checkpoint (then `directory`
     may be None). The version gets `description`, the checkpoint tags and the alias `candidate`; `champion` moves
-    that alias to it too."""
+    that alias to it too.
+
+    `by_reference`: the model holds no copy of the weights. `directory` then holds only what goes beside them (the
+    card, the recipe); `checkpoint.json` with `ref`'s URI and digest is written into it, and loading the model reads
+    the checkpoint from the artifact store (`mlflow_model.checkpoint_folder`). For checkpoints of many GB, which
+    MLflow would otherwise copy twice more (a temp folder, then its artifact store)."""
     client = MlflowClient()
     version = checkpoint_version(name, ref.sha256)
     logged = version is None
     if version is None:
         if directory is None:
             raise ValueError(f"{name} has no version of checkpoint {ref.uri} yet; give its folder to log it")
+        if by_reference:
+            (Path(directory) / REFERENCE).write_text(json.dumps({"uri": ref.uri, "sha256": ref.sha256}, indent=1))
         with warnings.catch_warnings():  # the signature is given; an input example would load the model to check it
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(directory)},
-                signature=MODEL_SIGNATURE, pip_requirements=_requirements(),
+                signature=MODEL_SIGNATURE, pip_requirements=_requirements(s3=by_reference and ref.uri.startswith("s3://")),
             )  # fmt: skip
         tags = {CHECKPOINT_URI_TAG: ref.uri, CHECKPOINT_SHA256_TAG: ref.sha256}
         version = mlflow.register_model(info.model_uri, name, tags=tags)
@@ -91,10 +101,12 @@ def checkpoint_version(name: str, sha256: str) -> ModelVersion | None:
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _requirements() -> list[str]:
+def _requirements(s3: bool = False) -> list[str]:
     """Pinned requirements of the pyfunc: the distributions and versions this process runs (local labels such as
-    +cpu dropped). Where only a variant provides an import (mlflow-skinny for mlflow), the variant is pinned."""
-    return [f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in map(_distribution, MODEL_REQUIREMENTS)]
+    +cpu dropped). Where only a variant provides an import (mlflow-skinny for mlflow), the variant is pinned. `s3`:
+    boto3 too, to read a checkpoint registered by reference from S3."""
+    names = MODEL_REQUIREMENTS + (("boto3",) if s3 else ())
+    return [f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in map(_distribution, names)]
 
 
 def _distribution(name: str) -> str:
