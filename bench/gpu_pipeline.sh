@@ -137,6 +137,13 @@ else:  # the flow did not finish: the stage runs start times only
     print(f"flow run {status}: no seconds.* metrics; stage starts (offset from the first):")
     for name, at in starts:
         print(f"- {name}: +{(at - starts[0][1]).total_seconds():.1f} s")
+print("\n## peak memory per stage (the worker process; torchrun ranks are other processes)")
+for stage in flow["stages"]:
+    name, m = stage["name"], stage["metrics"]
+    if "memory.peak_rss_gib" in m:
+        gpu = m.get("memory.peak_gpu_gib")
+        rss, gpu_text = m["memory.peak_rss_gib"], "" if gpu is None else f", GPU {gpu:.1f} GiB reserved"
+        print(f"- {name}: host RSS {rss:.1f} GiB{gpu_text}")
 '
         echo
         echo "## evaluation table"
@@ -178,17 +185,19 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
 
 # ---- speed (issue 17): the GPU tests of the decode path, the step profile, the FlashInfer peer ----------------------
 part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one. Ordered by what
-    # has never been measured: the FlashInfer peer, the GPU tests, then the step profile (session 8 has one)
+    # has never been measured: the GPU tests (each test's result on its own line in speed_tests.log, so a cut-off run
+    # still names its failures), the step profile, then the FlashInfer peer (measured in session 9)
     local rc=0
+    timeout 300 "$PY" -m pytest -v -rf --tb=short -p no:cacheprovider -m gpu tests/test_kernels.py \
+        tests/test_decoding.py tests/test_quant_cache.py > "$OUT/speed_tests.log" 2>&1 || rc=1
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/speed_tests.log" | tail -25
+    timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
     if ls "$(kit .carry_fi)"/*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$(kit .carry_fi)"/*.whl
         timeout 240 "$PY" -m bench.peer_flashinfer --out "$OUT/peer.jsonl" 2>&1 | tail -30 | tee "$OUT/peer.log"
     else
         log "no .carry_fi wheels: FlashInfer peer skipped"
     fi
-    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_decoding.py \
-        tests/test_quant_cache.py 2>&1 | tail -15 | tee "$OUT/speed_tests.log" || rc=1
-    timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
     return "$rc"
 }
 

@@ -313,6 +313,45 @@ def retry_transient(task_, task_run, state) -> bool:
     return transient
 
 
+class PeakMemory:
+    """The process's peak host memory (RSS) and GPU memory (what torch's allocator reserves, on every visible GPU),
+    sampled every `interval` seconds while the block runs: a stage's metrics `memory.peak_rss_gib` and
+    `memory.peak_gpu_gib`. Sampled rather than reset, so stages running at once in one process never clear each
+    other's counters; each reports the process's peak while it ran. A stage's torchrun ranks are other processes
+    and log their own figures."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.rss, self.gpu = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+        import torch
+
+        self.rss = max(self.rss, psutil.Process().memory_info().rss)
+        if torch.cuda.is_initialized():
+            self.gpu = max(self.gpu, sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def metrics(self) -> dict[str, float]:
+        gib = 2**30
+        return {"memory.peak_rss_gib": self.rss / gib, **({"memory.peak_gpu_gib": self.gpu / gib} if self.gpu else {})}
+
+
 RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=1)  # 1, 2, 4 s (+ jitter)
 
@@ -334,9 +373,10 @@ def stage_task(name: str, *, code: tuple[str, ...], params: Callable[..., Mappin
             link: RunLink = arguments["run"]
             logged = dict(params(**arguments)) if params else {}
             with tracking.stage_run(link.run_name(name), logged, parent_run_id=link.parent_run_id):
-                out = fn(*args, **kwargs)
-                result = StageResult(stage=name, output=out.output, files=out.files, metrics=out.metrics,
-                                     params=logged, datasets=out.datasets)  # fmt: skip
+                with PeakMemory() as peak:
+                    out = fn(*args, **kwargs)
+                result = StageResult(stage=name, output=out.output, files=out.files,
+                                     metrics={**out.metrics, **peak.metrics()}, params=logged, datasets=out.datasets)  # fmt: skip
                 log_stage(result, cached=False)
                 return result
 

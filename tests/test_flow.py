@@ -145,8 +145,11 @@ def test_default_rotated_rope_runs_without_score_rope_and_reruns_from_cache(loca
     params = tiny_params(tiny_source, rope_strategy=None)
     assert params.mla.rope_strategy == "rotated"
     stages = tuple(stage for stage in STAGES if stage != "score-rope")
-    assert run_convert(params).cache == dict.fromkeys(stages, "miss")
+    outcome = run_convert(params)
+    assert outcome.cache == dict.fromkeys(stages, "miss")
     assert dict(executions) == {"sample-calibration": 1, "svd-init": 1, "evaluate": 2}
+    peaks = {name: run.data.metrics["memory.peak_rss_gib"] for name, run in stage_runs(outcome.run_id).items()}
+    assert set(peaks) == set(stages) and min(peaks.values()) > 0.1  # the process's host memory while each ran
     executions.clear()
     assert run_convert(params).cache == dict.fromkeys(stages, "hit")
     assert not executions
