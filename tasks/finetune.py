@@ -33,6 +33,7 @@ from infra.stage import (DatasetInput, RunLink, StageOutput, StageResult, artifa
 from tasks.inputs import (
     DataSource,
     ModelSource,
+    checkpoint_dtype,
     load_checkpoint,
     load_source,
     load_tensors,
@@ -156,7 +157,8 @@ def reconstruct(
     first = ids[: -(-config.tokens // ids.shape[1])]  # (n, seq_len): at least `tokens` tokens
     fit = reconstruct_attention(student, teacher, first.to(device), config.config)
     del teacher
-    output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, RECON_STAGE, "model"))
+    output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, RECON_STAGE, "model"),
+                             checkpoint_dtype(checkpoint))
     before, after = fit.rel_mse_before, fit.rel_mse_after
     metrics = {"rel_mse_before": sum(before) / len(before), "rel_mse_after": sum(after) / len(after),
                "seconds": fit.seconds, "tokens": first.numel()}  # fmt: skip
@@ -179,7 +181,8 @@ def finetune(
         teacher, student, tokenizer, ids = _training_inputs(model, checkpoint, rows, device, train_cfg.needs_teacher)
         result = train(student, teacher, ids, train_cfg, checkpoint_dir=work_dir(STAGE), callbacks=[_log_event])
         del teacher
-    output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"))
+    output = save_checkpoint(student.cpu().eval(), tokenizer, artifact_key(model.slug, STAGE, "model"),
+                             checkpoint_dtype(checkpoint))
     dataset = DatasetInput(name="finetune", digest=rows.sha256, source=rows.uri)
     metrics = {"final_loss": result.final_loss, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s}
     return StageOutput(output, metrics=metrics, datasets=(dataset,))

@@ -227,18 +227,48 @@ def load_model_input(model: ModelSource | StageResult):
     return load_source(model) if isinstance(model, ModelSource) else load_checkpoint(model)
 
 
-def save_checkpoint(model, tokenizer, key: str) -> ArtifactRef:
+def save_checkpoint(model, tokenizer, key: str, dtype: torch.dtype = torch.float32) -> ArtifactRef:
     """`save_pretrained` (safetensors + config + tokenizer) plus the modeling code and `auto_map` (`bundle_code`:
-    loads with transformers alone, `trust_remote_code=True`) into the store as one directory."""
+    loads with transformers alone, `trust_remote_code=True`) into the store as one directory.
+
+    The weights are written in `dtype` (`source_dtype` / `checkpoint_dtype`: a bf16 source's checkpoints stay bf16).
+    The model in memory stays fp32 but holds the rounded values, so the stages it is handed to in this process see
+    what loading the checkpoint gives."""
     from mha2mla_core.hub_code import bundle_code
 
     with scratch_dir() as tmp:
-        model.save_pretrained(tmp / "model")
+        if dtype != torch.float32:
+            for param in model.parameters():  # parameters only: fp32 buffers (RoPE's inv_freq) are not saved anyway
+                param.data = param.data.to(dtype)
+        try:
+            model.save_pretrained(tmp / "model")
+        finally:
+            for param in model.parameters():
+                param.data = param.data.float()
         tokenizer.save_pretrained(tmp / "model")
         bundle_code(tmp / "model")
         ref = context().store.put_dir(tmp / "model", key, move=True)
     context().models.put(ref.sha256, (model, tokenizer))
     return ref
+
+
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(source: ModelSource) -> torch.dtype:
+    """The dtype the stages write `source`'s checkpoints in: its own 16-bit dtype (its config's), else fp32 (a GGUF,
+    which transformers dequantizes to fp32, or an fp32 model). A bf16 Llama-3-8B's checkpoints take 16 GB, not 32."""
+    return _half_or_fp32(getattr(load_model_config(source), "dtype", None))
+
+
+def checkpoint_dtype(result: StageResult) -> torch.dtype:
+    """The dtype a stage's checkpoint was written in (its config.json), for a stage that writes one from it."""
+    config = context().store.get_json(f"{result.uri}/config.json")
+    return _half_or_fp32(config.get("dtype", config.get("torch_dtype")))
+
+
+def _half_or_fp32(dtype: torch.dtype | str | None) -> torch.dtype:
+    return HALF_DTYPES.get(str(dtype).removeprefix("torch."), torch.float32)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], key: str, metadata: dict[str, str] | None = None) -> ArtifactRef:

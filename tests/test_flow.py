@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import mlflow
 import pandas as pd
@@ -304,6 +305,31 @@ def test_a_conversion_without_fine_tuning_is_reconstructed_on_its_calibration(lo
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_bf16_sources_checkpoints_are_written_in_bf16(local_env, tiny_source, tiny_params, tmp_path):
+    """svd-init writes a 16-bit source's checkpoint in its dtype (half the bytes of fp32), and the stage after it
+    keeps the dtype it was given; the fp32 tiny source's checkpoints stay fp32."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.bfloat16).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_source).save_pretrained(source)
+    base = tiny_params(source, name="tiny-bf16")
+    params = type(base).model_validate({**base.model_dump(mode="json"), "reconstruct": {"steps": 2, "bf16": False}})
+    outcome = run_convert(params)
+
+    def stored_dtypes(uri: str) -> set[str]:  # of the floating-point tensors (the MLA layers also store int indices)
+        folder = Path(unquote(urlsplit(uri).path))
+        with safe_open(folder / "model.safetensors", "pt") as weights:
+            dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        return {dtype for dtype in dtypes if dtype.startswith(("F", "BF"))}
+
+    assert stored_dtypes(stage_output(outcome.run_id, "svd-init")[0]) == {"BF16"}
+    assert stored_dtypes(outcome.checkpoint.uri) == {"BF16"}  # the reconstructed checkpoint
+    fp32 = run_convert(tiny_params(tiny_source))
+    assert stored_dtypes(fp32.checkpoint.uri) == {"F32"}
+
+
 def test_training_on_a_missing_device_fails_before_any_stage(local_env, tiny_source, executions, tiny_params, monkeypatch):
     from infra.stage import context
 
