@@ -2,7 +2,7 @@
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
     .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8]
-        [--calib books|model-continued|mixed] [--out bench/results/FILE.jsonl]
+        [--calib books|model-continued|mixed] [--refit-values] [--out bench/results/FILE.jsonl]
 
 As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
 512; `--calib model-continued`: each window rewritten by the original from its first 4 tokens, the pipeline's
@@ -41,12 +41,15 @@ def main() -> None:
     parser.add_argument("--calib", choices=("books", "model-continued", "mixed"), default="books",
                         help="calibration windows: the packaged books, the books continued by the original, or half "
                              "of each (the first half of the windows continued)")
+    parser.add_argument("--refit-values", action="store_true",
+                        help="convert with MLAConfig.refit_values (the recipe turns it off) before reconstructing")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
     books = packaged_text_path(HELDOUT_FILE).read_text(encoding="utf-8")
     wiki = read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md")
-    mla_cfg = MLAConfig(kv_rank=args.kv_rank)
+    recipe_mla = {**read_recipe("cpu").get("mla", {}), "kv_rank": args.kv_rank}  # the recipe's conversion
+    mla_cfg = MLAConfig(**{**recipe_mla, **({"refit_values": True} if args.refit_values else {})})
     calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=8192, seq_len=mla_cfg.calib_seq_len)
     sampling_seconds = 0.0
     if args.calib != "books":
@@ -61,7 +64,8 @@ def main() -> None:
     recipe = ReconstructConfig(**read_recipe("cpu")["reconstruct"])
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
-        row = dict(model=label, kv_rank=mla_cfg.kv_rank, calib=args.calib, steps=steps, seconds=round(seconds, 1),
+        row = dict(model=label, kv_rank=mla_cfg.kv_rank, refit_values=mla_cfg.refit_values, calib=args.calib,
+                   steps=steps, seconds=round(seconds, 1),
                    sampling_seconds=round(sampling_seconds, 1),
                    ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
                    ppl_wikitext2=perplexity(m, tokenizer, wiki, window=512, max_tokens=16384).ppl,

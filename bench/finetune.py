@@ -69,6 +69,7 @@ class Variant:
     rope_window: int | None = None  # rotated: rank slots by energy x what losing the rotation costs over this window
     svd: str = "aware"
     layout: str = "shared"
+    refit_values: bool = False  # MLAConfig.refit_values; every variant measured before session 9 ran without it
     recon_steps: int = 300  # block-wise reconstruction steps before end-to-end training; 0 = none
     recon_lr: float = 1e-3
     tokens: int = 5_000_000
@@ -203,8 +204,8 @@ def train_flops_per_token(model: nn.Module, seq_len: int, backward: bool = True)
 
 def convert(source: nn.Module, variant: Variant, calib: torch.Tensor) -> nn.Module:
     cfg = MLAConfig(rope_strategy=variant.rope, rope_dims=variant.rope_dims, rope_window=variant.rope_window,
-                    kv_rank=variant.kv_rank, svd=variant.svd,
-                    layout=variant.layout, calib_seq_len=512)
+                    kv_rank=variant.kv_rank, svd=variant.svd, layout=variant.layout,
+                    refit_values=variant.refit_values, calib_seq_len=512)
     return convert_to_mla(copy.deepcopy(source), cfg, calib)
 
 

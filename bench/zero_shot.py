@@ -61,6 +61,12 @@ GRIDS = {
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
     ],
+    "refit": [  # the default conversion without and with the least-squares value refit (MLAConfig.refit_values)
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared", refit_values=False),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared", refit_values=True),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared", refit_values=False),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared", refit_values=True),
+    ],
     "quick": [
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="shared"),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="per_head"),

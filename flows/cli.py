@@ -137,6 +137,7 @@ def convert(
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
     svd: Optional[str] = typer.Option(None, help="split | joint | aware | output-aware (default: MLAConfig's)"),
     layout: Optional[str] = typer.Option(None, help="shared | per_head (default: MLAConfig's)"),
+    refit_values: Optional[bool] = typer.Option(None, "--refit-values/--no-refit-values", help="re-solve the value up-projections by least squares under the converted attention (default: MLAConfig's)"),
     calib_data: Optional[str] = typer.Option(None, envvar="MHA2MLA_CALIB_DATA", help="HF dataset, local txt/jsonl/parquet, or s3:// URI"),
     calib_tokens: Optional[int] = typer.Option(None, help="calibration tokens sampled (default: CalibrationParams')"),
     calib_model_samples: bool = typer.Option(False, "--calib-model-samples", help="data-free calibration: the original model continues each window from its first 4 tokens"),
@@ -177,7 +178,7 @@ def convert(
 
     tuning = given(finetune_tokens=finetune_tokens, finetune_lr=finetune_lr, kd_weight=kd_weight, trainable=trainable,
                    finetune_seq_len=finetune_seq_len, finetune_batch=finetune_batch, grad_accum=grad_accum)  # fmt: skip
-    mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout)
+    mla = given(rope_strategy=rope_strategy, rope_dims=rope_dims, svd=svd, layout=layout, refit_values=refit_values)
     if kv_rank is not None:
         mla["kv_rank"] = _kv_rank(kv_rank)
     tunes = bool(finetune_data or synthetic_fraction is not None)  # the options alone turn fine-tuning on

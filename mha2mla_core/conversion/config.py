@@ -43,6 +43,9 @@ class MLAConfig:
     svd: SvdMethod = "output-aware"  # see README: best zero-shot start measured on SmolLM2-135M
     # per_head: one latent of kv_rank per KV head (the paper); shared: one latent of kv_rank * Hkv (DeepSeek)
     layout: Layout = "shared"
+    # after factoring, re-solve each KV head's value up-projection by least squares under the converted layer's own
+    # attention weights (`mha2mla_core.conversion.refit`); with a low-rank latent only
+    refit_values: bool = True
     # calibration activations are computed on sequences of this many tokens
     calib_seq_len: int = 512
 

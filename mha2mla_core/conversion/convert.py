@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mha2mla_core.conversion.arch import ArchSpec, arch_spec
 from mha2mla_core.conversion.config import MLAConfig
+from mha2mla_core.conversion.refit import refit_values
 from mha2mla_core.conversion.rope import (
     RotatedRope, rope_and_nope_dims, rotate_rope, rotation_loss, score_rope_pairs, select_rope_pairs,
 )  # fmt: skip
@@ -336,7 +337,12 @@ def convert_to_mla_with_report(
         aware = cfg.svd in ("aware", "output-aware")
         whitening = Whitening.from_second_moment(second_moment(x_in)) if aware else None
         report.spectra.append(spectrum(src, whitening))
-        attentions.append(build_attention(src, mla_config, i, cfg, whitening))
+        converted = build_attention(src, mla_config, i, cfg, whitening)
+        if cfg.refit_values and cfg.kv_rank is not None:
+            x = x_in.view(*batches.shape, -1)  # (n, L, E): the windows, in order
+            positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, L)
+            refit_values(converted, attn, x, model.model.rotary_emb(x, positions))
+        attentions.append(converted)
         logger.info("layer %d of %d converted", i + 1, len(model.model.layers))
         logger.debug("layer %d kept pairs %s", i, mla_config.rope_pairs[i])
 
