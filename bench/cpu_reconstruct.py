@@ -2,7 +2,8 @@
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
     .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8]
-        [--calib books|model-continued|mixed] [--refit-values] [--out bench/results/FILE.jsonl]
+        [--calib books|model-continued|mixed] [--refit-values] [--lr 3e-4]
+        [--out bench/results/FILE.jsonl]
 
 As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
 512; `--calib model-continued`: each window rewritten by the original from its first 4 tokens, the pipeline's
@@ -43,6 +44,7 @@ def main() -> None:
                              "of each (the first half of the windows continued)")
     parser.add_argument("--refit-values", action="store_true",
                         help="convert with MLAConfig.refit_values (the recipe turns it off) before reconstructing")
+    parser.add_argument("--lr", type=float, help="reconstruction learning rate (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
@@ -61,7 +63,7 @@ def main() -> None:
         calib = dataclasses.replace(calib, input_ids=ids)
         sampling_seconds = time.perf_counter() - start
     windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512): what the reconstruct stage fits on
-    recipe = ReconstructConfig(**read_recipe("cpu")["reconstruct"])
+    recipe = ReconstructConfig(**{**read_recipe("cpu")["reconstruct"], **({"lr": args.lr} if args.lr else {})})
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
         row = dict(model=label, kv_rank=mla_cfg.kv_rank, refit_values=mla_cfg.refit_values, calib=args.calib,
