@@ -233,7 +233,8 @@ def save_checkpoint(model, tokenizer, key: str, dtype: torch.dtype = torch.float
 
     The weights are written in `dtype` (`source_dtype` / `checkpoint_dtype`: a bf16 source's checkpoints stay bf16).
     The model in memory stays fp32 but holds the rounded values, so the stages it is handed to in this process see
-    what loading the checkpoint gives."""
+    what loading the checkpoint gives. Weights svd-init's model shares with the memoised source (embeddings, MLPs,
+    o_proj) were loaded from that same dtype, so the round trip leaves them, and the source, exactly as they were."""
     from mha2mla_core.hub_code import bundle_code
 
     with scratch_dir() as tmp:
