@@ -148,6 +148,10 @@ VARIANTS = {
     }.items()},
     "kd-erot-kv16-tcalib-hid5-20m": Variant(**EROT, hidden_weight=5.0, tokens=20_000_000, eval_every_tokens=4_000_000,
                                             decay_frac=0.5),
+    # session 9: the value refit (zero shot 503.6 -> 303.9 on the CPU, but worse after a CPU reconstruction), before
+    # the gpu recipe's reconstruction and distillation, with and without the reconstruction
+    "kd-erot-kv16-tcalib-hid5-refit-5m": Variant(**EROT, hidden_weight=5.0, refit_values=True),
+    "kd-erot-kv16-tcalib-hid5-refit-norecon-5m": Variant(**EROT, hidden_weight=5.0, refit_values=True, recon_steps=0),
 }
 
 
