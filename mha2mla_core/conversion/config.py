@@ -44,8 +44,9 @@ class MLAConfig:
     # per_head: one latent of kv_rank per KV head (the paper); shared: one latent of kv_rank * Hkv (DeepSeek)
     layout: Layout = "shared"
     # after factoring, re-solve each KV head's value up-projection by least squares under the converted layer's own
-    # attention weights (`mha2mla_core.conversion.refit`); with a low-rank latent only
-    refit_values: bool = True
+    # attention weights (`mha2mla_core.conversion.refit`); with a low-rank latent only. Off by default: it improves
+    # the conversion alone (zero-shot PPL -34 to -40%) but training after it recovers less (docs/RESULTS.md)
+    refit_values: bool = False
     # calibration activations are computed on sequences of this many tokens
     calib_seq_len: int = 512
 
