@@ -32,8 +32,8 @@ def refit_values(
     """Re-solve `attn`'s value up-projection in place so that its heads' outputs match `source`'s on x.
 
     attn: the converted layer; source: the original attention it replaces (its o_proj is the one they share);
-    x (n, L, E): the layer's calibration inputs (after input_layernorm); rope: the model's (cos, sin), (1, L, D).
-    The source runs without a mask, as `stream_layers` runs it: causal in its sdpa / flash implementations.
+    x (n, L, E): the layer's calibration inputs (after input_layernorm); rope: the model's (cos, sin), (1, L, D);
+    ridge: lambda as a fraction of each KV head's mean Gram diagonal; chunk: windows per forward. The source runs without a mask, as `stream_layers` runs it: causal in its sdpa / flash implementations.
     """
     g, d, rc, dn = attn.num_kv_heads, attn.head_dim, attn.kv_lora_rank, attn.nope_dim
     gram = torch.zeros(g, rc, rc, dtype=torch.float64, device=x.device)  # sum_h A_h^T A_h per KV head
