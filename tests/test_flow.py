@@ -304,7 +304,6 @@ def test_a_conversion_without_fine_tuning_is_reconstructed_on_its_calibration(lo
         type(base).model_validate({**params.model_dump(mode="json"), "finetune": {"synthetic_fraction": 1}})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_bf16_sources_checkpoints_are_written_in_bf16(local_env, tiny_source, tiny_params, tmp_path):
     """svd-init writes a 16-bit source's checkpoint in its dtype (half the bytes of fp32), and the stage after it
     keeps the dtype it was given; the fp32 tiny source's checkpoints stay fp32."""
@@ -330,6 +329,7 @@ def test_a_bf16_sources_checkpoints_are_written_in_bf16(local_env, tiny_source, 
     assert stored_dtypes(fp32.checkpoint.uri) == {"F32"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_training_on_a_missing_device_fails_before_any_stage(local_env, tiny_source, executions, tiny_params, monkeypatch):
     from infra.stage import context
 
