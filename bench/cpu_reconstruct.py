@@ -43,15 +43,16 @@ def main() -> None:
                         help="calibration windows: the packaged books, the books continued by the original, or half "
                              "of each (the first half of the windows continued)")
     parser.add_argument("--refit-values", action="store_true",
-                        help="convert with MLAConfig.refit_values (the recipe turns it off) before reconstructing")
+                        help="convert with MLAConfig.refit_values (off by default) before reconstructing")
     parser.add_argument("--lr", type=float, help="reconstruction learning rate (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
     books = packaged_text_path(HELDOUT_FILE).read_text(encoding="utf-8")
     wiki = read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md")
-    recipe_mla = {**read_recipe("cpu").get("mla", {}), "kv_rank": args.kv_rank}  # the recipe's conversion
-    mla_cfg = MLAConfig(**{**recipe_mla, **({"refit_values": True} if args.refit_values else {})})
+    cpu_recipe = read_recipe("cpu")
+    mla_cfg = MLAConfig(**{**cpu_recipe.get("mla", {}), "kv_rank": args.kv_rank,  # the recipe's conversion
+                           **({"refit_values": True} if args.refit_values else {})})
     calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=8192, seq_len=mla_cfg.calib_seq_len)
     sampling_seconds = 0.0
     if args.calib != "books":
@@ -63,7 +64,7 @@ def main() -> None:
         calib = dataclasses.replace(calib, input_ids=ids)
         sampling_seconds = time.perf_counter() - start
     windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512): what the reconstruct stage fits on
-    recipe = ReconstructConfig(**{**read_recipe("cpu")["reconstruct"], **({"lr": args.lr} if args.lr else {})})
+    recipe = ReconstructConfig(**{**cpu_recipe["reconstruct"], **({"lr": args.lr} if args.lr else {})})
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
         row = dict(model=label, kv_rank=mla_cfg.kv_rank, refit_values=mla_cfg.refit_values, calib=args.calib,

@@ -313,23 +313,25 @@ def retry_transient(task_, task_run, state) -> bool:
     return transient
 
 
-class PeakMemory:
+class StagePeakMemory:
     """The process's peak host memory (RSS) and GPU memory (what torch's allocator reserves, on every visible GPU),
     sampled every `interval` seconds while the block runs: a stage's metrics `memory.peak_rss_gib` and
-    `memory.peak_gpu_gib`. Sampled rather than reset, so stages running at once in one process never clear each
-    other's counters; each reports the process's peak while it ran. A stage's torchrun ranks are other processes
-    and log their own figures."""
+    `memory.peak_gpu_gib`. Sampled rather than reset (unlike the evaluation's `PeakMemory`, which resets torch's
+    peak counters), so stages running at once in one process never clear each other's figures; each reports the
+    process's peak while it ran. A stage's torchrun ranks are other processes and log their own figures."""
 
     def __init__(self, interval: float = 0.2):
+        import psutil
+
         self.interval, self.rss, self.gpu = interval, 0, 0
+        self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
 
     def _sample(self) -> None:
-        import psutil
-        import torch
+        import torch  # imported by every stage already; not at infra's import time
 
-        self.rss = max(self.rss, psutil.Process().memory_info().rss)
+        self.rss = max(self.rss, self._process.memory_info().rss)
         if torch.cuda.is_initialized():
             self.gpu = max(self.gpu, sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())))
 
@@ -337,7 +339,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> "StagePeakMemory":
         self._sample()
         self._thread.start()
         return self
@@ -373,7 +375,7 @@ def stage_task(name: str, *, code: tuple[str, ...], params: Callable[..., Mappin
             link: RunLink = arguments["run"]
             logged = dict(params(**arguments)) if params else {}
             with tracking.stage_run(link.run_name(name), logged, parent_run_id=link.parent_run_id):
-                with PeakMemory() as peak:
+                with StagePeakMemory() as peak:
                     out = fn(*args, **kwargs)
                 result = StageResult(stage=name, output=out.output, files=out.files,
                                      metrics={**out.metrics, **peak.metrics()}, params=logged, datasets=out.datasets)  # fmt: skip

@@ -15,6 +15,8 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -238,19 +240,29 @@ def save_checkpoint(model, tokenizer, key: str, dtype: torch.dtype = torch.float
     from mha2mla_core.hub_code import bundle_code
 
     with scratch_dir() as tmp:
-        if dtype != torch.float32:
-            for param in model.parameters():  # parameters only: fp32 buffers (RoPE's inv_freq) are not saved anyway
-                param.data = param.data.to(dtype)
-        try:
+        with _parameters_in(model, dtype):
             model.save_pretrained(tmp / "model")
-        finally:
-            for param in model.parameters():
-                param.data = param.data.float()
         tokenizer.save_pretrained(tmp / "model")
         bundle_code(tmp / "model")
         ref = context().store.put_dir(tmp / "model", key, move=True)
     context().models.put(ref.sha256, (model, tokenizer))
     return ref
+
+
+@contextmanager
+def _parameters_in(model, dtype: torch.dtype) -> Iterator[None]:
+    """The model's parameters cast to `dtype` inside the block, back to fp32 (rounded) after it. Parameters only:
+    fp32 buffers such as RoPE's inv_freq are not saved anyway."""
+    if dtype == torch.float32:
+        yield
+        return
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param in model.parameters():
+            param.data = param.data.float()
 
 
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
