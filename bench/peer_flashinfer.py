@@ -23,6 +23,9 @@ For each shape, batch B and context T (all rows full, one query token per row, b
   `sdpa` = torch SDPA on the expanded, original-style attention (DeepSeek: MHA, K 192 = 128 + 64 dims, V 128 dims;
       SmolLM2: GQA 9 / 3 heads of 64), only where its K/V fit `--sdpa-max-gb`; the peer that always runs.
 
+For shapes of more than 16 heads ours is also timed at each `--head-blocks` cap on the heads one program takes
+(`LaunchConfig.max_block_h`; default 16, 32, 64), the sweep behind the default's choice.
+
 Times are bench/decode.py's `time_ms` (CUDA-graph replays, L2 flushed before every call); GB/s = the cache bytes each
 method reads (c_kv + k_pe for both latent kernels, K + V for SDPA) / time; %bw against bench/decode.py's
 `peak_bandwidth_gbs` (datasheet HBM bandwidth by device name). Each FlashInfer output is checked against ours
@@ -43,7 +46,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -340,6 +343,14 @@ def bench_point(s: PeerShape, B: int, T: int, args, fi_ok: dict, peak_gbs: float
     ours = latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale)  # (B, H, Rc)
     row["mla_ms"] = time_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))
     row["mla_bytes"] = c_kv.nbytes + k_pe.nbytes
+    if args.head_blocks and s.H > 16:  # ours with other heads per program than the default's (MLA_HB: the sweep)
+        from mha2mla_core.kernels import triton_latent  # noqa: PLC0415 - imports triton
+
+        default = triton_latent.default_config(q_lat, c_kv, k_pe)
+        row["mla_block_h"] = triton_latent._head_blocks(s.H, s.Rc, default)[0]
+        for n in args.head_blocks:
+            cfg = replace(default, max_block_h=n)
+            row[f"mla_hb{n}_ms"] = time_ms(lambda: triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, cfg=cfg))  # noqa: B023
     if B * T <= REF_MAX_TOKENS:
         ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale)
         row["mla_vs_ref_abs"], row["mla_vs_ref_rel"] = errors(ours, ref)
@@ -378,7 +389,10 @@ def bench_point(s: PeerShape, B: int, T: int, args, fi_ok: dict, peak_gbs: float
     del q_lat, q_pe, c_kv, k_pe, ours
     torch.cuda.empty_cache()
 
-    for name in ["sdpa", "mla"] + [f"fi_{b}" for b in args.backends]:
+    for n in args.head_blocks or ():
+        if f"mla_hb{n}_ms" in row:
+            row[f"mla_hb{n}_bytes"] = row["mla_bytes"]
+    for name in ["sdpa", "mla"] + [f"fi_{b}" for b in args.backends] + [f"mla_hb{n}" for n in args.head_blocks or ()]:
         if f"{name}_ms" in row:
             row[f"{name}_gbs"] = row[f"{name}_bytes"] / row[f"{name}_ms"] / 1e6
             row[f"{name}_pct_bw"] = 100 * row[f"{name}_gbs"] / peak_gbs
@@ -416,6 +430,11 @@ def print_table(rows: list[dict], backends: list[str], peak_gbs: float, peak_sou
                 line += " failed: see below | - | - |" if f"{k}_error" in r else " - | - | - |"
         line += f" {_cell(r, 'sdpa')} | {r['sdpa_over_mla']:.1f} |" if "sdpa_ms" in r else " - | - |"
         log(line)
+    for r in rows:
+        sweep = [k[len("mla_hb"):-len("_ms")] for k in r if k.startswith("mla_hb") and k.endswith("_ms")]
+        if sweep:
+            cells = ", ".join(f"{n} heads {_cell(r, f'mla_hb{n}')}" for n in sweep)
+            log(f"ours by heads per program, {r['shape']} B={r['B']} T={r['T'] // 1024}k (default {r['mla_block_h']}): {cells}")
     reasons = {}
     for r in rows:
         for b in backends:
@@ -493,6 +512,8 @@ if __name__ == "__main__":
     parser.add_argument("--jit-timeout", type=float, default=JIT_TIMEOUT_S, help="seconds for each module's build")
     parser.add_argument("--sdpa-max-gb", type=float, default=SDPA_MAX_GB, help="skip SDPA where its K/V exceed this")
     parser.add_argument("--no-sdpa", action="store_true")
+    parser.add_argument("--head-blocks", type=int, nargs="*", default=[16, 32, 64],
+                        help="also time ours with at most this many heads per program, for shapes of more than 16 heads")
     parser.add_argument("--warm-jit", nargs=4, metavar=("BACKEND", "H", "RC", "DR"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.warm_jit:

@@ -3,6 +3,7 @@ reference (GPU, skipped without CUDA + Triton)."""
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -168,6 +169,30 @@ def test_triton_matches_reference(layout, dtype, B, T, padded):
     ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale, kv_start)
     assert out.dtype == dtype and out.shape == q_lat.shape
     torch.testing.assert_close(out, ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+# (H, Hkv, Hc, Rc, Dr), heads per program: DeepSeek's 128 heads in the default's 32-head blocks; 32 and 48 heads in
+# blocks of 16 and 32 (the last one half empty)
+HEAD_BLOCKED = [((128, 1, 1, 512, 64), None), ((32, 32, 1, 512, 32), 16), ((48, 1, 1, 48, 24), 32)]
+
+
+@pytest.mark.parametrize(("shape", "max_block_h"), HEAD_BLOCKED)
+@pytest.mark.parametrize(("B", "T"), [(1, 5000), (3, 333)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.gpu
+@requires_gpu
+def test_triton_head_blocks_match_reference(shape, max_block_h, B, T, padded):
+    from mha2mla_core.kernels import triton_latent  # noqa: PLC0415 - imports triton
+
+    q_lat, q_pe, c_kv, k_pe = _inputs(B, T, shape, torch.bfloat16, "cuda")
+    cfg = triton_latent.default_config(q_lat, c_kv, k_pe)
+    if max_block_h is not None:
+        cfg = replace(cfg, max_block_h=max_block_h)
+    assert triton_latent._head_blocks(shape[0] // shape[2], shape[3], cfg)[1] > 1  # more than one block of heads
+    kv_start = torch.randint(0, T, (B,), dtype=torch.int32, device="cuda") if padded else None
+    out = triton_latent.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start, cfg=cfg)
+    ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("layout", list(SHAPES))

@@ -4,10 +4,12 @@ Legend as in `latent_decode`: B, T, H, Hkv, Hc, Rc, Dr, G = H // Hc heads per la
 RoPE group, KPC = max(1, Hkv // Hc) RoPE groups one latent group's heads read (1 for a shared rope key), S sequence
 splits.
 
-Split kernel: program (s, c, b) reads tokens [s * split_tokens, (s + 1) * split_tokens) of latent group c once and
-scores them for all G heads of the group with two tensor-core dots (the latent part, and the RoPE part as a
-block-diagonal (G, KPC * Dr) query against the KPC rope keys its heads read, from group c * G // HPG on), keeping an
-online softmax in fp32. Token strides are compile-time constants, and T and the split sizes are not specialised on,
+Split kernel: program (s * NHB + j, c, b) reads tokens [s * split_tokens, (s + 1) * split_tokens) of latent group c
+and scores them for the j-th block of BLOCK_H of the group's G heads with two tensor-core dots (the latent part, and
+the RoPE part as a block-diagonal (BLOCK_H, KPC * Dr) query against the KPC rope keys the group's heads read, from
+group c * G // HPG on), keeping an online softmax in fp32. A group's heads fit one block (NHB = 1: the tiles are read
+once) unless their fp32 accumulator would not fit the registers (DeepSeek's 128 heads x 512 latent spill): then NHB
+blocks of heads read the same tiles side by side in the grid, so the repeats hit L2. Token strides are compile-time constants, and T and the split sizes are not specialised on,
 so a growing cache does not recompile. With one
 split it writes the output; otherwise it writes unnormalised partials (acc, running max m, running sum l) that the
 combine kernel merges. The int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on
@@ -70,15 +72,15 @@ def _split_kernel(
     STRIDE_CT: tl.constexpr, STRIDE_KT: tl.constexpr,
     G: tl.constexpr, HPG: tl.constexpr, KPC: tl.constexpr,
     RC: tl.constexpr, RC_PAD: tl.constexpr, DR: tl.constexpr, P_PAD: tl.constexpr, P_CHUNK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, NHB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
     LATENT_SCORES: tl.constexpr,
 ):
-    split = tl.program_id(0)
+    split = tl.program_id(0) // NHB
     c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     H = G * tl.num_programs(1)
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_h = (tl.program_id(0) % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)  # this program's heads, within the group
     h_ok = offs_h < G
     head = c * G + offs_h
     offs_r = tl.arange(0, RC_PAD)
@@ -277,6 +279,18 @@ class LaunchConfig:
     num_stages: int
     programs_per_sm: float = 2.0
     min_split_tokens: int = 256
+    max_block_h: int | None = None  # heads per program (a power of 2, >= 16); None: as many as HEAD_BLOCK_BUDGET allows
+
+
+HEAD_BLOCK_BUDGET = 16384  # fp32 accumulator elements per program (heads x padded latent): 128 registers a thread at
+# 4 warps. Every bench shape but DeepSeek's 128 heads fits one block (Llama-2-7B shared: 32 x 512)
+
+
+def _head_blocks(G: int, Rc: int, cfg: LaunchConfig) -> tuple[int, int]:
+    """(BLOCK_H, NHB): heads per program and programs per latent group for G heads of an Rc-wide latent."""
+    cap = cfg.max_block_h or max(16, HEAD_BLOCK_BUDGET // _pow2(Rc))
+    block_h = min(_pow2(G), _pow2(cap))
+    return block_h, triton.cdiv(G, block_h)
 
 
 @functools.lru_cache(maxsize=8)
@@ -311,7 +325,8 @@ def default_config(q_lat: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) 
 
 
 def _num_splits(B: int, Hc: int, T: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split): enough programs to fill the SMs, no split shorter than min_split_tokens."""
+    """(splits, tokens per split): enough programs to fill the SMs, no split shorter than min_split_tokens. Hc
+    counts the programs per batch row and split (latent groups x head blocks)."""
     want = math.ceil(cfg.programs_per_sm * _num_sms(device.index or 0) / (B * Hc))
     splits = max(1, min(want, T // cfg.min_split_tokens))
     split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
@@ -354,12 +369,13 @@ def _launch_split(
     B, H, Rc = q_lat.shape
     Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
     G, KPC = H // Hc, _rope_groups_per_program(Hc, Hkv)
+    block_h, nhb = _head_blocks(G, Rc, cfg)
     splits = 1 if parts is None else parts.splits
     split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
     p_pad = _pow2(KPC * Dr)
     out = torch.empty_like(q_lat) if parts is None else q_lat  # Out is unused with partials
     o_part, ml_part = (out, out) if parts is None else (parts.o, parts.ml)
-    _split_kernel[(splits, Hc, B)](
+    _split_kernel[(splits * nhb, Hc, B)](
         q_lat, q_pe, c_kv, k_pe, kv_start if kv_start is not None else q_lat, kv_end if kv_end is not None else q_lat,
         out, o_part, ml_part,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -367,7 +383,7 @@ def _launch_split(
         T, pos_offset, split_tokens, 0 if parts is None else parts.base, o_part.shape[2], scale * LOG2E,
         STRIDE_CT=c_kv.stride(2), STRIDE_KT=k_pe.stride(2),  # constants: the compiler then sees aligned rows
         G=G, HPG=H // Hkv, KPC=KPC, RC=Rc, RC_PAD=_pow2(Rc), DR=Dr, P_PAD=p_pad, P_CHUNK=min(p_pad, 128),
-        BLOCK_H=_pow2(G), BLOCK_T=cfg.block_t,
+        BLOCK_H=block_h, NHB=nhb, BLOCK_T=cfg.block_t,
         HAS_START=kv_start is not None, HAS_END=kv_end is not None, DIRECT=parts is None,
         DOT_PREC=_dot_precision(q_lat.dtype), LATENT_SCORES=latent_scores,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -425,7 +441,8 @@ def grouped_decode(q, k, v, scale: float, kv_start=None, kv_end=None, cfg: Launc
 
 def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig, latent_scores=True) -> torch.Tensor:
     B, H, Rc = q_lat.shape
-    splits, _ = _num_splits(B, c_kv.shape[1], c_kv.shape[2], cfg, c_kv.device)
+    Hc = c_kv.shape[1]
+    splits, _ = _num_splits(B, Hc * _head_blocks(H // Hc, Rc, cfg)[1], c_kv.shape[2], cfg, c_kv.device)
     launch = functools.partial(_launch_split, q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, kv_end=kv_end,
                                latent_scores=latent_scores)  # fmt: skip
     if splits == 1:
