@@ -152,6 +152,11 @@ VARIANTS = {
     # the gpu recipe's reconstruction and distillation, with and without the reconstruction
     "kd-erot-kv16-tcalib-hid5-refit-5m": Variant(**EROT, hidden_weight=5.0, refit_values=True),
     "kd-erot-kv16-tcalib-hid5-refit-norecon-5m": Variant(**EROT, hidden_weight=5.0, refit_values=True, recon_steps=0),
+    # session 10: how far tokens alone carry the best real-row recipe (2.7 epochs of text_train), and a heavier
+    # hidden-state term
+    "kd-erot-kv16-tcalib-hid5-40m": Variant(**EROT, hidden_weight=5.0, tokens=40_000_000, eval_every_tokens=5_000_000,
+                                            decay_frac=0.5),
+    "kd-erot-kv16-tcalib-hid20-5m": Variant(**EROT, hidden_weight=20.0),
 }
 
 
@@ -345,6 +350,7 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     key += "" if variant.rope_window is None else f"-w{variant.rope_window}"
     key += "-engine" if variant.rope == "rotated" and variant.rope_window is None else ""
     key += "" if variant.calib == "books" else f"-calib{variant.calib}"
+    key += "-refit" if variant.refit_values else ""
     if variant.recon_on == "train":
         key += f"-recontrain-mix{variant.synthetic_frac:g}-{variant.tokens}"
     if (variant.recon_rows, variant.recon_micro) != (RECON_ROWS, 8):
