@@ -475,9 +475,11 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
     colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(runs):
         saving = 100 * (1 - (r["kv_rank"] + 8) * 3 / (2 * 3 * 64))
+        final, tokens = r.get("final_ppl", "-"), f"{r.get('tokens_trained', 0) / 1e6:.0f}M"
+        if not r.get("finished") and len(r["curve"]) > 1:  # stopped at the deadline: its last evaluation
+            final, tokens = f"{r['curve'][-1]['ppl']} (stopped)", f"{r['curve'][-1]['tokens'] / 1e6:.1f}M of {r['tokens'] / 1e6:.0f}M"
         print(f"| {r['variant']} | {saving:.2f}% | {r['converted_ppl']} | {r.get('reconstructed_ppl', '-')} | "
-              f"{r.get('final_ppl', '-')} | {r.get('tokens_trained', 0) / 1e6:.0f}M | {r.get('tokens_per_s', '-')} | "
-              f"{r.get('mfu', '-')} |")
+              f"{final} | {tokens} | {r.get('tokens_per_s', '-')} | {r.get('mfu', '-')} |")
         ax.plot([max(c["tokens"], 1e5) / 1e6 for c in r["curve"]], [c["ppl"] for c in r["curve"]], marker="o",
                 label=r["variant"], markersize=3, color=colors[i % len(colors)])
     if runs:
