@@ -119,6 +119,11 @@ class Memo:
             self.put(digest, value)
             return value
 
+    def peek(self, digest: str) -> Any | None:
+        """The value kept for `digest`, or None; loads nothing."""
+        with self.lock:
+            return self.items.get(digest)
+
     def put(self, digest: str, value: Any) -> None:
         with self.lock:
             self.items[digest] = value

@@ -99,6 +99,12 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of any name `load_model` takes, without loading the weights."""
+    source, kwargs = _resolve(name_or_path)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's transformers config without its weights, from any name `load_model` takes (a .gguf: its header)."""
     source, kwargs = _resolve(name_or_path)

@@ -236,7 +236,7 @@ def _training_inputs(model: ModelSource, checkpoint: StageResult, rows: StageRes
                      with_teacher: bool, seq_len: int | None = None) -> tuple:  # fmt: skip
     """(teacher on `device` or None, a private copy of `checkpoint` on `device`, its tokenizer, rows (N, seq_len)):
     finetune-data's rows, or with `seq_len` the calibration sample's ids in whole windows of seq_len."""
-    teacher = on_device(load_source(model)[0], device) if with_teacher else None
+    teacher = on_device(load_source(model)[0], device).float() if with_teacher else None  # fp32, as training takes it
     student, tokenizer = load_checkpoint(checkpoint, shared=False)
     tensors = load_tensors(rows)
     if seq_len is None:

@@ -6,7 +6,9 @@ manifest hash); a hub model or dataset counts as its commit sha; an s3:// object
 
 Models are read once per stage runtime: `load_source` / `load_checkpoint` keep the last few in the runtime's
 memo (`context().models`, keyed by digest; a model is immutable once loaded: stages never train a source in
-place), so the flow's stages do not reload the same 135M-parameter model three times.
+place), so the flow's stages do not reload the same 135M-parameter model three times. On a GPU worker the memo
+holds them in the dtype they are stored in (`host_dtype`) and the stages work on device copies; on a CPU worker,
+whose stages compute on the memo's copy itself, in fp32.
 """
 
 from __future__ import annotations
@@ -197,10 +199,26 @@ def read_text(data: DataSource) -> str:
 
 
 def load_source(source: ModelSource):
-    """(model, tokenizer) of a source model, fp32, eval mode."""
+    """(model, tokenizer) of a source model, eval mode, in `host_dtype`."""
     from mha2mla_core import load_model
 
-    return context().models.get(source.digest, lambda: load_model(source.name))
+    return context().models.get(source.digest, lambda: load_model(source.name, dtype=host_dtype(source_dtype(source))))
+
+
+def load_source_tokenizer(source: ModelSource):
+    """The source model's tokenizer alone (the memoised model's when it is loaded): a stage that only tokenizes does
+    not load 8B parameters."""
+    from mha2mla_core.loading import load_tokenizer
+
+    loaded = context().models.peek(source.digest)
+    return loaded[1] if loaded is not None else load_tokenizer(source.name)
+
+
+def host_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype this worker holds a model stored in `stored` in: as stored on a GPU worker, whose stages copy it to
+    the GPU (`on_device`) and cast their copy as they need (a bf16 Llama-3-8B takes 16 GB of host memory, not 32);
+    fp32 on a CPU worker, whose stages compute on the shared copy itself."""
+    return stored if worker_device(context().settings.device).type == "cuda" else torch.float32
 
 
 def load_model_config(source: ModelSource):
@@ -213,14 +231,16 @@ def load_model_config(source: ModelSource):
 def load_checkpoint(result: StageResult, shared: bool = True):
     """(model, tokenizer) of a model directory written by a stage, every file's digest checked.
 
-    `shared=False` loads a private copy, for a stage that changes the model (training, config edits).
+    Shared (memoised, read-only) in `host_dtype`; `shared=False` loads a private fp32 copy, for a stage that changes
+    the model (training's master weights, config edits).
     """
     from mha2mla_core import load_model
 
     def fetch():
         with scratch_dir() as tmp:
             directory = context().store.get_dir(result.uri, tmp / "model", sha256=result.sha256)
-            return load_model(str(directory))
+            stored = _half_or_fp32(_config_dtype(json.loads((directory / "config.json").read_text())))
+            return load_model(str(directory), dtype=host_dtype(stored) if shared else torch.float32)
 
     return context().models.get(result.sha256, fetch) if shared else fetch()
 
@@ -234,13 +254,14 @@ def save_checkpoint(model, tokenizer, key: str, dtype: torch.dtype = torch.float
     loads with transformers alone, `trust_remote_code=True`) into the store as one directory.
 
     The weights are written in `dtype` (`source_dtype` / `checkpoint_dtype`: a bf16 source's checkpoints stay bf16).
-    The model in memory stays fp32 but holds the rounded values, so the stages it is handed to in this process see
-    what loading the checkpoint gives. Weights svd-init's model shares with the memoised source (embeddings, MLPs,
-    o_proj) were loaded from that same dtype, so the round trip leaves them, and the source, exactly as they were."""
+    The model is memoised as `load_checkpoint` would give it: in `host_dtype(dtype)`, holding the rounded values, so
+    the stages it is handed to in this process see what loading the checkpoint gives. Weights svd-init's model
+    shares with the memoised source on a CPU worker (embeddings, MLPs, o_proj) were loaded from that same dtype, so
+    the round trip leaves them, and the source, exactly as they were."""
     from mha2mla_core.hub_code import bundle_code
 
     with scratch_dir() as tmp:
-        with _parameters_in(model, dtype):
+        with _parameters_in(model, dtype, after=host_dtype(dtype)):
             model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         bundle_code(tmp / "model")
@@ -250,19 +271,16 @@ def save_checkpoint(model, tokenizer, key: str, dtype: torch.dtype = torch.float
 
 
 @contextmanager
-def _parameters_in(model, dtype: torch.dtype) -> Iterator[None]:
-    """The model's parameters cast to `dtype` inside the block, back to fp32 (rounded) after it. Parameters only:
-    fp32 buffers such as RoPE's inv_freq are not saved anyway."""
-    if dtype == torch.float32:
-        yield
-        return
+def _parameters_in(model, dtype: torch.dtype, after: torch.dtype) -> Iterator[None]:
+    """The model's parameters cast to `dtype` inside the block and to `after` (from the rounded values) after it.
+    Parameters only: fp32 buffers such as RoPE's inv_freq are not saved anyway."""
     for param in model.parameters():
         param.data = param.data.to(dtype)
     try:
         yield
     finally:
         for param in model.parameters():
-            param.data = param.data.float()
+            param.data = param.data.to(after)
 
 
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -276,8 +294,11 @@ def source_dtype(source: ModelSource) -> torch.dtype:
 
 def checkpoint_dtype(result: StageResult) -> torch.dtype:
     """The dtype a stage's checkpoint was written in (its config.json), for a stage that writes one from it."""
-    config = context().store.get_json(f"{result.uri}/config.json")
-    return _half_or_fp32(config.get("dtype", config.get("torch_dtype")))
+    return _half_or_fp32(_config_dtype(context().store.get_json(f"{result.uri}/config.json")))
+
+
+def _config_dtype(config: dict) -> str | None:
+    return config.get("dtype", config.get("torch_dtype"))
 
 
 def _half_or_fp32(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -295,8 +316,14 @@ def load_tensors(result: StageResult) -> dict[str, torch.Tensor]:
 
 def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The shared (memoised) source model itself on the CPU; elsewhere a private copy, so that other stages and
-    threads keep using the CPU one."""
-    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    threads keep using the CPU one. The copy's tensors go straight to `device`: no second copy in host memory on
+    the way (8B parameters: 16 GB), and tied weights stay tied."""
+    if device.type == "cpu":
+        return model
+    memo: dict[int, object] = {id(t): torch.nn.Parameter(t.detach().to(device), requires_grad=t.requires_grad)
+                               for t in model.parameters()}  # fmt: skip
+    memo |= {id(t): t.to(device) for t in model.buffers()}
+    return copy.deepcopy(model, memo)
 
 
 def sampler_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from mha2mla_core.conversion.calibration import continue_with_model
 from mha2mla_core.conversion.calibration import sample_calibration as sample_ids
 from infra.stage import DatasetInput, RunLink, StageOutput, artifact_key, context, stage_task
-from tasks.inputs import DataSource, ModelSource, load_source, read_documents, sampler_on, save_tensors, worker_device
+from tasks.inputs import (
+    DataSource, ModelSource, load_source, load_source_tokenizer, read_documents, sampler_on, save_tensors, worker_device,
+)
 
 STAGE = "sample-calibration"
 
@@ -38,11 +40,11 @@ def sample_calibration(
     model: ModelSource, data: DataSource, config: CalibrationParams, seq_len: int, run: RunLink
 ) -> StageOutput:
     """Tokenize the calibration documents and keep `num_tokens` ids in whole windows of `seq_len`."""
-    original, tokenizer = load_source(model)
+    tokenizer = load_source(model)[1] if config.model_samples else load_source_tokenizer(model)
     texts = read_documents(data, config.text_field, config.split, config.limit_chars)
     sample = sample_ids(texts, tokenizer, config.num_tokens, seq_len, config.seed)
     if config.model_samples:  # on the worker's device (MHA2MLA_DEVICE); the ids come back on the CPU
-        sampler = sampler_on(original, worker_device(context().settings.device))
+        sampler = sampler_on(load_source(model)[0], worker_device(context().settings.device))
         sample = continue_with_model(sampler, sample, seq_len, seed=config.seed)
     key = artifact_key(model.slug, STAGE, "calibration.safetensors")
     output = save_tensors({"input_ids": sample.input_ids}, key, metadata={"digest": sample.digest})
