@@ -186,10 +186,11 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
 # ---- speed (issue 17): the GPU tests of the decode path, the step profile, the FlashInfer peer ----------------------
 part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one. Ordered by what
     # has never been measured: the GPU tests (each test's result on its own line in speed_tests.log, so a cut-off run
-    # still names its failures), the step profile, then the FlashInfer peer (measured in session 9)
+    # still names its failures; the decoding and cache tests first: test_kernels.py compiles a kernel for each of its
+    # ~250 cases and did not finish in 300 s in session 10), the step profile, then the FlashInfer peer
     local rc=0
-    timeout 300 "$PY" -m pytest -v -rf --tb=short -p no:cacheprovider -m gpu tests/test_kernels.py \
-        tests/test_decoding.py tests/test_quant_cache.py > "$OUT/speed_tests.log" 2>&1 || rc=1
+    timeout 300 "$PY" -m pytest -v -rf --tb=short -p no:cacheprovider -m gpu tests/test_decoding.py \
+        tests/test_quant_cache.py tests/test_kernels.py > "$OUT/speed_tests.log" 2>&1 || rc=1
     grep -E "FAILED|ERROR|passed|failed" "$OUT/speed_tests.log" | tail -25
     timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
     if ls "$(kit .carry_fi)"/*.whl >/dev/null 2>&1; then
