@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # a registered model holds a copy of its checkpoint up to this many GiB; a larger one (a 7B+ model) is registered
     # by reference: its artifact URI and digest, read from the artifact store when the model is loaded
     registry_copy_max_gib: float = Field(4.0, ge=0)
+    # the stages of a process keep up to 3 loaded models (the source, its checkpoints) for the next stage; past this
+    # many GiB of host memory they keep fewer (the newest always). None: half of this machine's memory, so that a 70B
+    # flow on a 256 GiB host holds one 131 GiB model, not two
+    model_memo_max_gib: float | None = Field(None, gt=0)
 
     # S3: endpoint_url for MinIO / moto / other S3-compatible stores; None = AWS
     s3_endpoint_url: str | None = None

@@ -101,10 +101,13 @@ class RunLink(BaseModel):
 
 
 class Memo:
-    """The last `size` values loaded (models), by content digest; one loader runs per digest at a time."""
+    """The last `size` values loaded (models), by content digest; one loader runs per digest at a time.
 
-    def __init__(self, size: int):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+    With `max_bytes`, the oldest values are also dropped while the host-memory tensors of all of them (`host_bytes`)
+    exceed it; the newest always stays. A value a stage still uses lives on until the stage lets it go."""
+
+    def __init__(self, size: int, max_bytes: float | None = None):
+        self.size, self.max_bytes, self.items, self.lock = size, max_bytes, OrderedDict(), threading.Lock()
         self.key_locks: dict[str, threading.Lock] = {}
 
     def get(self, digest: str, load: Callable[[], Any]) -> Any:
@@ -128,8 +131,21 @@ class Memo:
         with self.lock:
             self.items[digest] = value
             self.items.move_to_end(digest)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+            while len(self.items) > self.size or (len(self.items) > 1 and self._over_budget()):
+                dropped, _ = self.items.popitem(last=False)
+                logger.info("model memo: let %s go (over %d models or the memo's memory budget)", dropped[:16], self.size)
+
+    def _over_budget(self) -> bool:
+        return self.max_bytes is not None and sum(host_bytes(v) for v in self.items.values()) > self.max_bytes
+
+
+def host_bytes(value: Any) -> int:
+    """Bytes of the CPU tensors of the modules in `value` (a module, or a tuple holding one), each tensor once."""
+    import torch
+
+    modules = [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.nn.Module)]
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device.type == "cpu"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 MEMO_MODELS = 3  # models the stages of a process keep loaded (a flow's source, its checkpoints)
@@ -155,7 +171,16 @@ def context() -> StageContext:
     tracking.configure(settings)
     for path in remove_orphans(scratch_root(settings)):
         logger.info("removed %s, left by a process that was killed", path)
-    return StageContext(settings=settings, store=store, models=Memo(MEMO_MODELS))
+    return StageContext(settings=settings, store=store, models=Memo(MEMO_MODELS, memo_budget_bytes(settings)))
+
+
+def memo_budget_bytes(settings: Settings) -> float:
+    """`MHA2MLA_MODEL_MEMO_MAX_GIB` in bytes, or half of this machine's memory."""
+    import psutil
+
+    if settings.model_memo_max_gib is not None:
+        return settings.model_memo_max_gib * 2**30
+    return psutil.virtual_memory().total / 2
 
 
 

@@ -52,3 +52,24 @@ def test_a_tokenizer_alone_loads_no_weights(local_env, tiny_source):
     assert tokenizer("the cat").input_ids and context().models.peek(model_source.digest) is None
     _, loaded = load_source(model_source)
     assert load_source_tokenizer(model_source) is loaded  # the memoised model's, once it is loaded
+
+
+def test_the_model_memo_keeps_fewer_models_past_its_memory_budget():
+    from infra.stage import Memo, host_bytes
+
+    def model(n):  # n fp32 values, with a tokenizer-like companion as the stages memoise them
+        return torch.nn.Linear(n, 1, bias=False), "tokenizer"
+
+    assert host_bytes(model(256)) == 1024
+    memo = Memo(size=3, max_bytes=2500)
+    memo.put("a", model(256))
+    memo.put("b", model(256))
+    assert list(memo.items) == ["a", "b"]  # 2,048 bytes: both kept
+    memo.put("c", model(256))
+    assert list(memo.items) == ["b", "c"]  # 3,072 > 2,500: the oldest goes
+    memo.put("d", model(1024))
+    assert list(memo.items) == ["d"]  # larger than the budget alone: the newest stays
+    unbounded = Memo(size=2)
+    for key in "xyz":
+        unbounded.put(key, model(1024))
+    assert list(unbounded.items) == ["y", "z"]
