@@ -67,6 +67,10 @@ GRIDS = {
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared", refit_values=False),
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared", refit_values=True),
     ],
+    "budget": [  # where 72 cached values per token and layer go: the shared RoPE key against the latent
+        dict(rope_strategy="rotated", rope_dims=rope, kv_rank=rank, svd="output-aware", layout="shared")
+        for rope, rank in ((2, 22), (4, 20), (8, 16), (12, 12))
+    ],
     "quick": [
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="shared"),
         dict(rope_strategy="2-norm", rope_dims=8, kv_rank=16, svd="aware", layout="per_head"),
