@@ -24,7 +24,8 @@ For each shape, batch B and context T (all rows full, one query token per row, b
       SmolLM2: GQA 9 / 3 heads of 64), only where its K/V fit `--sdpa-max-gb`; the peer that always runs.
 
 For shapes of more than 16 heads ours is also timed at each `--head-blocks` cap on the heads one program takes
-(`LaunchConfig.max_block_h`; default 16, 32, 64), the sweep behind the default's choice.
+(`LaunchConfig.max_block_h`; default 16, 32, 64) and warps per program (`--head-block-warps`, default 4 and 8),
+the sweep behind the default's choice.
 
 Times are bench/decode.py's `time_ms` (CUDA-graph replays, L2 flushed before every call); GB/s = the cache bytes each
 method reads (c_kv + k_pe for both latent kernels, K + V for SDPA) / time; %bw against bench/decode.py's
@@ -349,8 +350,10 @@ def bench_point(s: PeerShape, B: int, T: int, args, fi_ok: dict, peak_gbs: float
         default = triton_latent.default_config(q_lat, c_kv, k_pe)
         row["mla_block_h"] = triton_latent._head_blocks(s.H, s.Rc, default)[0]
         for n in args.head_blocks:
-            cfg = replace(default, max_block_h=n)
-            row[f"mla_hb{n}_ms"] = time_ms(lambda: triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, cfg=cfg))  # noqa: B023
+            for warps in args.head_block_warps:
+                cfg = replace(default, max_block_h=n, num_warps=warps)
+                name = f"mla_hb{n}" + ("" if warps == default.num_warps else f"w{warps}")
+                row[f"{name}_ms"] = time_ms(lambda: triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, cfg=cfg))  # noqa: B023
     if B * T <= REF_MAX_TOKENS:
         ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, scale)
         row["mla_vs_ref_abs"], row["mla_vs_ref_rel"] = errors(ours, ref)
@@ -389,10 +392,10 @@ def bench_point(s: PeerShape, B: int, T: int, args, fi_ok: dict, peak_gbs: float
     del q_lat, q_pe, c_kv, k_pe, ours
     torch.cuda.empty_cache()
 
-    for n in args.head_blocks or ():
-        if f"mla_hb{n}_ms" in row:
-            row[f"mla_hb{n}_bytes"] = row["mla_bytes"]
-    for name in ["sdpa", "mla"] + [f"fi_{b}" for b in args.backends] + [f"mla_hb{n}" for n in args.head_blocks or ()]:
+    swept = [k.removesuffix("_ms") for k in row if k.startswith("mla_hb") and k.endswith("_ms")]
+    for name in swept:
+        row[f"{name}_bytes"] = row["mla_bytes"]
+    for name in ["sdpa", "mla"] + [f"fi_{b}" for b in args.backends] + swept:
         if f"{name}_ms" in row:
             row[f"{name}_gbs"] = row[f"{name}_bytes"] / row[f"{name}_ms"] / 1e6
             row[f"{name}_pct_bw"] = 100 * row[f"{name}_gbs"] / peak_gbs
@@ -433,7 +436,8 @@ def print_table(rows: list[dict], backends: list[str], peak_gbs: float, peak_sou
     for r in rows:
         sweep = [k[len("mla_hb"):-len("_ms")] for k in r if k.startswith("mla_hb") and k.endswith("_ms")]
         if sweep:
-            cells = ", ".join(f"{n} heads {_cell(r, f'mla_hb{n}')}" for n in sweep)
+            cells = ", ".join(f"{n.replace('w', ' heads, ', 1) + ' warps' if 'w' in n else n + ' heads'} "
+                              f"{_cell(r, f'mla_hb{n}')}" for n in sweep)
             log(f"ours by heads per program, {r['shape']} B={r['B']} T={r['T'] // 1024}k (default {r['mla_block_h']}): {cells}")
     reasons = {}
     for r in rows:
@@ -514,6 +518,8 @@ if __name__ == "__main__":
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--head-blocks", type=int, nargs="*", default=[16, 32, 64],
                         help="also time ours with at most this many heads per program, for shapes of more than 16 heads")
+    parser.add_argument("--head-block-warps", type=int, nargs="+", default=[4, 8],
+                        help="... at each of these warps per program (the default config's 4 is named without a suffix)")
     parser.add_argument("--warm-jit", nargs=4, metavar=("BACKEND", "H", "RC", "DR"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.warm_jit:
