@@ -2,15 +2,15 @@
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
     .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8]
-        [--calib books|model-continued|mixed] [--refit-values] [--lr 3e-4]
+        [--calib books|model-continued|mixed] [--refit-values] [--lr 3e-4] [--calib-tokens 8192]
         [--out bench/results/FILE.jsonl]
 
-As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens in windows of
-512; `--calib model-continued`: each window rewritten by the original from its first 4 tokens, the pipeline's
-`calibration.model_samples` and the `cpu` recipe's; `mixed`: the first half of them), then `reconstruct_attention`
-on those windows with the recipe's settings. `--steps 50 100 200` fits 50 steps, scores, fits 50 more (a schedule
-of their own), scores, and so on. Scored: PPL on the packaged held-out books (4,096
-tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2 protocol (bench/zero_shot.py:
+As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens unless
+`--calib-tokens` says otherwise, in windows of 512; `--calib model-continued`: each window rewritten by the original
+from its first 4 tokens, the pipeline's `calibration.model_samples` and the `cpu` recipe's; `mixed`: the first half
+of them), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50
+steps, scores, fits 50 more (a schedule of their own), scores, and so on. Scored: PPL on the packaged held-out books
+(4,096 tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2 protocol (bench/zero_shot.py:
 16,384 tokens). One JSON line per point, printed and appended to --out.
 """
 
@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--refit-values", action="store_true",
                         help="convert with MLAConfig.refit_values (off by default) before reconstructing")
     parser.add_argument("--lr", type=float, help="reconstruction learning rate (default: the recipe's)")
+    parser.add_argument("--calib-tokens", type=int, default=8192,
+                        help="calibration tokens (the pipeline's calibration.num_tokens): the conversion's and the "
+                             "reconstruction's windows")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
@@ -53,7 +56,8 @@ def main() -> None:
     cpu_recipe = read_recipe("cpu")
     mla_cfg = MLAConfig(**{**cpu_recipe.get("mla", {}), "kv_rank": args.kv_rank,  # the recipe's conversion
                            **({"refit_values": True} if args.refit_values else {})})
-    calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=8192, seq_len=mla_cfg.calib_seq_len)
+    calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=args.calib_tokens,
+                               seq_len=mla_cfg.calib_seq_len)  # fmt: skip
     sampling_seconds = 0.0
     if args.calib != "books":
         start = time.perf_counter()
@@ -63,12 +67,12 @@ def main() -> None:
         ids = torch.cat([continue_with_model(model, head, mla_cfg.calib_seq_len).input_ids, calib.input_ids[cut:]])
         calib = dataclasses.replace(calib, input_ids=ids)
         sampling_seconds = time.perf_counter() - start
-    windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512): what the reconstruct stage fits on
+    windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512) by default: what the reconstruct stage fits on
     recipe = ReconstructConfig(**{**cpu_recipe["reconstruct"], **({"lr": args.lr} if args.lr else {})})
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
         row = dict(model=label, kv_rank=mla_cfg.kv_rank, refit_values=mla_cfg.refit_values, calib=args.calib,
-                   steps=steps, seconds=round(seconds, 1),
+                   calib_tokens=calib.num_tokens, steps=steps, seconds=round(seconds, 1),
                    sampling_seconds=round(sampling_seconds, 1),
                    ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
                    ppl_wikitext2=perplexity(m, tokenizer, wiki, window=512, max_tokens=16384).ppl,

@@ -3,10 +3,12 @@ serve (`mha2mla_core.conversion.export`); its logits are checked against the che
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mha2mla_core.conversion.config import MLAConfig
@@ -49,6 +51,8 @@ def export(
     """The DeepSeek-V3 directory (config, safetensors, tokenizer, model card with the source, `quality` and the
     export's own measurements)."""
     mla, tokenizer = load_checkpoint(checkpoint)
+    if mla.dtype == torch.float16:  # a GPU worker holds an fp16 source's checkpoint in fp16, which the export refuses
+        mla = copy.deepcopy(mla).float()
     calib_ids = load_tensors(calibration)["input_ids"][: params.check_tokens] if params.check_tokens else None
     with scratch_dir() as tmp:
         summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target)
