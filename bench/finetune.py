@@ -7,6 +7,8 @@
     python3 bench/finetune.py throughput --out $OUT
     # GPU: named variants (VARIANTS below); each writes <name>.json with its command, PPL stages and curve
     python3 bench/finetune.py run kd-aware-kv16-5m lm-aware-kv16-5m --gguf /root/ft/model.gguf --data .carry_data --out $OUT
+    # GPU: where a training step's time goes (kernels by GPU time, the GPU's busy share)
+    python3 bench/finetune.py profile
     # here: the markdown table and the PPL-vs-tokens figure from the JSON results
     .venv/bin/python bench/finetune.py report bench/results/finetune
 
@@ -251,6 +253,50 @@ def throughput(out: Path = Path("runs/finetune"), gguf: str = "", seq_len: int =
         torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(results, indent=1))
+
+
+# ---- where a training step's time goes ------------------------------------------------------------------------------
+@app.command()
+def profile(seq_len: int = 1024, micro_batch: int = 16, steps: int = 10, hidden_weight: float = 5.0, top: int = 15,
+            tiny: bool = False) -> None:
+    """The gpu recipe's training step (KD + hidden-state distillation, compiled, bf16) on the random SmolLM2-135M
+    shape: ms a step, the share of it the GPU is busy (kernel time over wall time: low means launch- or host-bound),
+    and the kernels by GPU time over the last 3 steps. `--tiny`: a 2-layer shape, a smoke run that also works on the
+    CPU (CPU operators instead of kernels)."""
+    from torch.profiler import ProfilerActivity, schedule
+    from torch.profiler import profile as torch_profile
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    shape = {**SMOLLM2_135M, **(dict(num_hidden_layers=2, vocab_size=512) if tiny else {})}
+    teacher = LlamaForCausalLM(LlamaConfig(**shape)).to("cuda" if cuda else "cpu").eval()
+    calib = torch.randint(0, shape["vocab_size"], (4 * 512,), generator=torch.Generator().manual_seed(0))
+    student = convert(teacher, Variant(), calib.to(teacher.device))
+    rows = torch.randint(0, shape["vocab_size"], (micro_batch * steps, seq_len), generator=torch.Generator().manual_seed(1))
+    cfg = FinetuneConfig(max_tokens=steps * micro_batch * seq_len, seq_len=seq_len, micro_batch_size=micro_batch,
+                         hidden_weight=hidden_weight, compile=cuda, bf16=cuda, log_every=1)
+    active = 3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    tok_s: list[float] = []
+    with torch_profile(activities=activities, schedule=schedule(wait=steps - active - 1, warmup=1, active=active)) as prof:
+        def on_event(event: TrainEvent) -> None:
+            if event.kind == "log":
+                tok_s.append(event.metrics["tokens_per_s"])
+                prof.step()
+
+        finetune(student, teacher, rows, cfg, callbacks=[on_event])
+    step_ms = 1e3 * micro_batch * seq_len / statistics.median(tok_s[-active:])
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA") == cuda and not e.key.startswith("ProfilerStep")]
+    busy = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa: E731 - µs over `active` steps
+    total_ms = sum(busy(e) for e in events) / 1e3 / active
+    flops = train_flops_per_token(student, seq_len) + train_flops_per_token(teacher, seq_len, False)
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}: {step_ms:.1f} ms a step ({micro_batch} x {seq_len}), "
+          f"{'kernels' if cuda else 'CPU operators'} {total_ms:.1f} ms of it ({100 * total_ms / step_ms:.0f}% busy); "
+          f"MFU {micro_batch * seq_len / step_ms * 1e3 * flops / H100_BF16_PEAK:.1%}", flush=True)
+    for e in sorted(events, key=busy, reverse=True)[:top]:
+        print(f"  {busy(e) / 1e3 / active:8.2f} ms {e.count // active:5d}x  {e.key[:110]}", flush=True)
 
 
 # ---- zero-shot conversions on the GPU ------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
     return "$rc"
 }
 
-# ---- speed (issue 17): the GPU tests of the decode path, the step profile, the FlashInfer peer ----------------------
+# ---- speed (issue 17): the GPU tests of the decode path, the step profiles, the FlashInfer peer ---------------------
 part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one. Ordered by what
     # has never been measured: the GPU tests (each test's result on its own line in speed_tests.log, so a cut-off run
     # still names its failures; the decoding and cache tests first: test_kernels.py compiles a kernel for each of its
@@ -193,6 +193,7 @@ part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or
         tests/test_quant_cache.py tests/test_kernels.py > "$OUT/speed_tests.log" 2>&1 || rc=1
     grep -E "FAILED|ERROR|passed|failed" "$OUT/speed_tests.log" | tail -25
     timeout 240 "$PY" -m bench.profile_step --rows 512 2048 --top 12 2>&1 | grep -v -i warn | tee "$OUT/profile_step.log"
+    timeout 150 "$PY" bench/finetune.py profile 2>&1 | grep -v -i warn | tee "$OUT/profile_train.log"  # a training step
     if ls "$(kit .carry_fi)"/*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$(kit .carry_fi)"/*.whl
         timeout 240 "$PY" -m bench.peer_flashinfer --out "$OUT/peer.jsonl" 2>&1 | tail -30 | tee "$OUT/peer.log"
