@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -97,6 +98,15 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def copy_to_device(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """A private copy of `module` whose tensors are created straight on `device`: no second copy passes through host
+    memory on the way (8B parameters in bf16: 16 GB), tied weights stay tied, `requires_grad` is kept."""
+    memo: dict[int, object] = {id(t): torch.nn.Parameter(t.detach().to(device), requires_grad=t.requires_grad)
+                               for t in module.parameters()}  # fmt: skip
+    memo |= {id(t): t.to(device) for t in module.buffers()}
+    return copy.deepcopy(module, memo)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -13,7 +13,6 @@ whose stages compute on the memo's copy itself, in fp32.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -315,15 +314,11 @@ def load_tensors(result: StageResult) -> dict[str, torch.Tensor]:
 
 
 def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The shared (memoised) source model itself on the CPU; elsewhere a private copy, so that other stages and
-    threads keep using the CPU one. The copy's tensors go straight to `device`: no second copy in host memory on
-    the way (8B parameters: 16 GB), and tied weights stay tied."""
-    if device.type == "cpu":
-        return model
-    memo: dict[int, object] = {id(t): torch.nn.Parameter(t.detach().to(device), requires_grad=t.requires_grad)
-                               for t in model.parameters()}  # fmt: skip
-    memo |= {id(t): t.to(device) for t in model.buffers()}
-    return copy.deepcopy(model, memo)
+    """The shared (memoised) source model itself on the CPU; elsewhere a private copy (`copy_to_device`: straight to
+    the device, nothing more in host memory), so that other stages and threads keep using the CPU one."""
+    from mha2mla_core.loading import copy_to_device
+
+    return model if device.type == "cpu" else copy_to_device(model, device)
 
 
 def sampler_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

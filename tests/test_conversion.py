@@ -215,6 +215,24 @@ def test_conversion_shares_unchanged_modules_instead_of_copying():
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # the source still works
 
 
+@pytest.mark.parametrize("source", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("refit", [False, True])
+def test_converting_on_copies_of_one_layer_at_a_time_gives_the_same_model(source, refit):
+    """`device=`: each layer runs as a copy there (the CPU here: the same path a GPU takes); the weights stay put,
+    the converted model is the in-place conversion's, built beside the untouched source and sharing its modules."""
+    cfg = MLAConfig(rope_dims=4, kv_rank=4, refit_values=refit, calib_seq_len=64)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(8))
+    in_place = convert_to_mla(tiny_model(source), cfg, calib_ids())
+    model = tiny_model(source)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    streamed, _ = convert_to_mla_with_report(model, cfg, calib_ids(), device="cpu")
+    torch.testing.assert_close(streamed(ids).logits, in_place(ids).logits, atol=0, rtol=0)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    assert type(model.model.layers[0].self_attn).__name__ != "MLAAttention"  # the source keeps its attention
+    assert streamed.model.layers[1].self_attn.o_proj is model.model.layers[1].self_attn.o_proj
+    assert streamed.model.layers[1].mlp is model.model.layers[1].mlp
+
+
 def test_small_decompositions_leave_the_process_thread_count_alone():
     threads = torch.get_num_threads()
     with small_lapack():  # one MKL thread for this thread's decompositions only: the catalog converts on a thread pool

@@ -33,6 +33,7 @@ from mha2mla_core.conversion.svd import (
     output_weights,
     small_lapack,
 )
+from mha2mla_core.loading import copy_to_device
 from mha2mla_core.modeling.modeling_mla import MLAAttention, MLAForCausalLM, MLALlamaConfig
 
 logger = logging.getLogger(__name__)
@@ -125,24 +126,33 @@ LayerVisitor = Callable[[int, torch.nn.Module, torch.Tensor], torch.nn.Module | 
 
 
 @torch.no_grad()
-def stream_layers(model: PreTrainedModel, batches: torch.Tensor, visit: LayerVisitor, chunk: int = 8) -> None:
+def stream_layers(
+    model: PreTrainedModel, batches: torch.Tensor, visit: LayerVisitor, chunk: int = 8, device: torch.device | None = None
+) -> None:
     """Run calibration batches through the decoder one layer at a time.
 
     `visit(i, attn, x_in)` sees layer i's attention and its inputs x_in (N, E) (after input_layernorm);
     it may return a replacement attention, swapped in after the batch has moved through the original layer.
+    With `device`, each layer runs as a copy on it, one at a time, and the weights stay where they are (a model
+    larger than the GPU converts there); `attn` is then the copy's, and the activations live on `device`.
     """
     decoder = model.model
     batches = batches.to(decoder.embed_tokens.weight.device)
+    on = (lambda m: m) if device is None else (lambda m: copy_to_device(m, device))  # noqa: E731
     hidden = [decoder.embed_tokens(ids) for ids in batches.split(chunk)]  # [(n, L, E)]
-    positions = torch.arange(batches.shape[1], device=batches.device)[None]
+    if device is not None:
+        hidden = [h.to(device) for h in hidden]
+    positions = torch.arange(batches.shape[1], device=hidden[0].device)[None]
+    rotary = on(decoder.rotary_emb)
     for i, layer in enumerate(decoder.layers):
-        x_in = torch.cat([layer.input_layernorm(h).flatten(0, 1) for h in hidden])  # (N, E)
-        replacement = visit(i, layer.self_attn, x_in)
+        run = on(layer)
+        x_in = torch.cat([run.input_layernorm(h).flatten(0, 1) for h in hidden])  # (N, E)
+        replacement = visit(i, run.self_attn, x_in)
         del x_in
         for j, h in enumerate(hidden):
-            rope = decoder.rotary_emb(h, positions)
-            out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
+            out = run(h, attention_mask=None, position_ids=positions, position_embeddings=rotary(h, positions))
             hidden[j] = out[0] if isinstance(out, tuple) else out
+        del run
         if replacement is not None:
             layer.self_attn = replacement
 
@@ -303,12 +313,16 @@ def assemble(model: PreTrainedModel, mla_config: MLALlamaConfig, attentions: lis
 
 @torch.no_grad()
 def convert_to_mla_with_report(
-    model: PreTrainedModel, cfg: MLAConfig, calib_input_ids: torch.Tensor, rope_scores: torch.Tensor | None = None
+    model: PreTrainedModel, cfg: MLAConfig, calib_input_ids: torch.Tensor, rope_scores: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[MLAForCausalLM, ConversionReport]:
     """convert_to_mla, also returning the scores, kept pairs and spectra it measured.
 
-    `rope_scores` (layers, Hkv, D/2) from `score_rope` skips recomputing them for the 2-norm strategy.
+    `rope_scores` (layers, Hkv, D/2) from `score_rope` skips recomputing them for the 2-norm strategy. `device`:
+    compute there, on a copy of one layer at a time (`stream_layers`); the model, and the converted one, stay where
+    the model is. A GPU thus converts a model that does not fit it, and its host copy is never duplicated.
     """
+    device = None if device is None else torch.device(device)
     start = time.perf_counter()
     spec = check_convertible(model.config, cfg)
     batches = calibration_batches(calib_input_ids, cfg.calib_seq_len)
@@ -318,6 +332,8 @@ def convert_to_mla_with_report(
     position_loss = None
     if cfg.rope_window is not None:
         position_loss = rotation_loss(model.model.rotary_emb.inv_freq, cfg.rope_window)
+    home = model.model.embed_tokens.weight.device  # where the model is, and the converted one will be
+    rotary = model.model.rotary_emb if device is None else copy_to_device(model.model.rotary_emb, device)
 
     def visit(i, attn, x_in):
         if cfg.rope_strategy == "rotated":
@@ -341,12 +357,15 @@ def convert_to_mla_with_report(
         if cfg.refit_values and cfg.kv_rank is not None:
             x = x_in.view(*batches.shape, -1)  # (n, L, E): the windows, in order
             positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, L)
-            refit_values(converted, attn, x, model.model.rotary_emb(x, positions))
+            refit_values(converted, attn, x, rotary(x, positions))
+        if device is not None:  # built on the layer's copy: to where the model is, sharing the source's o_proj
+            converted.o_proj = model.model.layers[i].self_attn.o_proj
+            converted = converted.to(home)
         attentions.append(converted)
         logger.info("layer %d of %d converted", i + 1, len(model.model.layers))
         logger.debug("layer %d kept pairs %s", i, mla_config.rope_pairs[i])
 
-    stream_layers(model, batches, visit)  # visit returns None: the source keeps its own attention
+    stream_layers(model, batches, visit, device=device)  # visit returns None: the source keeps its own attention
     mla = assemble(model, mla_config, attentions)
     report.rope_pairs = mla_config.rope_pairs
     report.rope_scores = torch.stack(scores) if cfg.rope_strategy in ("2-norm", "rotated") else None
