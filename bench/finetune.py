@@ -273,13 +273,15 @@ def profile(seq_len: int = 1024, micro_batch: int = 16, steps: int = 10, hidden_
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).to("cuda" if cuda else "cpu").eval()
     calib = torch.randint(0, shape["vocab_size"], (4 * 512,), generator=torch.Generator().manual_seed(0))
     student = convert(teacher, Variant(), calib.to(teacher.device))
-    rows = torch.randint(0, shape["vocab_size"], (micro_batch * steps, seq_len), generator=torch.Generator().manual_seed(1))
+    rows = torch.randint(0, shape["vocab_size"], (micro_batch * steps, seq_len),
+                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     cfg = FinetuneConfig(max_tokens=steps * micro_batch * seq_len, seq_len=seq_len, micro_batch_size=micro_batch,
                          hidden_weight=hidden_weight, compile=cuda, bf16=cuda, log_every=1)
     active = 3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     tok_s: list[float] = []
-    with torch_profile(activities=activities, schedule=schedule(wait=steps - active - 1, warmup=1, active=active)) as prof:
+    window = schedule(wait=steps - active - 1, warmup=1, active=active)  # the last `active` steps, compiled
+    with torch_profile(activities=activities, schedule=window) as prof:
         def on_event(event: TrainEvent) -> None:
             if event.kind == "log":
                 tok_s.append(event.metrics["tokens_per_s"])
@@ -289,7 +291,9 @@ def profile(seq_len: int = 1024, micro_batch: int = 16, steps: int = 10, hidden_
     step_ms = 1e3 * micro_batch * seq_len / statistics.median(tok_s[-active:])
     events = [e for e in prof.key_averages()
               if (e.device_type.name == "CUDA") == cuda and not e.key.startswith("ProfilerStep")]
-    busy = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa: E731 - µs over `active` steps
+    def busy(e) -> float:  # µs over the `active` steps
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
     total_ms = sum(busy(e) for e in events) / 1e3 / active
     flops = train_flops_per_token(student, seq_len) + train_flops_per_token(teacher, seq_len, False)
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}: {step_ms:.1f} ms a step ({micro_batch} x {seq_len}), "
@@ -523,7 +527,8 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
         saving = 100 * (1 - (r["kv_rank"] + 8) * 3 / (2 * 3 * 64))
         final, tokens = r.get("final_ppl", "-"), f"{r.get('tokens_trained', 0) / 1e6:.0f}M"
         if not r.get("finished") and len(r["curve"]) > 1:  # stopped at the deadline: its last evaluation
-            final, tokens = f"{r['curve'][-1]['ppl']} (stopped)", f"{r['curve'][-1]['tokens'] / 1e6:.1f}M of {r['tokens'] / 1e6:.0f}M"
+            last = r["curve"][-1]
+            final, tokens = f"{last['ppl']} (stopped)", f"{last['tokens'] / 1e6:.1f}M of {r['tokens'] / 1e6:.0f}M"
         print(f"| {r['variant']} | {saving:.2f}% | {r['converted_ppl']} | {r.get('reconstructed_ppl', '-')} | "
               f"{final} | {tokens} | {r.get('tokens_per_s', '-')} | {r.get('mfu', '-')} |")
         ax.plot([max(c["tokens"], 1e5) / 1e6 for c in r["curve"]], [c["ppl"] for c in r["curve"]], marker="o",

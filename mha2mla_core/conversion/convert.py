@@ -127,7 +127,8 @@ LayerVisitor = Callable[[int, torch.nn.Module, torch.Tensor], torch.nn.Module | 
 
 @torch.no_grad()
 def stream_layers(
-    model: PreTrainedModel, batches: torch.Tensor, visit: LayerVisitor, chunk: int = 8, device: torch.device | None = None
+    model: PreTrainedModel, batches: torch.Tensor, visit: LayerVisitor, chunk: int = 8,
+    device: torch.device | None = None,
 ) -> None:
     """Run calibration batches through the decoder one layer at a time.
 
