@@ -136,14 +136,16 @@ class Memo:
                 logger.info("model memo: let %s go (over %d models or the memo's memory budget)", dropped[:16], self.size)
 
     def _over_budget(self) -> bool:
-        return self.max_bytes is not None and sum(host_bytes(v) for v in self.items.values()) > self.max_bytes
+        return self.max_bytes is not None and host_bytes(*self.items.values()) > self.max_bytes
 
 
-def host_bytes(value: Any) -> int:
-    """Bytes of the CPU tensors of the modules in `value` (a module, or a tuple holding one), each tensor once."""
+def host_bytes(*values: Any) -> int:
+    """Bytes of the CPU tensors of the modules in `values` (modules, or tuples holding them), each tensor once: a
+    converted model shares its source's embeddings and MLPs."""
     import torch
 
-    modules = [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.nn.Module)]
+    items = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+    modules = [v for v in items if isinstance(v, torch.nn.Module)]
     tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device.type == "cpu"}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

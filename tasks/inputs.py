@@ -255,8 +255,8 @@ def save_checkpoint(model, tokenizer, key: str, dtype: torch.dtype = torch.float
     The weights are written in `dtype` (`source_dtype` / `checkpoint_dtype`: a bf16 source's checkpoints stay bf16).
     The model is memoised as `load_checkpoint` would give it: in `host_dtype(dtype)`, holding the rounded values, so
     the stages it is handed to in this process see what loading the checkpoint gives. Weights svd-init's model
-    shares with the memoised source on a CPU worker (embeddings, MLPs, o_proj) were loaded from that same dtype, so
-    the round trip leaves them, and the source, exactly as they were."""
+    shares with the memoised source (embeddings, MLPs, o_proj) were loaded from that same dtype, so the round trip
+    leaves them, and the source, exactly as they were."""
     from mha2mla_core.hub_code import bundle_code
 
     with scratch_dir() as tmp:

@@ -61,6 +61,8 @@ def test_the_model_memo_keeps_fewer_models_past_its_memory_budget():
         return torch.nn.Linear(n, 1, bias=False), "tokenizer"
 
     assert host_bytes(model(256)) == 1024
+    shared = model(256)
+    assert host_bytes(shared, (shared[0], "another tokenizer")) == 1024  # a tensor two values share counts once
     memo = Memo(size=3, max_bytes=2500)
     memo.put("a", model(256))
     memo.put("b", model(256))

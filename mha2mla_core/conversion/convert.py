@@ -139,7 +139,10 @@ def stream_layers(
     """
     decoder = model.model
     batches = batches.to(decoder.embed_tokens.weight.device)
-    on = (lambda m: m) if device is None else (lambda m: copy_to_device(m, device))  # noqa: E731
+
+    def on(module: torch.nn.Module) -> torch.nn.Module:  # where the layer runs
+        return module if device is None else copy_to_device(module, device)
+
     hidden = [decoder.embed_tokens(ids) for ids in batches.split(chunk)]  # [(n, L, E)]
     if device is not None:
         hidden = [h.to(device) for h in hidden]
