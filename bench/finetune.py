@@ -272,7 +272,7 @@ def profile(seq_len: int = 1024, micro_batch: int = 16, steps: int = 10, hidden_
     shape = {**SMOLLM2_135M, **(dict(num_hidden_layers=2, vocab_size=512) if tiny else {})}
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).to("cuda" if cuda else "cpu").eval()
     calib = torch.randint(0, shape["vocab_size"], (4 * 512,), generator=torch.Generator().manual_seed(0))
-    student = convert(teacher, Variant(), calib.to(teacher.device))
+    student = convert(teacher, Variant(**EROT), calib.to(teacher.device))  # the default conversion's layout
     rows = torch.randint(0, shape["vocab_size"], (micro_batch * steps, seq_len),
                          generator=torch.Generator().manual_seed(1))  # fmt: skip
     cfg = FinetuneConfig(max_tokens=steps * micro_batch * seq_len, seq_len=seq_len, micro_batch_size=micro_batch,

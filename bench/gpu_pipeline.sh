@@ -187,7 +187,8 @@ run_part() {  # $1 = part name, then the convert arguments; fresh MHA2MLA_HOME, 
 part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or an earlier one. Ordered by what
     # has never been measured: the GPU tests (each test's result on its own line in speed_tests.log, so a cut-off run
     # still names its failures; the decoding and cache tests first: test_kernels.py compiles a kernel for each of its
-    # ~250 cases and did not finish in 300 s in session 10), the step profile, then the FlashInfer peer
+    # ~250 cases and did not finish in 300 s in session 10), the decode and training step profiles, then the
+    # FlashInfer peer
     local rc=0
     timeout 300 "$PY" -m pytest -v -rf --tb=short -p no:cacheprovider -m gpu tests/test_decoding.py \
         tests/test_quant_cache.py tests/test_kernels.py > "$OUT/speed_tests.log" 2>&1 || rc=1

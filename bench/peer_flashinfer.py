@@ -344,11 +344,11 @@ def bench_point(s: PeerShape, B: int, T: int, args, fi_ok: dict, peak_gbs: float
     ours = latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale)  # (B, H, Rc)
     row["mla_ms"] = time_ms(lambda: latent_decode_attention(q_lat, q_pe, c_kv, k_pe, scale))
     row["mla_bytes"] = c_kv.nbytes + k_pe.nbytes
-    if args.head_blocks and s.H > 16:  # ours with other heads per program than the default's (MLA_HB: the sweep)
+    if args.head_blocks and s.H > 16:  # ours at other caps on the heads per program: the sweep behind the default
         from mha2mla_core.kernels import triton_latent  # noqa: PLC0415 - imports triton
 
         default = triton_latent.default_config(q_lat, c_kv, k_pe)
-        row["mla_block_h"] = triton_latent._head_blocks(s.H, s.Rc, default)[0]
+        row["mla_block_h"] = triton_latent.head_blocks(s.H, s.Rc, default)[0]
         for n in args.head_blocks:
             for warps in args.head_block_warps:
                 cfg = replace(default, max_block_h=n, num_warps=warps)

@@ -62,10 +62,8 @@ GRIDS = {
         dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared"),
     ],
     "refit": [  # the default conversion without and with the least-squares value refit (MLAConfig.refit_values)
-        dict(rope_strategy="rotated", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared", refit_values=False),
-        dict(rope_strategy="rotated", rope_dims=8, kv_rank=16, svd="output-aware", layout="shared", refit_values=True),
-        dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared", refit_values=False),
-        dict(rope_strategy="rotated", rope_dims=8, kv_rank=8, svd="output-aware", layout="shared", refit_values=True),
+        dict(rope_strategy="rotated", rope_dims=8, kv_rank=rank, svd="output-aware", layout="shared", refit_values=refit)
+        for rank in (16, 8) for refit in (False, True)
     ],
     "budget": [  # where 72 cached values per token and layer go: the shared RoPE key against the latent
         dict(rope_strategy="rotated", rope_dims=rope, kv_rank=rank, svd="output-aware", layout="shared")

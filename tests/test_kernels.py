@@ -188,7 +188,7 @@ def test_triton_head_blocks_match_reference(shape, max_block_h, B, T, padded):
     cfg = triton_latent.default_config(q_lat, c_kv, k_pe)
     if max_block_h is not None:
         cfg = replace(cfg, max_block_h=max_block_h)
-    assert triton_latent._head_blocks(shape[0] // shape[2], shape[3], cfg)[1] > 1  # more than one block of heads
+    assert triton_latent.head_blocks(shape[0] // shape[2], shape[3], cfg)[1] > 1  # more than one block of heads
     kv_start = torch.randint(0, T, (B,), dtype=torch.int32, device="cuda") if padded else None
     out = triton_latent.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start, cfg=cfg)
     ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)

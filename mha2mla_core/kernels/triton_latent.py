@@ -286,7 +286,7 @@ HEAD_BLOCK_BUDGET = 16384  # fp32 accumulator elements per program (heads x padd
 # 4 warps. Every bench shape but DeepSeek's 128 heads fits one block (Llama-2-7B shared: 32 x 512)
 
 
-def _head_blocks(G: int, Rc: int, cfg: LaunchConfig) -> tuple[int, int]:
+def head_blocks(G: int, Rc: int, cfg: LaunchConfig) -> tuple[int, int]:
     """(BLOCK_H, NHB): heads per program and programs per latent group for G heads of an Rc-wide latent."""
     cap = cfg.max_block_h or max(16, HEAD_BLOCK_BUDGET // _pow2(Rc))
     block_h = min(_pow2(G), _pow2(cap))
@@ -369,7 +369,7 @@ def _launch_split(
     B, H, Rc = q_lat.shape
     Hc, T, Hkv, Dr = c_kv.shape[1], c_kv.shape[2], k_pe.shape[1], k_pe.shape[3]
     G, KPC = H // Hc, _rope_groups_per_program(Hc, Hkv)
-    block_h, nhb = _head_blocks(G, Rc, cfg)
+    block_h, nhb = head_blocks(G, Rc, cfg)
     splits = 1 if parts is None else parts.splits
     split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
     p_pad = _pow2(KPC * Dr)
@@ -442,7 +442,7 @@ def grouped_decode(q, k, v, scale: float, kv_start=None, kv_end=None, cfg: Launc
 def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig, latent_scores=True) -> torch.Tensor:
     B, H, Rc = q_lat.shape
     Hc = c_kv.shape[1]
-    splits, _ = _num_splits(B, Hc * _head_blocks(H // Hc, Rc, cfg)[1], c_kv.shape[2], cfg, c_kv.device)
+    splits, _ = _num_splits(B, Hc * head_blocks(H // Hc, Rc, cfg)[1], c_kv.shape[2], cfg, c_kv.device)
     launch = functools.partial(_launch_split, q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, kv_end=kv_end,
                                latent_scores=latent_scores)  # fmt: skip
     if splits == 1:
