@@ -159,6 +159,16 @@ VARIANTS = {
     "kd-erot-kv16-tcalib-hid5-40m": Variant(**EROT, hidden_weight=5.0, tokens=40_000_000, eval_every_tokens=5_000_000,
                                             decay_frac=0.5),
     "kd-erot-kv16-tcalib-hid20-5m": Variant(**EROT, hidden_weight=20.0),
+    # session 11: what limits the plateau. The latent's width (kv_rank 32: 120 cached values, 68.75% saving, as a
+    # capacity probe), the lower learning rate that won at 5M carried to 20M, and the kv_rank 8 (87.5%) curve
+    "kd-erot-kv32-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, kv_rank=32),
+    "kd-erot-kv16-tcalib-hid5-lr3e4-20m": Variant(**EROT, hidden_weight=5.0, lr=3e-4, tokens=20_000_000,
+                                                  eval_every_tokens=4_000_000, decay_frac=0.5),
+    "kd-erot-kv8-tcalib-hid5-20m": Variant(**EROT, hidden_weight=5.0, kv_rank=8, tokens=20_000_000,
+                                           eval_every_tokens=4_000_000, decay_frac=0.5),
+    # the same 72 values split with fewer RoPE dims and a wider latent, after training (zero shot, 24 + 48 was best)
+    "kd-erot-r4-kv20-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, rope_dims=4, kv_rank=20),  # 12 + 60
+    "kd-erot-r2-kv22-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, rope_dims=2, kv_rank=22),  # 6 + 66
 }
 
 
