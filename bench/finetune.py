@@ -534,7 +534,7 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
     fig, ax = plt.subplots(figsize=(11, 5.5))
     colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(runs):
-        saving = 100 * (1 - (r["kv_rank"] + 8) * 3 / (2 * 3 * 64))
+        saving = 100 * (1 - (r["kv_rank"] + r.get("rope_dims", 8)) * 3 / (2 * 3 * 64))  # SmolLM2: 3 KV heads of 64
         final, tokens = r.get("final_ppl", "-"), f"{r.get('tokens_trained', 0) / 1e6:.0f}M"
         if not r.get("finished") and len(r["curve"]) > 1:  # stopped at the deadline: its last evaluation
             last = r["curve"][-1]
@@ -549,7 +549,7 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
     probe = [(2, 171), (5, 88), (10, 69), (20, 56)]
     ax.plot(*zip(*probe), "kx-", label="independent probe (plain KD)")
     ax.set(xscale="log", yscale="log", xlabel="training tokens (M; 0.1 = start)", ylabel="wikitext-2 PPL",
-           title="SmolLM2-135M -> MLA (2-norm r=8): PPL vs fine-tuning tokens")
+           title="SmolLM2-135M -> MLA: PPL vs fine-tuning tokens")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(results / "ppl_vs_tokens.png", dpi=120)
