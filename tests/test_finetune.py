@@ -66,12 +66,13 @@ def log_losses(result):
     return [h["loss"] for h in result.history if h["kind"] == "log"]
 
 
-def test_distill_loss_matches_autograd_reference(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_distill_loss_matches_autograd_reference(monkeypatch, compiled):
     monkeypatch.setattr(losses, "_CHUNK_ROWS", 5)  # several chunks, the last one partial
     s = torch.randn(2, 7, 11, requires_grad=True)
     t, ids = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
     for w, tau in [(0.0, 1.0), (1.0, 1.0), (0.3, 2.0)]:
-        loss, lm, kd = losses.distill_loss(s, t, ids, w, tau)
+        loss, lm, kd = losses.distill_loss(s, t, ids, w, tau, compiled=compiled)
         (grad,) = torch.autograd.grad(1.7 * loss, s)
         ce = F.cross_entropy(s[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
         kl = tau**2 * F.kl_div(F.log_softmax(s / tau, -1).reshape(-1, 11), F.log_softmax(t / tau, -1).reshape(-1, 11),

@@ -240,7 +240,7 @@ class _Trainer:
                 with torch.no_grad():
                     target = self.teacher_forward(input_ids=ids, use_cache=False, output_hidden_states=hidden)
         loss, lm, kd = distill_loss(out.logits, target.logits if target is not None else None, ids, cfg.kd_weight,
-                                    cfg.kd_temperature)
+                                    cfg.kd_temperature, compiled=cfg.compile)
         hidden_loss = torch.zeros_like(lm)
         if hidden:
             hidden_loss = hidden_state_loss(out.hidden_states[1:], target.hidden_states[1:])
