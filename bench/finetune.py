@@ -87,6 +87,8 @@ class Variant:
     recon_rows: int = RECON_ROWS  # rows of RECON_SEQ tokens (more than the calibration's 128 need recon_on="train")
     recon_micro: int = 8  # rows per reconstruction step
     hidden_weight: float = 0.0  # hidden-state distillation of every layer's residual stream, beside the logits KD
+    anneal_to: int | None = None  # convert at kv_rank, fade the latent down to anneal_to per KV head (LatentFade)
+    anneal_frac: float = 0.6  # share of the steps over which the extra latent dims fade to zero
 
 
 ROT = dict(svd="output-aware", rope="rotated", rope_window=512)  # rotated partial RoPE, position-aware slots
@@ -169,6 +171,11 @@ VARIANTS = {
     # the same 72 values split with fewer RoPE dims and a wider latent, after training (zero shot, 24 + 48 was best)
     "kd-erot-r4-kv20-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, rope_dims=4, kv_rank=20),  # 12 + 60
     "kd-erot-r2-kv22-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, rope_dims=2, kv_rank=22),  # 6 + 66
+    # a wider latent that fades to the 72-value one during distillation (LatentFade): kv_rank 32 learns fast (37.1 at
+    # 5M), and the fade moves what its extra dims carry into the 48 kept ones before they are dropped
+    "kd-erot-kv32to16-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, kv_rank=32, anneal_to=16),
+    "kd-erot-kv32to16-tcalib-hid5-lr3e4-20m": Variant(**EROT, hidden_weight=5.0, kv_rank=32, anneal_to=16, lr=3e-4,
+                                                      tokens=20_000_000, eval_every_tokens=4_000_000, decay_frac=0.5),
 }
 
 
@@ -442,13 +449,60 @@ def initial_student(ctx: _Context, variant: Variant) -> tuple[nn.Module, dict]:
     return student, stages
 
 
+class LatentFade:
+    """Fade a converted student's latent from its width down to `keep` dims while it trains (Variant.anneal_to).
+
+    Each layer's latent dims past `keep` are scaled by 1 - step / steps, so what they carry has to move into the kept
+    dims before they reach zero; `truncate` then drops them, which leaves a `keep`-dim latent model. The output-aware
+    SVD orders the latent by singular value, so the kept dims start as the narrower conversion's own factors.
+    """
+
+    def __init__(self, model: nn.Module, keep: int, steps: int):
+        attns = [layer.self_attn for layer in model.model.layers]
+        if attns[0].kv_latent_groups != 1 or not 0 < keep < attns[0].kv_lora_rank:
+            raise ValueError(f"fading to {keep} dims needs one latent group wider than that, got "
+                             f"{attns[0].kv_latent_groups} x {attns[0].kv_lora_rank}")
+        self.keep, self.steps, self.step, self.first = keep, max(1, steps), 0, attns[0].kv_a_proj
+        self.handles = [attn.kv_a_proj.register_forward_hook(self._fade) for attn in attns]
+
+    @property
+    def scale(self) -> float:
+        return max(0.0, 1.0 - self.step / self.steps)
+
+    def _fade(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        if module is self.first and module.training:  # one training forward a step (grad_accum 1); a log event resyncs
+            self.step += 1
+        return torch.cat([out[..., : self.keep], out[..., self.keep :] * self.scale], dim=-1)
+
+    def truncate(self, model: nn.Module) -> None:
+        """Drop the faded dims in place (exact once the scale is 0): kv_a_proj keeps its first `keep` rows, kv_b_proj
+        its first `keep` columns."""
+        for handle in self.handles:
+            handle.remove()
+        for layer in model.model.layers:
+            attn, wide_a, wide_b = layer.self_attn, layer.self_attn.kv_a_proj, layer.self_attn.kv_b_proj
+            attn.kv_a_proj = nn.Linear(wide_a.in_features, self.keep, bias=False).to(wide_a.weight)
+            attn.kv_a_proj.weight.data.copy_(wide_a.weight[: self.keep])
+            attn.kv_b_proj = GroupedLinear(1, self.keep, wide_b.weight.shape[1], wide_b.bias is not None).to(wide_b.weight)
+            attn.kv_b_proj.weight.data.copy_(wide_b.weight[..., : self.keep])
+            if wide_b.bias is not None:
+                attn.kv_b_proj.bias.data.copy_(wide_b.bias)
+            attn.kv_lora_rank = self.keep
+        model.config.kv_lora_rank = self.keep
+
+
 def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> tuple[dict, nn.Module]:
     student, stages = initial_student(ctx, variant)
     steps = variant.tokens // (SEQ_LEN * MICRO_BATCH)
+    fade = None
+    if variant.anneal_to is not None:  # the shared latent is kv_rank x the KV heads wide
+        heads = student.config.num_key_value_heads
+        fade = LatentFade(student, variant.anneal_to * heads, round(variant.anneal_frac * steps))
     cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
                          kd_weight=variant.kd_weight, hidden_weight=variant.hidden_weight,
                          trainable=variant.trainable, decay_frac=variant.decay_frac,
-                         compile=variant.tokens >= 20_000_000, log_every=25,  # compiling pays off from ~20M
+                         compile=variant.tokens >= 20_000_000 and fade is None,  # compiling pays off from ~20M
+                         log_every=25,
                          eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
                          checkpoint_every=max(1, steps // 4) if variant.tokens >= 20_000_000 else 0, keep_last=1)
     curve = [{"tokens": 0, "ppl": stages.get("reconstructed_ppl", stages["converted_ppl"])}]
@@ -458,6 +512,8 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
             curve.append({"tokens": event.tokens, "ppl": event.metrics["ppl"]})
         if event.kind in ("eval", "log"):
             print(f"{name} step {event.step}/{event.total_steps} {json.dumps(event.metrics)}", flush=True)
+        if fade is not None and event.kind == "log":
+            fade.step = event.step  # from the trainer: right after a resume too
         if event.kind == "checkpoint" and time.monotonic() > deadline and event.step < event.total_steps:
             raise _Stop
 
@@ -474,6 +530,11 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     flops = train_flops_per_token(student, SEQ_LEN) + (
         train_flops_per_token(ctx.teacher, SEQ_LEN, False) if cfg.needs_teacher else 0)
     evals = [h for h in fit.history if h["kind"] == "eval"]
+    if fade is not None:  # the faded dims dropped: the final figures are the narrow model's
+        fade.truncate(student)
+        narrow = {"ppl": wikitext_ppl(student, ctx.eval_ids), "tokens": evals[-1]["tokens"]}
+        result |= {"ppl_before_truncation": evals[-1]["ppl"], "kv_bytes_per_token": student.kv_bytes_per_token()}
+        evals[-1] = {**evals[-1], **narrow}
     windows = [h["tokens_per_s"] for h in fit.history if h["kind"] == "log"][1:]  # the first one compiles
     tok_s = statistics.median(windows) if windows else fit.tokens_per_s
     return {**result, "finished": True, "final_ppl": evals[-1]["ppl"], "tokens_trained": fit.tokens,
@@ -534,7 +595,8 @@ def report(results: Path = typer.Argument(Path("bench/results/finetune"))) -> No
     fig, ax = plt.subplots(figsize=(11, 5.5))
     colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(runs):
-        saving = 100 * (1 - (r["kv_rank"] + r.get("rope_dims", 8)) * 3 / (2 * 3 * 64))  # SmolLM2: 3 KV heads of 64
+        kv_rank = r.get("anneal_to") or r["kv_rank"]  # a faded latent ends at anneal_to
+        saving = 100 * (1 - (kv_rank + r.get("rope_dims", 8)) * 3 / (2 * 3 * 64))  # SmolLM2: 3 KV heads of 64
         final, tokens = r.get("final_ppl", "-"), f"{r.get('tokens_trained', 0) / 1e6:.0f}M"
         if not r.get("finished") and len(r["curve"]) > 1:  # stopped at the deadline: its last evaluation
             last = r["curve"][-1]
