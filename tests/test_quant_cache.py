@@ -14,6 +14,7 @@ from mha2mla_core.kernels import (
     latent_decode_attention_reference,
     triton_available,
 )
+from mha2mla_core.evaluation.perplexity import logits_through_cache, perplexity_of_ids
 from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig, QuantizedLatentCache, QuantizedLatentLayer, quantize_groups
 from tests.tiny_models import calib_ids, tiny_model
 
@@ -173,3 +174,23 @@ def test_fused_int4_decode_through_the_cache_matches_dequantized_reference(dtype
     fused = latent_decode_attention_quantized(q_lat, q_pe, cache.quantized_state(0), 0.125)
     ref = latent_decode_attention_reference(q_lat, q_pe, *cache.latents(0), 0.125)
     torch.testing.assert_close(fused, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_perplexity_of_a_quantized_cache_model_reads_the_codes(mla):
+    ids = torch.randint(3, 128, (200,), generator=torch.Generator().manual_seed(8))
+    window = 48  # 5 blocks: four of 49 input tokens, then a shorter one
+    plain, predicted, blocks = perplexity_of_ids(mla, ids, window)
+    with torch.no_grad():  # the decode path a served model runs gives the one-forward logits
+        inputs = ids[None, :49]
+        torch.testing.assert_close(logits_through_cache(mla, inputs), mla(input_ids=inputs, use_cache=False).logits,
+                                   atol=1e-4, rtol=1e-4)
+    try:
+        mla.config.kv_cache_quant = KVCacheQuantConfig(nbits=2, group_size=16, residual_length=window).to_dict()
+        in_window = perplexity_of_ids(mla, ids, window)[0]  # every token stays in the bf16 window: nothing quantized
+        mla.config.kv_cache_quant = KVCacheQuantConfig(nbits=2, group_size=16, residual_length=0).to_dict()
+        int2 = perplexity_of_ids(mla, ids, window)
+    finally:
+        mla.config.kv_cache_quant = None
+    assert in_window == pytest.approx(plain, rel=1e-6)
+    assert int2[1:] == (predicted, blocks)
+    assert 1e-6 * plain < abs(int2[0] - plain) < 0.01 * plain  # the codes were read (a random model barely cares)

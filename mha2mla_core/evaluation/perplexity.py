@@ -11,6 +11,11 @@ The project's standard protocol (`WIKITEXT2_PROTOCOL`, the defaults of `perplexi
   tokens are predicted in all;
 - logits in fp32, mean NLL over all predicted tokens, PPL = exp(mean NLL).
 
+A model whose latent cache is quantized (an MLA config with `kv_cache_quant`, `mha2mla convert --kv-bits 4`) is
+scored through that cache: each block is fed one token at a time, so every prediction reads the earlier tokens as
+int4/int2 codes (all but the last `residual_length`), as it does when serving. One forward over the block would
+never read the cache, and would score such a model as if it were not quantized. The predictions are the same ones.
+
 Legend: B windows per batch, L window input length, V vocabulary.
 """
 
@@ -99,15 +104,28 @@ def perplexity_of_ids(
     per_batch = max(1, LOGITS_BYTES_PER_BATCH // ((window + 1) * model.config.vocab_size * 4))
     ids = ids.to(model.device)
     total_nll, predicted = 0.0, 0
+    through_cache = bool(getattr(model.config, "kv_cache_quant", None))
     for batch in _equal_length_batches(spans, per_batch):
         inputs = torch.stack([ids[start:end] for start, _, end in batch])  # (B, L)
-        logits = model(input_ids=inputs, use_cache=False).logits.float()  # (B, L, V)
+        if through_cache:
+            logits = logits_through_cache(model, inputs)
+        else:
+            logits = model(input_ids=inputs, use_cache=False).logits.float()  # (B, L, V)
         start, first, end = batch[0]
         scored = logits[:, first - 1 - start : end - 1 - start]  # (B, end - first, V)
         targets = inputs[:, first - start :]  # (B, end - first)
         total_nll += F.cross_entropy(scored.flatten(0, 1), targets.flatten(), reduction="sum").item()
         predicted += targets.numel()
     return total_nll / predicted, predicted, len(spans)
+
+
+def logits_through_cache(model: PreTrainedModel, inputs: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) fp32 logits of `inputs` (B, L) fed one token at a time through a fresh cache of the model's own kind
+    (`make_cache`: a quantized latent cache where the config asks for one): the decode path a served model runs."""
+    cache = model.make_cache()
+    steps = [model(input_ids=inputs[:, t : t + 1], past_key_values=cache, use_cache=True).logits.float()
+             for t in range(inputs.shape[1])]  # fmt: skip
+    return torch.cat(steps, dim=1)
 
 
 def _equal_length_batches(spans: list[tuple[int, int, int]], per_batch: int) -> list[list[tuple[int, int, int]]]:
