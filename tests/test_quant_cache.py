@@ -8,13 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
+from mha2mla_core.evaluation.perplexity import logits_through_cache, perplexity_of_ids
 from mha2mla_core.kernels import (
     dequantize_group,
     latent_decode_attention_quantized,
     latent_decode_attention_reference,
     triton_available,
 )
-from mha2mla_core.evaluation.perplexity import logits_through_cache, perplexity_of_ids
 from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig, QuantizedLatentCache, QuantizedLatentLayer, quantize_groups
 from tests.tiny_models import calib_ids, tiny_model
 

@@ -119,6 +119,7 @@ def perplexity_of_ids(
     return total_nll / predicted, predicted, len(spans)
 
 
+@torch.inference_mode()
 def logits_through_cache(model: PreTrainedModel, inputs: torch.Tensor) -> torch.Tensor:
     """(B, L, V) fp32 logits of `inputs` (B, L) fed one token at a time through a fresh cache of the model's own kind
     (`make_cache`: a quantized latent cache where the config asks for one): the decode path a served model runs."""
