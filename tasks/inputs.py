@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from infra.artifacts import ArtifactRef, s3_client, safe_key, sha256_file
-from infra.stage import StageResult, context, scratch_dir
+from infra.stage import StageResult, context, host_bytes, scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,22 @@ def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     the device, nothing more in host memory), so that other stages and threads keep using the CPU one."""
     from mha2mla_core.loading import copy_to_device
 
-    return model if device.type == "cpu" else copy_to_device(model, device)
+    if device.type == "cpu":
+        return model
+    if device.type == "cuda":
+        check_fits(model, device)
+    return copy_to_device(model, device)
+
+
+def check_fits(model: torch.nn.Module, device: torch.device) -> None:
+    """Before a model is copied to a GPU: its weights fit the memory free there, or an error that says so and what
+    to do, instead of a CUDA out-of-memory error part-way through the copy (a 70B model in bf16 is 131 GiB)."""
+    need, free = host_bytes(model), torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        raise ValueError(
+            f"the model's weights take {need / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB free: run this "
+            f"stage on a worker with more GPU memory, or on the CPU (MHA2MLA_DEVICE=cpu); the finished stages stay cached"
+        )
 
 
 def sampler_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

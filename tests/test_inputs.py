@@ -23,6 +23,19 @@ def test_a_device_copy_goes_straight_to_the_device_and_keeps_tied_weights(tiny_s
     assert on_device(model, torch.device("cpu")) is model
 
 
+def test_a_model_larger_than_the_free_gpu_memory_is_a_clear_error_before_any_copy(tiny_source, monkeypatch):
+    from infra.stage import host_bytes
+    from tasks.inputs import check_fits, on_device
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_source)
+    weights = host_bytes(model)  # parameters and buffers
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (weights - 1, 80 * 2**30))
+    with pytest.raises(ValueError, match=r"weights take .* GiB free: run this stage on a worker with more GPU memory"):
+        on_device(model, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (weights, 80 * 2**30))
+    check_fits(model, torch.device("cuda"))  # exactly enough: no error
+
+
 def test_a_gpu_worker_holds_models_in_their_stored_dtype_and_a_cpu_worker_in_fp32(local_env, tiny_source, tmp_path, monkeypatch):
     import tasks.inputs as inputs
     from infra.stage import context
