@@ -3,7 +3,7 @@ recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the
 
     .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8]
         [--calib books|model-continued|mixed] [--refit-values] [--lr 3e-4] [--calib-tokens 8192]
-        [--out bench/results/FILE.jsonl]
+        [--fade-from 32] [--out bench/results/FILE.jsonl]
 
 As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens unless
 `--calib-tokens` says otherwise, in windows of 512; `--calib model-continued`: each window rewritten by the original
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench.latent_fade import LatentFade
 from flows.publish import read_recipe
 from mha2mla_core import MLAConfig, convert_to_mla, default_calibration_texts, load_model, sample_calibration
 from mha2mla_core.conversion.calibration import HELDOUT_FILE, continue_with_model, packaged_text_path
@@ -48,13 +49,17 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192,
                         help="calibration tokens (the pipeline's calibration.num_tokens): the conversion's and the "
                              "reconstruction's windows")
+    parser.add_argument("--fade-from", type=int,
+                        help="convert at this kv_rank instead, and fade the extra latent dims down to --kv-rank over "
+                             "the first 60%% of the last --steps (bench/latent_fade.py); the last point is the narrow "
+                             "model, the faded dims dropped")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_reconstruct.jsonl"))
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
     books = packaged_text_path(HELDOUT_FILE).read_text(encoding="utf-8")
     wiki = read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md")
     cpu_recipe = read_recipe("cpu")
-    mla_cfg = MLAConfig(**{**cpu_recipe.get("mla", {}), "kv_rank": args.kv_rank,  # the recipe's conversion
+    mla_cfg = MLAConfig(**{**cpu_recipe.get("mla", {}), "kv_rank": args.fade_from or args.kv_rank,  # the recipe's
                            **({"refit_values": True} if args.refit_values else {})})
     calib = sample_calibration(default_calibration_texts(), tokenizer, num_tokens=args.calib_tokens,
                                seq_len=mla_cfg.calib_seq_len)  # fmt: skip
@@ -71,7 +76,8 @@ def main() -> None:
     recipe = ReconstructConfig(**{**cpu_recipe["reconstruct"], **({"lr": args.lr} if args.lr else {})})
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
-        row = dict(model=label, kv_rank=mla_cfg.kv_rank, refit_values=mla_cfg.refit_values, calib=args.calib,
+        row = dict(model=label, kv_rank=args.kv_rank, fade_from=args.fade_from, refit_values=mla_cfg.refit_values,
+                   calib=args.calib,
                    calib_tokens=calib.num_tokens, steps=steps, seconds=round(seconds, 1),
                    sampling_seconds=round(sampling_seconds, 1),
                    ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
@@ -87,12 +93,20 @@ def main() -> None:
     start = time.perf_counter()
     mla = convert_to_mla(copy.deepcopy(model), mla_cfg, calib.input_ids)
     point("converted", mla, 0, time.perf_counter() - start)
+    fade = None
+    if args.fade_from:
+        keep = args.kv_rank * model.config.num_key_value_heads  # the shared latent's width at --kv-rank
+        fade = LatentFade(mla, keep, round(0.6 * args.steps[-1]))
     done = 0
     for steps in args.steps:
         start = time.perf_counter()
         reconstruct_attention(mla, model, windows, dataclasses.replace(recipe, steps=steps - done))
         done = steps
-        point("reconstructed", mla, steps, time.perf_counter() - start)
+        point("reconstructed" if fade is None else f"reconstructed, fade scale {fade.scale:g}", mla, steps,
+              time.perf_counter() - start)
+    if fade is not None:
+        fade.truncate(mla)
+        point("reconstructed, faded dims dropped", mla, done, 0.0)
 
 
 if __name__ == "__main__":
