@@ -77,8 +77,7 @@ def main() -> None:
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
         row = dict(model=label, kv_rank=args.kv_rank, fade_from=args.fade_from, refit_values=mla_cfg.refit_values,
-                   calib=args.calib,
-                   calib_tokens=calib.num_tokens, steps=steps, seconds=round(seconds, 1),
+                   calib=args.calib, calib_tokens=calib.num_tokens, steps=steps, seconds=round(seconds, 1),
                    sampling_seconds=round(sampling_seconds, 1),
                    ppl_books=perplexity(m, tokenizer, books, window=512, max_tokens=4096).ppl,
                    ppl_wikitext2=perplexity(m, tokenizer, wiki, window=512, max_tokens=16384).ppl,

@@ -11,7 +11,7 @@ from mha2mla_core.modeling.modeling_mla import GroupedLinear
 
 
 class LatentFade:
-    """Fade a converted student's latent from its width down to `keep` dims while it trains (Variant.anneal_to).
+    """Fade a converted student's latent from its width down to `keep` dims while it trains.
 
     Each layer's latent dims past `keep` are scaled by 1 - step / steps, so what they carry has to move into the kept
     dims before they reach zero; `truncate` then drops them, which leaves a `keep`-dim latent model. The output-aware
