@@ -310,6 +310,7 @@ def profile(seq_len: int = 1024, micro_batch: int = 16, steps: int = 10, hidden_
     step_ms = 1e3 * micro_batch * seq_len / statistics.median(tok_s[-active:])
     events = [e for e in prof.key_averages()
               if (e.device_type.name == "CUDA") == cuda and not e.key.startswith("ProfilerStep")]
+
     def busy(e) -> float:  # µs over the `active` steps
         return e.self_device_time_total if cuda else e.self_cpu_time_total
 
@@ -461,8 +462,8 @@ def run_variant(name: str, variant: Variant, ctx: _Context, deadline: float) -> 
     cfg = FinetuneConfig(max_tokens=variant.tokens, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, lr=variant.lr,
                          kd_weight=variant.kd_weight, hidden_weight=variant.hidden_weight,
                          trainable=variant.trainable, decay_frac=variant.decay_frac,
-                         compile=variant.tokens >= 20_000_000 and fade is None,  # compiling pays off from ~20M
-                         log_every=25,
+                         # compiling pays off from ~20M tokens; not with a fade, whose scale changes every step
+                         compile=variant.tokens >= 20_000_000 and fade is None, log_every=25,
                          eval_every=max(1, variant.eval_every_tokens // (SEQ_LEN * MICRO_BATCH)),
                          checkpoint_every=max(1, steps // 4) if variant.tokens >= 20_000_000 else 0, keep_last=1)
     curve = [{"tokens": 0, "ppl": stages.get("reconstructed_ppl", stages["converted_ppl"])}]
