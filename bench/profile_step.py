@@ -9,7 +9,8 @@ Cases (SmolLM2-135M shape, random weights, bf16, the decoder of `mha2mla_core.mo
   fused decode weights, `StaticDecoder(fused=False)`).
 For each, with the step's model eager and compiled (`--compiled 0 1`): ms a step from graph replays, then a profile
 of steps without the graph (the same kernels, plus launch gaps): the top kernels by GPU time and the kernel count a
-step.
+step. `--cases` picks cases (and `sampler`: whole `sample_continuations` calls at `--sampler-rows`); `--compile-mode`
+overrides the decoder's torch.compile mode (`compile_mode_for`: max-autotune-no-cudagraphs for one row, else default).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.generate import build_models, tile
 from bench.shapes import SMOLLM2_135M
-from mha2mla_core.modeling.decoding import StaticDecoder, prefill, sample_continuations
+from mha2mla_core.modeling.decoding import StaticDecoder, compile_mode_for, prefill, sample_continuations
 
 PROFILED_STEPS = 4
+CASES = ("sampler", "teacher", "mla-b1", "mla-b1-unfused", "original-b1")
 
 
 def step_ms(decoder: StaticDecoder, steps: int) -> float:
@@ -52,30 +54,32 @@ def kernels(decoder: StaticDecoder, top: int) -> None:
 
 
 def case(name: str, model, prompt_len: int, new: int, rows: int, temperature: float, top: int, compiled: bool,
-         fused: bool = True) -> None:  # fmt: skip
+         fused: bool = True, mode: str | None = None) -> None:  # fmt: skip
     prompt = torch.randint(3, SMOLLM2_135M["vocab_size"], (1, prompt_len), device="cuda")
     state = tile(prefill(model, prompt, new, temperature=temperature), rows)
     start = time.perf_counter()
-    decoder = dict(temperature=temperature, compiled=compiled, fused=fused)
+    decoder = dict(temperature=temperature, compiled=compiled, fused=fused, compile_mode=mode if compiled else None)
     graph = StaticDecoder(model, state, cuda_graph=True, **decoder)
     ready_s = time.perf_counter() - start
     ms = step_ms(graph, min(32, new - 8))
-    print(f"{name}{' compiled' if compiled else ''}: rows {rows}, context {prompt_len}+{new}: graph {ms:.3f} ms a "
+    label = f" compiled ({compile_mode_for(rows, True, mode)})" if compiled else ""
+    print(f"{name}{label}: rows {rows}, context {prompt_len}+{new}: graph {ms:.3f} ms a "
           f"step, {rows / ms * 1e3:,.0f} tok/s (capture {ready_s:.1f} s)")  # fmt: skip
     state = tile(prefill(model, prompt, new, temperature=temperature), rows)
     kernels(StaticDecoder(model, state, cuda_graph=False, **decoder), top)
 
 
-def sampler(model, rows: int, compiled: bool, seq_len: int = 1024) -> None:
+def sampler(model, rows: int, compiled: bool, seq_len: int = 1024, mode: str | None = None) -> None:
     """The product's path: `sample_continuations` of `rows` 4-token prompts to seq_len, timed whole (prefill, capture,
     and compilation included: a second call shows the steady state)."""
     prompts = torch.randint(3, SMOLLM2_135M["vocab_size"], (rows, 4))
     for attempt in ("first", "again"):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        sample_continuations(model, prompts, seq_len, seed=0, compiled=compiled)
+        sample_continuations(model, prompts, seq_len, seed=0, compiled=compiled, compile_mode=mode if compiled else None)
         seconds = time.perf_counter() - start
-        print(f"sample_continuations{' compiled' if compiled else ''}: {rows} rows x {seq_len} ({attempt}): "
+        label = f" compiled ({compile_mode_for(rows, True, mode)})" if compiled else ""
+        print(f"sample_continuations{label}: {rows} rows x {seq_len} ({attempt}): "
               f"{seconds:.2f} s, {rows * (seq_len - 4) / seconds:,.0f} tok/s")  # fmt: skip
 
 
@@ -85,17 +89,25 @@ def main() -> None:
     parser.add_argument("--sampler-rows", type=int, nargs="+", default=[64, 512, 2048])
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--compiled", type=int, nargs="+", default=[0, 1], help="0: eager modules, 1: torch.compile")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile's mode (default: the decoder's choice by the rows, compile_mode_for)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     models = build_models()
+    run = set(args.cases)
     for compiled in map(bool, args.compiled):
-        for rows in args.sampler_rows:
-            sampler(models["original"], rows, compiled)
-        for rows in args.rows:  # the sampler's cache: a 4-token prompt, then its middle (~512 of 1,024 slots written)
-            case("teacher", models["original"], 512, 512, rows, 1.0, args.top, compiled)
-        case("mla-b1", models["mla"], 4096, 64, 1, 0.0, args.top, compiled)
-        case("mla-b1-unfused", models["mla"], 4096, 64, 1, 0.0, args.top, compiled, fused=False)
-        case("original-b1", models["original"], 4096, 64, 1, 0.0, args.top, compiled)
+        mode = args.compile_mode
+        for rows in args.sampler_rows if "sampler" in run else ():
+            sampler(models["original"], rows, compiled, mode=mode)
+        for rows in args.rows if "teacher" in run else ():  # the sampler's cache: a 4-token prompt, then ~512 of 1,024
+            case("teacher", models["original"], 512, 512, rows, 1.0, args.top, compiled, mode=mode)
+        if "mla-b1" in run:
+            case("mla-b1", models["mla"], 4096, 64, 1, 0.0, args.top, compiled, mode=mode)
+        if "mla-b1-unfused" in run:
+            case("mla-b1-unfused", models["mla"], 4096, 64, 1, 0.0, args.top, compiled, fused=False, mode=mode)
+        if "original-b1" in run:
+            case("original-b1", models["original"], 4096, 64, 1, 0.0, args.top, compiled, mode=mode)
 
 
 if __name__ == "__main__":

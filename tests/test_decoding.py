@@ -12,7 +12,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from mha2mla_core.modeling.decoding import (
     GROUPED_DECODE,
     GROUPED_MIN_PAIRS,
+    ONE_ROW_COMPILE_MODE,
     StaticDecoder,
+    compile_mode_for,
     generate_static,
     grouped_decode_attention,
     grouped_view,
@@ -253,3 +255,13 @@ def test_generate_never_compiles_the_mla_model_on_its_own(mla):
     assert original._valid_auto_compile_criteria({"past_key_values": static}, config)  # the original would compile
     latent = StaticLatentCache(mla.config.num_hidden_layers, 8)
     assert not mla._valid_auto_compile_criteria({"past_key_values": latent}, config)
+
+
+def test_compile_mode_autotunes_one_row_on_a_gpu_only():
+    assert compile_mode_for(1, on_cuda=True) == ONE_ROW_COMPILE_MODE == "max-autotune-no-cudagraphs"
+    assert compile_mode_for(2, on_cuda=True) == compile_mode_for(1, on_cuda=False) == "default"
+    assert compile_mode_for(1, on_cuda=True, mode="default") == "default"
+    model = tiny_model()
+    state = prefill(model, torch.tensor([[5, 6, 7]]), 4)
+    with pytest.raises(ValueError, match="needs compiled=True"):
+        StaticDecoder(model, state, cuda_graph=False, compile_mode="default")
