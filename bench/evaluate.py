@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="the original model (load_model name)")
     p.add_argument("--candidate", type=named, action="append", default=[], help="NAME=PATH of a saved model")
+    p.add_argument("--no-original", action="store_true",
+                   help="skip the original's evaluation (deltas then read against the first candidate)")
     p.add_argument("--convert", type=named, action="append", default=[], help="NAME=MLAConfig fields, k=v,...")
     p.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     p.add_argument("--device", default="cpu")
@@ -127,8 +129,13 @@ def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lists every MMLU subtask
     configs = eval_configs(args)
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model, device=args.device)
-    results = {"original": evaluate(model, tokenizer, configs, "original")}
+    if args.no_original and not (args.candidate or args.convert):
+        raise SystemExit("--no-original needs a model to evaluate: add --candidate NAME=PATH or --convert NAME=SPEC")
+    results = {}
+    if not args.no_original or args.convert:
+        model, tokenizer = load_model(args.model, device=args.device)
+    if not args.no_original:
+        results["original"] = evaluate(model, tokenizer, configs, "original")
     for name, path in args.candidate:
         candidate, candidate_tokenizer = load_model(path, device=args.device)
         results[name] = evaluate(candidate, candidate_tokenizer, configs, name)
