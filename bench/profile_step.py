@@ -5,8 +5,8 @@
 Cases (SmolLM2-135M shape, random weights, bf16, the decoder of `mha2mla_core.modeling.decoding`):
 - `teacher`: the data-free sampler's step, the original model at `--rows` rows over a 1,024-slot static cache
   (temperature 1), as `sample_continuations` runs it;
-- `mla-b1` / `original-b1`: one-row greedy decode at a 4k context (`mla-b1-unfused`: without the MLA attention's
-  fused decode weights, `StaticDecoder(fused=False)`).
+- `mla-b1` / `original-b1`: one-row greedy decode at a 4k context (other contexts: `--contexts`; `mla-b1-unfused`:
+  without the MLA attention's fused decode weights, `StaticDecoder(fused=False)`).
 For each, with the step's model eager and compiled (`--compiled 0 1`): ms a step from graph replays, then a profile
 of steps without the graph (the same kernels, plus launch gaps): the top kernels by GPU time and the kernel count a
 step. `--cases` picks cases (and `sampler`: whole `sample_continuations` calls at `--sampler-rows`); `--compile-mode`
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile's mode (default: the decoder's choice by the rows, compile_mode_for)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096], help="prompt tokens of the one-row cases")
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     models = build_models()
@@ -102,12 +103,13 @@ def main() -> None:
             sampler(models["original"], rows, compiled, mode=mode)
         for rows in args.rows if "teacher" in run else ():  # the sampler's cache: a 4-token prompt, then ~512 of 1,024
             case("teacher", models["original"], 512, 512, rows, 1.0, args.top, compiled, mode=mode)
-        if "mla-b1" in run:
-            case("mla-b1", models["mla"], 4096, 64, 1, 0.0, args.top, compiled, mode=mode)
-        if "mla-b1-unfused" in run:
-            case("mla-b1-unfused", models["mla"], 4096, 64, 1, 0.0, args.top, compiled, fused=False, mode=mode)
-        if "original-b1" in run:
-            case("original-b1", models["original"], 4096, 64, 1, 0.0, args.top, compiled, mode=mode)
+        for context in args.contexts:
+            if "mla-b1" in run:
+                case("mla-b1", models["mla"], context, 64, 1, 0.0, args.top, compiled, mode=mode)
+            if "mla-b1-unfused" in run:
+                case("mla-b1-unfused", models["mla"], context, 64, 1, 0.0, args.top, compiled, fused=False, mode=mode)
+            if "original-b1" in run:
+                case("original-b1", models["original"], context, 64, 1, 0.0, args.top, compiled, mode=mode)
 
 
 if __name__ == "__main__":
