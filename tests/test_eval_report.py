@@ -13,6 +13,7 @@ from mha2mla_core.evaluation import (
     EvalResult,
     InferenceConfig,
     MCConfig,
+    MCScore,
     NeedleConfig,
     PerplexityConfig,
     compare,
@@ -156,3 +157,13 @@ def test_missing_inputs_fail_before_any_model_work(suite, tmp_path):
     bad = replace(suite, perplexity=PerplexityConfig(text_path=tmp_path / "none.txt"))
     with pytest.raises(FileNotFoundError, match="none.txt"):
         evaluate_model(model, tokenizer, bad)
+
+
+def test_commonsense_average_reads_acc_norm_and_winogrande_acc():
+    tasks = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "winogrande")
+    scores = {t: MCScore(t, acc=0.3, acc_stderr=0.01, acc_norm=None if t == "winogrande" else 0.6,
+                         acc_norm_stderr=None, samples=10) for t in tasks}  # fmt: skip
+    result = EvalResult("m", "llama", 1, "float32", "cpu", multiple_choice=scores)
+    assert flat_metrics(result)["mc.commonsense_avg"] == pytest.approx(100 * (5 * 0.6 + 0.3) / 6)
+    del scores["piqa"]  # an average of five tasks is no six-task average
+    assert "mc.commonsense_avg" not in flat_metrics(result)
