@@ -6,6 +6,8 @@
         --convert mla-default=rope_dims=8,kv_rank=16,svd=aware,layout=shared   # converted here (calibration
                                                                           # as bench/zero_shot.py)
     .venv/bin/python bench/evaluate.py --device cuda --needle-lengths 1024,2048,4096,8000   # full runs on a GPU
+    python3 bench/evaluate.py --model model.gguf --device cuda --no-original --candidate mla=ckpt \
+        --mc-data-dir mc/ --ppl-text wiki.test.raw        # a machine without ../shared: data given, original skipped
 
 Stages (see mha2mla_core.evaluation): wikitext-2 PPL on the project protocol; lm-eval zero-shot MC on the local
 tasks (`--limit` items per task, per subject for MMLU); needle-in-a-haystack in the Gutenberg books (lengths x
@@ -29,6 +31,7 @@ from mha2mla_core.evaluation import (
     InferenceConfig,
     MCConfig,
     NeedleConfig,
+    PerplexityConfig,
     compare,
     evaluate_model,
     plots,
@@ -74,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", default="", help="stages to skip: comma list of ppl,mc,needle,inference")
+    p.add_argument("--ppl-text", type=Path, default=None,
+                   help="the perplexity text (default: the project's wikitext-2 test file, under ../shared)")
     p.add_argument("--tasks", default=",".join(TASK_FILES))
     p.add_argument("--limit", type=int, default=None, help="MC items per task (per subject for MMLU)")
     p.add_argument("--mmlu-limit", type=int, default=None, help="items per MMLU subject (default: --limit)")
@@ -95,8 +100,9 @@ def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
     skip = set(filter(None, args.skip.split(",")))
     tasks = tuple(filter(None, args.tasks.split(",")))
     mc = dict(data_dir=args.mc_data_dir, source=args.mc_source, batch_size=args.mc_batch_size)
+    ppl = PerplexityConfig() if args.ppl_text is None else PerplexityConfig(text_path=args.ppl_text)
     base = EvalConfig(
-        perplexity=EvalConfig().perplexity if "ppl" not in skip else None,
+        perplexity=None if "ppl" in skip else ppl,
         multiple_choice=MCConfig(tasks=tasks, limit=args.limit, **mc) if "mc" not in skip else None,
         needle=None
         if "needle" in skip
