@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--refit-values", action="store_true",
                         help="convert with MLAConfig.refit_values (off by default) before reconstructing")
     parser.add_argument("--lr", type=float, help="reconstruction learning rate (default: the recipe's)")
+    parser.add_argument("--micro-batch", type=int, help="windows a step (default: the recipe's)")
+    parser.add_argument("--grad-clip", type=float, help="global grad-norm clip, 0 = none (default: the recipe's)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the recipe's)")
     parser.add_argument("--calib-tokens", type=int, default=8192,
                         help="calibration tokens (the pipeline's calibration.num_tokens): the conversion's and the "
                              "reconstruction's windows")
@@ -73,7 +76,8 @@ def main() -> None:
         calib = dataclasses.replace(calib, input_ids=ids)
         sampling_seconds = time.perf_counter() - start
     windows = calib.input_ids.view(-1, mla_cfg.calib_seq_len)  # (16, 512) by default: what the reconstruct stage fits on
-    recipe = ReconstructConfig(**{**cpu_recipe["reconstruct"], **({"lr": args.lr} if args.lr else {})})
+    overrides = {"lr": args.lr, "micro_batch_size": args.micro_batch, "grad_clip": args.grad_clip, "bf16": args.bf16}
+    recipe = ReconstructConfig(**{**cpu_recipe["reconstruct"], **{k: v for k, v in overrides.items() if v is not None}})
 
     def point(label: str, m: torch.nn.Module, steps: int, seconds: float) -> None:
         row = dict(model=label, kv_rank=args.kv_rank, fade_from=args.fade_from, refit_values=mla_cfg.refit_values,

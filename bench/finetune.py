@@ -178,9 +178,13 @@ VARIANTS = {
     "kd-erot-kv32to16-tcalib-hid5-5m": Variant(**EROT, hidden_weight=5.0, kv_rank=32, anneal_to=16),
     "kd-erot-kv32to16-tcalib-hid5-lr3e4-20m": Variant(**EROT, hidden_weight=5.0, kv_rank=32, anneal_to=16, lr=3e-4,
                                                       tokens=20_000_000, eval_every_tokens=4_000_000, decay_frac=0.5),
-    # session 12: the 68.75% budget (120 values) on the 72-value recipe's 20M tokens
+    # session 12: the 68.75% budget (120 values) on the 72-value recipe's 20M tokens (33.0; six tasks -0.84 points);
+    # and the 72-value recipe at the 100M-token ceiling (six tasks -1.6 after 20M): ~11 min at 160k tok/s
+    # on one H200, over two calls (`--deadline-s`, resumed from its checkpoint), 6.7 epochs of the 15M real tokens
     "kd-erot-kv32-tcalib-hid5-lr3e4-20m": Variant(**EROT, hidden_weight=5.0, kv_rank=32, lr=3e-4, tokens=20_000_000,
                                                   eval_every_tokens=4_000_000, decay_frac=0.5),
+    "kd-erot-kv16-tcalib-hid5-lr3e4-100m": Variant(**EROT, hidden_weight=5.0, lr=3e-4, tokens=100_000_000,
+                                                   eval_every_tokens=10_000_000, decay_frac=0.5),
 }
 
 
