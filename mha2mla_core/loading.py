@@ -93,8 +93,11 @@ def load_model(
             f"could not load {name_or_path!r}: not a local model directory or .gguf file, and not found on the hub "
             f"or in the local HF cache ({exc}). Give a local path, `smollm2-135m`, or a reachable hub id."
         ) from exc
-    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
-        del model.config.quantization_config  # GGUF weights are dequantized on load: the model is plain now
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf_file" in kwargs:
+        # GGUF weights are dequantized on load: the model is plain now (`.float()`, `.to(dtype)` and save_pretrained
+        # treat it as one), though transformers still marks it quantized
+        quantizer.remove_quantization_config(model)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

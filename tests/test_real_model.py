@@ -31,6 +31,14 @@ def calib(smollm2):
     return sample_calibration(default_calibration_texts(), smollm2[1], num_tokens=2048, seq_len=512).input_ids
 
 
+def test_a_gguf_model_loads_plain(smollm2):
+    """transformers marks a GGUF model quantized though its weights are dequantized: `.float()` then raised in the
+    reconstruct and finetune stages (`make run` failed)."""
+    model = smollm2[0]
+    assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None
+    assert model.float() is model and copy.deepcopy(model).to(torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_full_rank_conversion_keeps_the_wikitext_perplexity(smollm2, calib):
     perplexity = pytest.importorskip("mha2mla_core.evaluation.perplexity")
     if not perplexity.WIKITEXT2_TEST.is_file():
