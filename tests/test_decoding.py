@@ -202,11 +202,14 @@ def test_reference_decode_ignores_slots_past_kv_end():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("source", ["original", "mla"])
-@pytest.mark.parametrize("rows", [2, 16])  # 16: enough rows for the original's grouped decoding (the split kernel)
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 16])  # 1: the autotuned compile (ONE_ROW_COMPILE_MODE); 16: enough rows for
+@pytest.mark.parametrize("compiled", [False, True])  # the original's grouped decoding (the split kernel)
 def test_cuda_graph_replay_equals_eager_decoding(mla, source, rows, compiled):
     model = (tiny_model("qwen2-bias") if source == "original" else copy.deepcopy(mla)).cuda()
-    batch, mask = (t.cuda().repeat(rows // 2, 1) for t in _left_padded_batch())
+    batch, mask = _left_padded_batch()
+    if rows == 1:  # the unpadded row
+        batch, mask = batch[1:], mask[1:]
+    batch, mask = (t.cuda().repeat(max(1, rows // 2), 1) for t in (batch, mask))
     eager = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=False)
     replayed = generate_static(model, batch, 12, attention_mask=mask, cuda_graph=True, compiled=compiled)
     assert torch.equal(replayed, eager)
