@@ -96,9 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     models = build_models()
-    run = set(args.cases)
+    run, mode = set(args.cases), args.compile_mode
     for compiled in map(bool, args.compiled):
-        mode = args.compile_mode
         for rows in args.sampler_rows if "sampler" in run else ():
             sampler(models["original"], rows, compiled, mode=mode)
         for rows in args.rows if "teacher" in run else ():  # the sampler's cache: a 4-token prompt, then ~512 of 1,024

@@ -189,7 +189,8 @@ def test_a_worker_runs_its_device_s_recipe_unless_told_otherwise(cli, tiny_sourc
     monkeypatch.delenv("MHA2MLA_RECIPE")  # the tests' environment turns recovery off; a worker's default is auto
     cli("convert", str(tiny_source))  # a CPU worker: the cpu recipe, a short reconstruction on the calibration
     params = seen["params"]
-    assert params.finetune is None and params.reconstruct.steps == 50 and not params.reconstruct.bf16
+    assert params.finetune is None and not params.reconstruct.bf16
+    assert (params.reconstruct.steps, params.reconstruct.micro_batch_size) == (100, 1)
     assert params.calibration.model_samples  # data-free calibration: the original's own continuations
     cli("convert", str(tiny_source), "--reconstruct-steps", "20")
     assert seen["params"].reconstruct.steps == 20 and seen["params"].finetune is None
