@@ -220,7 +220,10 @@ class _Trainer:
         base = self.step * self.tokens_per_step // cfg.seq_len  # first global row position of this step
         for k in range(cfg.grad_accum_steps):
             start = base + (k * self.world.size + self.world.rank) * cfg.micro_batch_size
-            ids = self.rows[self.order.rows(start, cfg.micro_batch_size)].to(self.device, non_blocking=True)
+            ids = self.rows[self.order.rows(start, cfg.micro_batch_size)]
+            if self.device.type == "cuda":  # a copy from pageable memory waits for the GPU's queue to drain first
+                ids = ids.pin_memory()
+            ids = ids.to(self.device, non_blocking=True)
             with gradient_sync(self.model, k == cfg.grad_accum_steps - 1):
                 self.window += self._micro_step(ids)
             self.window_micro_steps += 1
