@@ -7,12 +7,17 @@
 #   bash bench/gpu_pipeline.sh all         # (a) then (b); (b) runs even if (a) failed
 #   bash bench/gpu_pipeline.sh speed       # GPU tests of the decode path, bench.profile_step, bench.peer_flashinfer
 #   bash bench/gpu_pipeline.sh scale1b     # bench.scale's Llama-3.2-1B shape on 1 then 2 GPUs
+#   VARIANTS="a b" bash bench/gpu_pipeline.sh quality   # bench/finetune.py variants, saved, then the six tasks and
+#                                          # the needle on each (bench/evaluate.py; ORIGINAL=1: the original too;
+#                                          # VARIANTS_GPU1: more variants on GPU 1 at the same time)
 #   bash bench/gpu_pipeline.sh 8b+speed    # convert8b on GPU 0 while speed runs on GPU 1 (one 2-GPU call)
 #
 # A device session's calls (kind nvidia-h200-x2; each within ~30 s of the last, so the machine and $GPU_KIT stay):
 #   1. `stage`, carry .carry_ma .whl;  2. `stage`, carry .carry_mb .whl_lm;  3. `stage`, carry .carry_pf1 .carry_pf2
 #   4. `PART_TIMEOUT=565 ... flow`, carry .carry_data .carry_mc (then `RESUME=1 ... flow` if it was cut off)
 #   5. `PART_TIMEOUT=470 ... 8b+speed`, carry .carry_fi;  6. `scale1b` if device time is left
+# Quality runs (issue 14) need calls 1-3 (the model, lm-eval and the wheels), then `VARIANTS=... quality` with
+# .carry_data .carry_mc, repeated until each variant is trained and scored.
 #
 # Run it from the repo root. Every mode first "stages": each carried folder present in the repo (.carry_pf1,
 # .carry_pf2, .whl_lm, .whl, .carry_data, .carry_mc, .carry_ma, .carry_mb) is copied to $GPU_KIT (default
@@ -26,6 +31,8 @@
 # results), with its own fresh MHA2MLA_HOME under /root/mha2mla_runs, and ends with the stages' wall times from
 # the product's own `mha2mla runs` (the flow run's `seconds.*` metrics). Files land flat in $OUT (at most 7):
 #   pipeline.log, flow.log, flow.json, flow_summary.md, convert8b.log, convert8b.json, convert8b_summary.md
+# (quality: quality-gpu0.tgz and quality-gpu1.tgz, each variant's log, JSON and evaluation folder; the device returns
+# only a few files a call)
 #
 # RESUME=1 reuses the part's last MHA2MLA_HOME instead of a fresh one: a part cut off by the timeout is rerun in the
 # next call, and the stages it finished are cache hits (their wall times are in the first call's log lines).
@@ -204,6 +211,37 @@ part_speed() {  # one GPU; carry .carry_fi (FlashInfer's wheels) in this call or
     return "$rc"
 }
 
+# ---- quality (issue 14): bench/finetune.py variants trained, saved, then scored on every local MC item -----------
+part_quality() {  # $1: variant names, $2: a tag (its folder and tarball). Resumable over calls: a variant cut at its
+    # deadline resumes from its checkpoint, a saved one is not trained again, a scored one not scored again
+    local name left rc=0 res=$RUNS/quality-$2 ck=$RUNS/quality-$2/checkpoints
+    local six=arc_easy,arc_challenge,hellaswag,piqa,openbookqa,winogrande
+    mkdir -p "$ck"
+    local evaluate=("$PY" bench/evaluate.py --model "$MODEL_GGUF" --device cuda --tasks "$six" --mc-data-dir "$(kit .carry_mc)"
+                    --mc-batch-size 64 --needle-lengths 1024,2048,4096,8000 --skip inference --ppl-text "$(wikitext)")
+    if [[ ${ORIGINAL:-0} == 1 && $2 == gpu0 && ! -f $res/eval-original/table.md ]]; then
+        timeout "$(( PART_TIMEOUT - SECONDS ))" "${evaluate[@]}" --out "$res/eval-original" > "$res/eval-original.log" 2>&1
+    fi
+    for name in $1; do
+        left=$(( PART_TIMEOUT - SECONDS ))
+        if [[ ! -d $ck/$name ]] && (( left > 120 )); then
+            timeout "$left" "$PY" bench/finetune.py run "$name" --gguf "$MODEL_GGUF" --data "$(kit .carry_data)" \
+                --out "$res" --cache "$res/cache" --save-dir "$ck" --deadline-s "$(( left - 90 ))" \
+                2>&1 | grep -v -i warn >> "$res/$name.log"
+        fi
+        left=$(( PART_TIMEOUT - SECONDS ))
+        if [[ ! -d $ck/$name ]]; then
+            log "$name: not trained to the end yet; the same call again resumes it"; rc=1
+        elif [[ ! -f $res/eval-$name/table.md ]] && (( left > 60 )); then
+            timeout "$left" "${evaluate[@]}" --no-original --candidate "$name=$ck/$name" --out "$res/eval-$name" \
+                > "$res/eval-$name.log" 2>&1 || { log "$name: evaluation cut off or failed (eval-$name.log)"; rc=1; }
+        fi
+    done
+    tar czf "$OUT/quality-$2.tgz" -C "$res" --exclude=checkpoints --exclude=cache .
+    grep -h "^| commonsense\|^| needle acc (all" "$res"/eval-*/table.md 2>/dev/null
+    return "$rc"
+}
+
 # ---- scale (issue 18): the Llama-3.2-1B shape on 1 then 2 GPUs ----------------------------------------------------
 part_scale1b() {
     timeout "$PART_TIMEOUT" "$PY" -m bench.scale all --parts llama1b --gguf "$MODEL_GGUF" --data "$(kit .carry_data)" \
@@ -288,11 +326,16 @@ case $MODE in
     all) part_flow || status=$?; part_convert8b || status=$? ;;
     speed) part_speed || status=$? ;;
     scale1b) part_scale1b || status=$? ;;
+    quality)  # VARIANTS on GPU 0, VARIANTS_GPU1 (optional) on GPU 1 at the same time
+        CUDA_VISIBLE_DEVICES=0 part_quality "${VARIANTS:?set VARIANTS to bench/finetune.py variant names}" gpu0 &
+        quality_pid=$!
+        [[ -z ${VARIANTS_GPU1:-} ]] || CUDA_VISIBLE_DEVICES=1 part_quality "$VARIANTS_GPU1" gpu1 || status=$?
+        wait "$quality_pid" || status=$? ;;
     8b+speed)  # two GPUs, two parts at once: the 8B conversion on GPU 0, the speed part on GPU 1
         part_convert8b & convert_pid=$!
         CUDA_VISIBLE_DEVICES=1 part_speed || status=$?
         wait "$convert_pid" || status=$? ;;
-    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all|speed|scale1b|8b+speed" >&2; exit 2 ;;
+    *) echo "usage: bash bench/gpu_pipeline.sh stage|flow|convert8b|all|speed|scale1b|quality|8b+speed" >&2; exit 2 ;;
 esac
 df -h "$RUNS" "$KIT" 2>/dev/null | tee -a "$OUT/pipeline.log"
 log "done: mode $MODE, status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
