@@ -1,9 +1,10 @@
 """What an int4 or int2 latent cache costs in quality: SmolLM2-135M's MLA conversion scored through its cache.
 
-    .venv/bin/python bench/kv_quant_quality.py [--recon-steps 50] [--max-tokens 4096] [--out FILE.jsonl]
+    .venv/bin/python bench/kv_quant_quality.py [--recon-steps N] [--max-tokens 4096] [--out FILE.jsonl]
 
 The model is what a CPU worker's `cpu` recipe makes (`flows/recipes/cpu.yaml`): the default MLAConfig calibrated on
-the packaged books continued by the original, then `--recon-steps` of block-wise reconstruction (0: zero shot).
+the packaged books continued by the original, then the recipe's block-wise reconstruction (`--recon-steps`: another
+number of its steps; 0: zero shot).
 Each cache setting (none, then int4 and int2 with each backend, group 64, the last 128 tokens in full precision:
 `KVCacheQuantConfig`'s defaults, what `--kv-bits` gives) is scored on the first `--max-tokens` of wikitext-2 in
 windows of 512. A quantized setting is scored through the cache, one token at a time (`perplexity_of_ids`), so every
@@ -51,10 +52,12 @@ def recipe_model(recon_steps: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recon-steps", type=int, default=50, help="the cpu recipe's reconstruction steps (0: none)")
+    parser.add_argument("--recon-steps", type=int, help="reconstruction steps (default: the cpu recipe's; 0: none)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="wikitext-2 tokens scored (windows of 512)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kv_quant_quality.jsonl"))
     args = parser.parse_args()
+    if args.recon_steps is None:
+        args.recon_steps = read_recipe("cpu")["reconstruct"]["steps"]
     start = time.perf_counter()
     mla, tokenizer = recipe_model(args.recon_steps)
     print(f"model ready in {time.perf_counter() - start:.0f} s", flush=True)
