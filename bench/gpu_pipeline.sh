@@ -9,7 +9,8 @@
 #   bash bench/gpu_pipeline.sh scale1b     # bench.scale's Llama-3.2-1B shape on 1 then 2 GPUs
 #   VARIANTS="a b" bash bench/gpu_pipeline.sh quality   # bench/finetune.py variants, saved, then the six tasks and
 #                                          # the needle on each (bench/evaluate.py; ORIGINAL=1: the original too;
-#                                          # VARIANTS_GPU1: more variants on GPU 1 at the same time)
+#                                          # VARIANTS_GPU1: more variants on GPU 1 at the same time;
+#                                          # FOLLOWUPS_GPU1=1: then issue 17's follow-ups on GPU 1, see part_followups)
 #   bash bench/gpu_pipeline.sh 8b+speed    # convert8b on GPU 0 while speed runs on GPU 1 (one 2-GPU call)
 #
 # A device session's calls (kind nvidia-h200-x2; each within ~30 s of the last, so the machine and $GPU_KIT stay):
@@ -242,6 +243,30 @@ part_quality() {  # $1: variant names, $2: a tag (its folder and tarball). Resum
     return "$rc"
 }
 
+# ---- follow-ups (issue 17) on GPU 1 once its quality variants are done (FOLLOWUPS_GPU1=1 in quality mode) ---------
+part_followups() {  # what the kernels and the one-row step still need measured, most wanted first, each cut at its
+    # own timeout and at the part's: Nsight Compute on the decode kernels (where a tile's time goes), the launch
+    # sweep of 1-2 warps, the GPU decoding tests, the original's one-row step at 16k, a training step's profile
+    local log=$OUT/followups.log ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    budget() { local left=$(( PART_TIMEOUT - SECONDS )); (( left > $1 )) && echo "$1" || echo "$(( left > 5 ? left : 5 ))"; }
+    if [[ -n $ncu ]]; then
+        log "followups: $ncu on the decode kernels"
+        timeout "$(budget 180)" "$ncu" --kernel-name regex:_split --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+            "$PY" -m bench.ncu_decode > "$OUT/ncu.log" 2>&1 || log "followups: ncu exit $?"
+    else
+        log "followups: no ncu on this machine"
+    fi
+    timeout "$(budget 180)" "$PY" -m bench.decode_sweep --shapes smollm2-135m/shared-rope llama2-7b/shared-rope \
+        --out "$OUT/sweep.jsonl" > "$OUT/sweep.log" 2>&1 || log "followups: sweep exit $?"
+    { timeout "$(budget 200)" "$PY" -m pytest -v -rf --tb=short -p no:cacheprovider -m gpu tests/test_decoding.py 2>&1 \
+          | grep -E "PASS|FAIL|ERROR|passed|failed|Error"
+      timeout "$(budget 150)" "$PY" -m bench.profile_step --cases original-b1 mla-b1 --compiled 1 --contexts 16384 \
+          --top 0 2>&1 | grep -v -i warn
+      timeout "$(budget 120)" "$PY" bench/finetune.py profile 2>&1 | grep -v -i warn; } > "$log" 2>&1
+}
+
 # ---- scale (issue 18): the Llama-3.2-1B shape on 1 then 2 GPUs ----------------------------------------------------
 part_scale1b() {
     timeout "$PART_TIMEOUT" "$PY" -m bench.scale all --parts llama1b --gguf "$MODEL_GGUF" --data "$(kit .carry_data)" \
@@ -330,6 +355,7 @@ case $MODE in
         CUDA_VISIBLE_DEVICES=0 part_quality "${VARIANTS:?set VARIANTS to bench/finetune.py variant names}" gpu0 &
         quality_pid=$!
         [[ -z ${VARIANTS_GPU1:-} ]] || CUDA_VISIBLE_DEVICES=1 part_quality "$VARIANTS_GPU1" gpu1 || status=$?
+        [[ ${FOLLOWUPS_GPU1:-0} == 1 ]] && { CUDA_VISIBLE_DEVICES=1 part_followups || status=$?; }
         wait "$quality_pid" || status=$? ;;
     8b+speed)  # two GPUs, two parts at once: the 8B conversion on GPU 0, the speed part on GPU 1
         part_convert8b & convert_pid=$!
