@@ -131,7 +131,7 @@ def convert(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="hub id, local HF directory, .gguf file, or smollm2-135m (or the recipe's)"),
     config: Optional[Path] = typer.Option(None, "--config", help="recipe YAML (recipe.yaml beside a registered checkpoint, or model + a catalog entry's sections), or a packaged recipe's name (gpu, cpu); options given too override it"),
-    recipe: Optional[str] = typer.Option(None, help="recovery recipe under --config and the options: gpu (data-free distillation, flows/recipes/gpu.yaml), cpu (a short block-wise reconstruction, flows/recipes/cpu.yaml), none (conversion only), or auto: gpu on a worker whose MHA2MLA_DEVICE is a GPU, cpu elsewhere, when neither --config nor a fine-tuning option is given (default: MHA2MLA_RECIPE, auto)"),
+    recipe: Optional[str] = typer.Option(None, help="recovery recipe under --config and the options: gpu (distillation on rows sampled from the original, or on --finetune-data's text when given; flows/recipes/gpu.yaml), cpu (a short block-wise reconstruction, flows/recipes/cpu.yaml), none (conversion only), or auto: gpu on a worker whose MHA2MLA_DEVICE is a GPU, cpu elsewhere, when neither --config nor a fine-tuning option is given (default: MHA2MLA_RECIPE, auto)"),
     rope_strategy: Optional[str] = typer.Option(None, help="rotated | high | low | uniform | 2-norm (default: MLAConfig's)"),
     rope_dims: Optional[int] = typer.Option(None, help="RoPE dims kept per head, even (default: MLAConfig's)"),
     kv_rank: Optional[str] = typer.Option(None, help="latent rank per KV head, or 'none' (default: MLAConfig's)"),
@@ -187,7 +187,13 @@ def convert(
         base = read_recipe(config) if config else {}
         explicit = bool(config or tuning or tunes or reconstruct_steps is not None)
         recovery = _recovery_recipe(recipe or settings.recipe, explicit=explicit, device=settings.device)
-        base = overlay(read_recipe(recovery), base) if recovery else base
+        if recovery:
+            packaged = read_recipe(recovery)
+            if finetune_data and synthetic_fraction is None and packaged.get("finetune"):
+                # text given: distil on it rather than on rows the recipe samples from the original (with hidden-state
+                # distillation, textbook rows beat sampled ones by 1.8 points of the six tasks; docs/RESULTS.md)
+                packaged = overlay(packaged, {"finetune": {"synthetic_fraction": 0.0}})
+            base = overlay(packaged, base)
         fine_tuned = tunes or bool(base.get("finetune"))
         if tuning and not fine_tuned:
             flags = ", ".join("--" + name.replace("_", "-") for name in tuning)

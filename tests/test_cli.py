@@ -214,6 +214,11 @@ def test_a_worker_runs_its_device_s_recipe_unless_told_otherwise(cli, tiny_sourc
     cli("convert", str(tiny_source), "--recipe", "gpu", "--finetune-tokens", "32768", "--reconstruct-steps", "0")
     finetune = seen["params"].finetune
     assert (finetune.train.max_tokens, finetune.train.hidden_weight, finetune.reconstruct) == (32768, 5.0, None)
+    cli("convert", str(tiny_source), "--recipe", "gpu", "--finetune-data", "text.txt")  # the recipe, on the text
+    finetune = seen["params"].finetune
+    assert (finetune.synthetic_fraction, finetune.train.hidden_weight) == (0.0, 5.0) and finetune.data is not None
+    cli("convert", str(tiny_source), "--recipe", "gpu", "--finetune-data", "text.txt", "--synthetic-fraction", "0.5")
+    assert seen["params"].finetune.synthetic_fraction == 0.5
     assert "packaged recipe (cpu, gpu)" in cli("convert", str(tiny_source), "--recipe", "fast", code=2)
 
 
