@@ -309,26 +309,49 @@ def _rope_groups_per_program(Hc: int, Hkv: int) -> int:
 
 
 def default_config(q_lat: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> LaunchConfig:
-    """Tiles of about 24 KB of cache (at least 32 tokens where two stages fit), as many stages as fit 200 KB.
+    """Tiles of about 24 KB of cache, and at least 64 tokens where two stages of them fit 200 KB; as many stages as
+    fit, at most 3. (`_decode` then sizes the splits: long enough that their partials stay cheap.)
 
-    Chosen from sweeps on an H100 over the bench shapes (4 warps won everywhere). On an H200 (bench/decode_sweep.py:
-    tiles of 32-256 tokens, 4 or 8 warps, 2 or 4 stages, 1-8 programs per SM) no config was faster at B=64, T=32k;
-    at B=16, T=16k 64-token tiles, 4 stages and 2 programs per SM were 12% faster for the SmolLM2 shapes.
+    From sweeps on an H100 and an H200 (bench/decode_sweep.py; docs/RESULTS.md). SmolLM2's shapes take 128-token tiles
+    and 3 stages. A 512-wide latent (Llama-2-7B's 32 heads, DeepSeek's 512 + 64) took 32-token tiles before: 64-token
+    tiles on 2 stages, about 17 splits a row, ran 1.4x and 1.2x faster on the H200 at B=16, T=16k and B=64, T=32k.
+    8 warps, or 1-2, never beat 4.
     """
     Hc, Rc, Hkv, Dr = c_kv.shape[1], c_kv.shape[3], k_pe.shape[1], k_pe.shape[3]
-    bytes_per_token = (_pow2(Rc) + _pow2(_rope_groups_per_program(Hc, Hkv) * Dr)) * c_kv.element_size()
+    bytes_per_token = _tile_bytes_per_token(c_kv, Rc, Hc, Hkv, Dr)
     block_t = min(128, 2 ** int(math.log2(max(1, 24576 // bytes_per_token))))
-    if block_t < 32:
-        block_t = 32 if 2 * 32 * bytes_per_token <= _SMEM_BUDGET else 16
+    if block_t < 64:
+        block_t = next((t for t in (64, 32) if 2 * t * bytes_per_token <= _SMEM_BUDGET), 16)
     stages = next((s for s in (3, 2) if s * block_t * bytes_per_token <= _SMEM_BUDGET), 1)
     return LaunchConfig(block_t=block_t, num_warps=4, num_stages=stages, programs_per_sm=8.0)
 
 
-def _num_splits(B: int, Hc: int, T: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split): enough programs to fill the SMs, no split shorter than min_split_tokens. Hc
-    counts the programs per batch row and split (latent groups x head blocks)."""
-    want = math.ceil(cfg.programs_per_sm * _num_sms(device.index or 0) / (B * Hc))
-    splits = max(1, min(want, T // cfg.min_split_tokens))
+def _tile_bytes_per_token(c_kv: torch.Tensor, Rc: int, Hc: int, Hkv: int, Dr: int) -> int:
+    """Bytes of one token's padded latent and rope rows in a program's tiles."""
+    return (_pow2(Rc) + _pow2(_rope_groups_per_program(Hc, Hkv) * Dr)) * c_kv.element_size()
+
+
+PARTIALS_SHARE = 0.1  # splits are kept long enough that their partials cost at most this share of the cache bytes
+
+
+def _partials_min_tokens(G: int, Rc: int, bytes_per_token: int) -> int:
+    """Tokens a split needs so that its partials (G heads x Rc fp32, written, then read by the combine) cost at most
+    PARTIALS_SHARE of the cache it reads: 180 for SmolLM2's 9 heads x 48, 1,138 for 32 heads x 512."""
+    return math.ceil(2 * 4 * G * Rc / (PARTIALS_SHARE * bytes_per_token))
+
+
+def _num_splits(
+    B: int, Hc: int, T: int, cfg: LaunchConfig, device: torch.device, partials_tokens: int = 0
+) -> tuple[int, int]:
+    """(splits, tokens per split): enough programs to fill the SMs, no split shorter than min_split_tokens, nor than
+    partials_tokens while the programs still cover every SM once. Hc counts the programs per batch row and split
+    (latent groups x head blocks)."""
+    sms = _num_sms(device.index or 0)
+    want = math.ceil(cfg.programs_per_sm * sms / (B * Hc))
+    cap = T // cfg.min_split_tokens
+    if partials_tokens:
+        cap = min(cap, max(T // partials_tokens, math.ceil(sms / (B * Hc))))
+    splits = max(1, min(want, cap))
     split_tokens = triton.cdiv(triton.cdiv(T, splits), cfg.block_t) * cfg.block_t
     return triton.cdiv(T, split_tokens), split_tokens
 
@@ -441,8 +464,10 @@ def grouped_decode(q, k, v, scale: float, kv_start=None, kv_end=None, cfg: Launc
 
 def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig, latent_scores=True) -> torch.Tensor:
     B, H, Rc = q_lat.shape
-    Hc = c_kv.shape[1]
-    splits, _ = _num_splits(B, Hc * head_blocks(H // Hc, Rc, cfg)[1], c_kv.shape[2], cfg, c_kv.device)
+    Hc, Hkv, Dr = c_kv.shape[1], k_pe.shape[1], k_pe.shape[3]
+    block_h, nhb = head_blocks(H // Hc, Rc, cfg)
+    partials = _partials_min_tokens(min(block_h, H // Hc), Rc, _tile_bytes_per_token(c_kv, Rc, Hc, Hkv, Dr))
+    splits, _ = _num_splits(B, Hc * nhb, c_kv.shape[2], cfg, c_kv.device, partials)
     launch = functools.partial(_launch_split, q_lat, q_pe, c_kv, k_pe, scale, kv_start, cfg, kv_end=kv_end,
                                latent_scores=latent_scores)  # fmt: skip
     if splits == 1:
@@ -453,10 +478,12 @@ def _decode(q_lat, q_pe, c_kv, k_pe, scale, kv_start, kv_end, cfg: LaunchConfig,
 
 
 def default_config_int4(q_lat: torch.Tensor, kv: QuantizedLatentKV) -> LaunchConfig:
-    """64-token tiles (32 for wide latents), 8 programs per SM: on an H200 1.25-1.35x faster than 2 per SM for the
-    SmolLM2 shapes at B=16, T=16k and B=64, T=32k (bench/decode_sweep.py)."""
-    block_t = 64 if q_lat.shape[2] <= 64 else 32
-    return LaunchConfig(block_t=min(block_t, kv.c_kv.group_size), num_warps=4, num_stages=3, programs_per_sm=8.0)
+    """32-token tiles. A narrow latent (SmolLM2's 48) runs one warp a program and 16 programs per SM: on an H200
+    1.38-1.44x faster than 64-token tiles on 4 warps at B=16, T=16k and B=64, T=32k (bench/decode_sweep.py); a wide
+    one keeps 4 warps and 8 programs per SM."""
+    narrow = q_lat.shape[2] <= 64
+    return LaunchConfig(block_t=min(32, kv.c_kv.group_size), num_warps=1 if narrow else 4, num_stages=3,
+                        programs_per_sm=16.0 if narrow else 8.0)
 
 
 def decode_int4(q_lat, q_pe, kv: QuantizedLatentKV, scale: float, kv_start=None, cfg: LaunchConfig | None = None):
