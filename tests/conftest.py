@@ -1,10 +1,17 @@
+import os
 import shutil
 import socket
 import uuid
 
 import pytest
+import torch
 
 from infra.settings import Settings
+
+# Without a CUDA device, Triton (scripts/setup.sh installs it) runs kernels in its interpreter, on CPU tensors, so the
+# CPU suite checks the decode kernels too (tests/test_kernels.py). Triton reads this when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _free_port() -> int:

@@ -1,5 +1,5 @@
 """Latent decode attention: the torch reference against expanded attention (CPU), the Triton kernels against the
-reference (GPU, skipped without CUDA + Triton)."""
+reference: compiled on a GPU (skipped without CUDA + Triton), and through Triton's interpreter on the CPU."""
 
 import math
 import re
@@ -254,3 +254,62 @@ def test_triton_grouped_decode_matches_reference(dtype, B, T, end):
     got = grouped_query_decode(q, k, v, 0.125, start, kv_end)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.cpu(), expected, **tol)
+
+
+# ---- the Triton kernels on the CPU, through Triton's interpreter ----------------------------------------------------
+@pytest.fixture
+def interpreted(monkeypatch):
+    """`triton_latent` with its kernels in Triton's interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets on
+    a machine without CUDA): they run on CPU tensors, one program at a time in numpy, so the CPU suite checks their
+    logic (splits, masks, left padding, head blocks, int4 codes) without a GPU. Triton >= 3.9: 3.6's interpreter
+    fails with numpy 2.4."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (scripts/setup.sh installs it)")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter predates numpy 2.4")
+    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+
+    from mha2mla_core.kernels import triton_latent  # noqa: PLC0415 - imports triton
+
+    if not isinstance(triton_latent._split_kernel, InterpretedFunction):
+        pytest.skip("the kernels are compiled here (TRITON_INTERPRET was unset when Triton was imported)")
+    monkeypatch.setattr(triton_latent, "_num_sms", lambda device_index: 8)  # no GPU to ask: still several splits
+    return triton_latent
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.parametrize(("B", "T"), [(1, 1100), (3, 333)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_interpreted_kernel_matches_reference(interpreted, layout, B, T, padded):
+    q_lat, q_pe, c_kv, k_pe = _inputs(B, T, SHAPES[layout], slack=13)
+    kv_start = torch.randint(0, T, (B,), dtype=torch.int32) if padded else None
+    out = interpreted.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)
+    ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_interpreted_kernel_reads_only_up_to_kv_end_and_in_head_blocks(interpreted):
+    q_lat, q_pe, c_kv, k_pe = _inputs(2, 700, (128, 1, 1, 512, 64))  # DeepSeek's 128 heads: blocks of 32
+    cfg = interpreted.default_config(q_lat, c_kv, k_pe)
+    assert interpreted.head_blocks(128, 512, cfg) == (32, 4)
+    c_kv[:, :, 500:], k_pe[:, :, 500:] = 1e4, -1e4  # unwritten slots of a static cache: never read
+    out = interpreted.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_end=torch.tensor([500]), cfg=cfg)
+    ref = latent_decode_attention_reference(q_lat, q_pe, c_kv[:, :, :500], k_pe[:, :, :500], 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["smollm2-shared", "smollm2-shared-rope", "smollm2-per_head"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_interpreted_int4_kernel_matches_dequantized_reference(interpreted, layout, padded):
+    kv = _random_quantized_kv(2, 320, 37, SHAPES[layout], torch.float32, "cpu")
+    q_lat, q_pe, _, _ = _inputs(2, 1, SHAPES[layout])
+    kv_start = torch.randint(0, 357, (2,), dtype=torch.int32) if padded else None
+    out = interpreted.decode_int4(q_lat, q_pe, kv, 0.03, kv_start)
+    c_kv, k_pe = kv.dequantize()
+    torch.testing.assert_close(out, latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.03, kv_start))
+
+
+def test_interpreted_grouped_decode_matches_attention_over_the_written_slots(interpreted):
+    q, k, v = _gqa_inputs(3, 600)
+    start, end = torch.tensor([0, 50, 301], dtype=torch.int32), torch.tensor([450])
+    expected = _sdpa_gqa(q, k, v, 0.125, start, 450)
+    torch.testing.assert_close(interpreted.grouped_decode(q, k, v, 0.125, start, end), expected, atol=1e-5, rtol=1e-5)
