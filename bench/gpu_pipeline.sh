@@ -244,12 +244,15 @@ part_quality() {  # $1: variant names, $2: a tag (its folder and tarball). Resum
 }
 
 # ---- follow-ups (issue 17) on GPU 1 once its quality variants are done (FOLLOWUPS_GPU1=1 in quality mode) ---------
-part_followups() {  # what the kernels and the one-row step still need measured, most wanted first, each cut at its
-    # own timeout and at the part's: Nsight Compute on the decode kernels (where a tile's time goes), the launch
-    # sweep of 1-2 warps, the GPU decoding tests, the original's one-row step at 16k, a training step's profile
+part_followups() {  # what the kernels and the training step still need measured, most wanted first, each cut at
+    # its own timeout and at the part's: the GPU tests of the transposed kernel (tokens_on_m), Nsight Compute on the
+    # decode kernels (where a tile's time goes, tokens_on_m beside the default), the launch sweep (its grid has
+    # tokens_on_m), a training step's profile (pinned host rows, not yet profiled)
     local log=$OUT/followups.log ncu
     ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
     budget() { local left=$(( PART_TIMEOUT - SECONDS )); (( left > $1 )) && echo "$1" || echo "$(( left > 5 ? left : 5 ))"; }
+    timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -k tokens_on_m \
+        > "$log" 2>&1 || log "followups: tokens_on_m GPU tests failed or were cut off (followups.log)"
     if [[ -n $ncu ]]; then
         log "followups: $ncu on the decode kernels"
         timeout "$(budget 180)" "$ncu" --kernel-name regex:_split --section SpeedOfLight --section Occupancy \
@@ -260,11 +263,7 @@ part_followups() {  # what the kernels and the one-row step still need measured,
     fi
     timeout "$(budget 180)" "$PY" -m bench.decode_sweep --shapes smollm2-135m/shared-rope llama2-7b/shared-rope \
         --out "$OUT/sweep.jsonl" > "$OUT/sweep.log" 2>&1 || log "followups: sweep exit $?"
-    { timeout "$(budget 200)" "$PY" -m pytest -v -rf --tb=short -p no:cacheprovider -m gpu tests/test_decoding.py 2>&1 \
-          | grep -E "PASS|FAIL|ERROR|passed|failed|Error"
-      timeout "$(budget 150)" "$PY" -m bench.profile_step --cases original-b1 mla-b1 --compiled 1 --contexts 16384 \
-          --top 0 2>&1 | grep -v -i warn
-      timeout "$(budget 120)" "$PY" bench/finetune.py profile 2>&1 | grep -v -i warn; } > "$log" 2>&1
+    timeout "$(budget 150)" "$PY" bench/finetune.py profile 2>&1 | grep -v -i warn >> "$log"
 }
 
 # ---- scale (issue 18): the Llama-3.2-1B shape on 1 then 2 GPUs ----------------------------------------------------
