@@ -13,9 +13,10 @@ blocks of heads read the same tiles side by side in the grid, so that the repeat
 compile-time constants, and T and the split sizes are not specialised on, so a growing cache does not recompile.
 `LaunchConfig.tokens_on_m` transposes both dots (the tile's tokens on the tensor core's M side, the heads on N), for
 Hopper's wgmma to read the tile from shared memory: opt-in until it is timed. With one split it writes the output;
-otherwise it writes unnormalised partials (acc, running max m, running sum l) that the combine kernel merges. The int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on
-even and odd channels separately (low and high nibbles), so it never interleaves in registers; the full-precision
-residual window goes through the plain split kernel into the same partial buffers.
+otherwise it writes unnormalised partials (acc, running max m, running sum l) that the combine kernel merges. The
+int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on even and odd channels
+separately (low and high nibbles), so it never interleaves in registers; the full-precision residual window goes
+through the plain split kernel into the same partial buffers.
 """
 
 from __future__ import annotations
