@@ -196,6 +196,13 @@ VARIANTS = {
                                                         tokens=20_000_000, eval_every_tokens=4_000_000, decay_frac=0.5),
     "kd-erot-kv8-tcalib-hid5-lr3e4-20m": Variant(**EROT, hidden_weight=5.0, kv_rank=8, lr=3e-4, tokens=20_000_000,
                                                  eval_every_tokens=4_000_000, decay_frac=0.5),
+    # session 14: the mix gave the best 20M PPL (39.6) and a worse six-task average (40.6 against 41.3). Does training
+    # the whole model drift its knowledge? At 5M tokens the attention alone trained as far as every weight (48.1 against
+    # 47.9, no hidden-state loss): train only the attention and the norms, the MLPs and embeddings frozen
+    **{f"kd-erot-kv16-tcalib-attn-hid5-{tag}-20m": Variant(**EROT, trainable="attention+norms", hidden_weight=5.0,
+                                                           lr=lr, tokens=20_000_000, eval_every_tokens=4_000_000,
+                                                           decay_frac=0.5)
+       for tag, lr in {"lr6e4": 6e-4, "lr1e3": 1e-3}.items()},
 }
 
 
