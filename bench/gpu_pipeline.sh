@@ -245,14 +245,13 @@ part_quality() {  # $1: variant names, $2: a tag (its folder and tarball). Resum
 
 # ---- follow-ups (issue 17) on GPU 1 once its quality variants are done (FOLLOWUPS_GPU1=1 in quality mode) ---------
 part_followups() {  # what the kernels and the training step still need measured, most wanted first, each cut at
-    # its own timeout and at the part's: the GPU tests of the transposed kernel (tokens_on_m), Nsight Compute on the
-    # decode kernels (where a tile's time goes, tokens_on_m beside the default), the launch sweep (its grid has
-    # tokens_on_m), a training step's profile (pinned host rows, not yet profiled)
+    # its own timeout and at the part's: the decode kernels' GPU tests, Nsight Compute on them (where a tile's time
+    # goes), the launch sweep, a training step's profile
     local log=$OUT/followups.log ncu
     ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
     budget() { local left=$(( PART_TIMEOUT - SECONDS )); (( left > $1 )) && echo "$1" || echo "$(( left > 5 ? left : 5 ))"; }
-    timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -k tokens_on_m \
-        > "$log" 2>&1 || log "followups: tokens_on_m GPU tests failed or were cut off (followups.log)"
+    timeout "$(budget 150)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
+        > "$log" 2>&1 || log "followups: kernel GPU tests failed or were cut off (followups.log)"
     if [[ -n $ncu ]]; then
         log "followups: $ncu on the decode kernels"
         timeout "$(budget 180)" "$ncu" --kernel-name regex:_split --section SpeedOfLight --section Occupancy \

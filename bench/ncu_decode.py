@@ -4,16 +4,14 @@
 
 Each case runs twice, so that the second launch is not the one that compiled; profile the second
 (`--launch-skip` per case, or all of them and read the later rows). Cases are bench/decode.py's shapes: the bf16
-shared-latent kernel (also with `tokens_on_m`, the transposed dots) and the int4 kernel on SmolLM2's shape (shared
-rope key), and the bf16 kernel on DeepSeek's 512 + 64 shape with Llama-2-7B's 32 heads. It prints each case's launch
-config, so a profile row names its config.
+shared-latent kernel and the int4 kernel on SmolLM2's shape (shared rope key), and the bf16 kernel on DeepSeek's
+512 + 64 shape with Llama-2-7B's 32 heads. It prints each case's launch config, so a profile row names its config.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import replace
 
 import torch
 
@@ -22,7 +20,6 @@ from mha2mla_core.kernels import triton_latent
 
 CASES = {
     "smollm2-bf16": ("smollm2-135m/shared-rope", "bf16"),
-    "smollm2-bf16-tokens-on-m": ("smollm2-135m/shared-rope", "bf16-tokens-on-m"),
     "smollm2-int4": ("smollm2-135m/shared-rope", "int4"),
     "llama2-bf16": ("llama2-7b/shared-rope", "bf16"),
 }
@@ -33,8 +30,8 @@ def run_case(name: str, B: int, T: int) -> None:
     s = next(s for s in SHAPES if s.name == shape_name)
     q_lat, q_pe, c_kv, k_pe = mla_inputs(s, B, T)
     scale = 1 / math.sqrt(s.D + s.Dr)
-    if kind.startswith("bf16"):
-        cfg = replace(triton_latent.default_config(q_lat, c_kv, k_pe), tokens_on_m=kind.endswith("tokens-on-m"))
+    if kind == "bf16":
+        cfg = triton_latent.default_config(q_lat, c_kv, k_pe)
         step = lambda: triton_latent.decode(q_lat, q_pe, c_kv, k_pe, scale, cfg=cfg)  # noqa: E731
     else:
         del c_kv, k_pe

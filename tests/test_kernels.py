@@ -171,22 +171,6 @@ def test_triton_matches_reference(layout, dtype, B, T, padded):
     torch.testing.assert_close(out, ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("layout", list(SHAPES))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("B", "T"), [(1, 5000), (3, 333)])
-@pytest.mark.gpu
-@requires_gpu
-def test_triton_tokens_on_m_matches_reference(layout, dtype, B, T):
-    from mha2mla_core.kernels import triton_latent  # noqa: PLC0415 - imports triton
-
-    q_lat, q_pe, c_kv, k_pe = _inputs(B, T, SHAPES[layout], dtype, "cuda", slack=13)
-    kv_start = torch.randint(0, T, (B,), dtype=torch.int32, device="cuda")
-    cfg = replace(triton_latent.default_config(q_lat, c_kv, k_pe), tokens_on_m=True)
-    out = triton_latent.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start, cfg=cfg)
-    ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)
-    torch.testing.assert_close(out, ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
-
-
 # (H, Hkv, Hc, Rc, Dr), heads per program: DeepSeek's 128 heads in the default's 32-head blocks; 32 and 48 heads in
 # blocks of 16 and 32 (the last one half empty)
 HEAD_BLOCKED = [((128, 1, 1, 512, 64), None), ((32, 32, 1, 512, 32), 16), ((48, 1, 1, 48, 24), 32)]
@@ -295,12 +279,10 @@ def interpreted(monkeypatch):
 @pytest.mark.parametrize("layout", list(SHAPES))
 @pytest.mark.parametrize(("B", "T"), [(1, 1100), (3, 333)])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("tokens_on_m", [False, True])
-def test_interpreted_kernel_matches_reference(interpreted, layout, B, T, padded, tokens_on_m):
+def test_interpreted_kernel_matches_reference(interpreted, layout, B, T, padded):
     q_lat, q_pe, c_kv, k_pe = _inputs(B, T, SHAPES[layout], slack=13)
     kv_start = torch.randint(0, T, (B,), dtype=torch.int32) if padded else None
-    cfg = replace(interpreted.default_config(q_lat, c_kv, k_pe), tokens_on_m=tokens_on_m)
-    out = interpreted.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start, cfg=cfg)
+    out = interpreted.decode(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)
     ref = latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.125, kv_start)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
@@ -326,10 +308,8 @@ def test_interpreted_int4_kernel_matches_dequantized_reference(interpreted, layo
     torch.testing.assert_close(out, latent_decode_attention_reference(q_lat, q_pe, c_kv, k_pe, 0.03, kv_start))
 
 
-@pytest.mark.parametrize("tokens_on_m", [False, True])
-def test_interpreted_grouped_decode_matches_attention_over_the_written_slots(interpreted, tokens_on_m):
+def test_interpreted_grouped_decode_matches_attention_over_the_written_slots(interpreted):
     q, k, v = _gqa_inputs(3, 600)
     start, end = torch.tensor([0, 50, 301], dtype=torch.int32), torch.tensor([450])
-    cfg = replace(interpreted.default_config(q.new_empty(3, 9, 64), v, k), tokens_on_m=tokens_on_m)
-    got = interpreted.grouped_decode(q, k, v, 0.125, start, end, cfg=cfg)
+    got = interpreted.grouped_decode(q, k, v, 0.125, start, end)
     torch.testing.assert_close(got, _sdpa_gqa(q, k, v, 0.125, start, 450), atol=1e-5, rtol=1e-5)

@@ -11,8 +11,7 @@ group c * G // HPG on), keeping an online softmax in fp32. A group's heads fit o
 once) unless their fp32 accumulator would not fit the registers (DeepSeek's 128 heads x 512 latent spill): then NHB
 blocks of heads read the same tiles side by side in the grid, so that the repeats can hit L2. Token strides are
 compile-time constants, and T and the split sizes are not specialised on, so a growing cache does not recompile.
-`LaunchConfig.tokens_on_m` transposes both dots (the tile's tokens on the tensor core's M side, the heads on N), for
-Hopper's wgmma to read the tile from shared memory: opt-in until it is timed. With one split it writes the output;
+With one split it writes the output;
 otherwise it writes unnormalised partials (acc, running max m, running sum l) that the combine kernel merges. The
 int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on even and odd channels
 separately (low and high nibbles), so it never interleaves in registers; the full-precision residual window goes
@@ -36,12 +35,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_softmax_step(s, m_i, l_i, AXIS: tl.constexpr):
-    """s: log2-scaled scores with the tokens along AXIS -> p, the rescale factor of the old state, new m and l."""
-    m_new = tl.maximum(m_i, tl.max(s, AXIS))
+def _online_softmax_step(s, m_i, l_i):
+    """s: (heads, tokens) log2-scaled scores -> p, the rescale factor of the old state, new m and l."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - tl.expand_dims(m_new, AXIS))
-    l_new = l_i * alpha + tl.sum(p, AXIS)
+    p = tl.exp2(s - m_new[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_new
 
 
@@ -76,7 +75,7 @@ def _split_kernel(
     RC: tl.constexpr, RC_PAD: tl.constexpr, DR: tl.constexpr, P_PAD: tl.constexpr, P_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, NHB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
-    LATENT_SCORES: tl.constexpr, TOKENS_ON_M: tl.constexpr,
+    LATENT_SCORES: tl.constexpr,
 ):
     split = tl.program_id(0) // NHB
     c = tl.program_id(1)
@@ -109,23 +108,16 @@ def _split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    if TOKENS_ON_M:  # the transposed dots: the tile is their left operand, the heads their N side
-        acc = tl.zeros([RC_PAD, BLOCK_H], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_H, RC_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_H, RC_PAD], tl.float32)
     for t0 in range(first, hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = (offs_t < hi) & (offs_t >= start)
         c_tile = tl.load(
             c_base + offs_t[:, None] * STRIDE_CT + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0
         )  # (BLOCK_T, RC_PAD)
-        if LATENT_SCORES and TOKENS_ON_M:
-            s = tl.dot(c_tile, tl.trans(q_lat), input_precision=DOT_PREC)  # (BLOCK_T, BLOCK_H)
-        elif LATENT_SCORES:
+        if LATENT_SCORES:
             s = tl.dot(q_lat, tl.trans(c_tile), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_T)
-        elif TOKENS_ON_M:  # grouped-query attention: the rope key is the whole key, the latent the value
-            s = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-        else:
+        else:  # grouped-query attention: the rope key is the whole key, the latent the value
             s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
         for pc in tl.static_range(0, P_PAD, P_CHUNK):
             offs_p = pc + offs_p0
@@ -139,20 +131,10 @@ def _split_kernel(
                 q_pe = q_pe0
             else:
                 q_pe = _rope_query(q_pe_row, offs_p, offs_h, h_ok, HPG, KPC, DR)
-            if TOKENS_ON_M:
-                s += tl.dot(k_tile, tl.trans(q_pe), input_precision=DOT_PREC)
-            else:
-                s += tl.dot(q_pe, tl.trans(k_tile), input_precision=DOT_PREC)
-        if TOKENS_ON_M:
-            s = tl.where(t_ok[:, None], s * qk_scale, float("-inf"))
-            p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i, 0)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(c_tile), p.to(c_tile.dtype), input_precision=DOT_PREC)
-        else:
-            s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
-            p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c_tile.dtype), c_tile, input_precision=DOT_PREC)
-    if TOKENS_ON_M:
-        acc = tl.trans(acc)  # (BLOCK_H, RC_PAD)
+            s += tl.dot(q_pe, tl.trans(k_tile), input_precision=DOT_PREC)
+        s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_tile.dtype), c_tile, input_precision=DOT_PREC)
 
     if DIRECT:
         o_ptr = Out + b * stride_ob + head[:, None] * stride_oh + offs_r[None, :]
@@ -241,7 +223,7 @@ def _split_int4_kernel(
         s += tl.dot(qp_e, tl.trans(k_e), input_precision=DOT_PREC)
         s += tl.dot(qp_o, tl.trans(k_o), input_precision=DOT_PREC)
         s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i, 1)
+        p, alpha, m_i, l_i = _online_softmax_step(s, m_i, l_i)
         p = p.to(DTYPE)
         acc_e = acc_e * alpha[:, None] + tl.dot(p, x_e, input_precision=DOT_PREC)
         acc_o = acc_o * alpha[:, None] + tl.dot(p, x_o, input_precision=DOT_PREC)
@@ -299,9 +281,6 @@ class LaunchConfig:
     programs_per_sm: float = 2.0
     min_split_tokens: int = 256
     max_block_h: int | None = None  # heads per program (a power of 2, >= 16); None: as many as HEAD_BLOCK_BUDGET allows
-    tokens_on_m: bool = False  # bf16 split kernel: the transposed dots, a tile's tokens on the tensor core's M side and
-    # the heads on N, so that on Hopper (tiles of >= 64 tokens) wgmma reads the tile straight from shared memory
-    # instead of every warp loading it through registers (what Nsight Compute found to bind; not yet timed)
 
 
 HEAD_BLOCK_BUDGET = 16384  # fp32 accumulator elements per program (heads x padded latent): 128 registers a thread at
@@ -430,7 +409,7 @@ def _launch_split(
         G=G, HPG=H // Hkv, KPC=KPC, RC=Rc, RC_PAD=_pow2(Rc), DR=Dr, P_PAD=p_pad, P_CHUNK=min(p_pad, 128),
         BLOCK_H=block_h, NHB=nhb, BLOCK_T=cfg.block_t,
         HAS_START=kv_start is not None, HAS_END=kv_end is not None, DIRECT=parts is None,
-        DOT_PREC=_dot_precision(q_lat.dtype), LATENT_SCORES=latent_scores, TOKENS_ON_M=cfg.tokens_on_m,
+        DOT_PREC=_dot_precision(q_lat.dtype), LATENT_SCORES=latent_scores,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
