@@ -1,6 +1,7 @@
 """The suite end to end on a tiny model and its MLA conversions: results, JSON round trip, table, plots."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -21,6 +22,7 @@ from mha2mla_core.evaluation import (
     flat_metrics,
 )
 from mha2mla_core.evaluation import plots
+from mha2mla_core.evaluation.report import mc_summary
 from tiny_models import calib_ids
 
 FULL_RANK = MLAConfig(rope_dims=16, kv_rank=16, svd="joint", layout="per_head", calib_seq_len=64)
@@ -165,5 +167,19 @@ def test_commonsense_average_reads_acc_norm_and_winogrande_acc():
                          acc_norm_stderr=None, samples=10) for t in tasks}  # fmt: skip
     result = EvalResult("m", "llama", 1, "float32", "cpu", multiple_choice=scores)
     assert flat_metrics(result)["mc.commonsense_avg"] == pytest.approx(100 * (5 * 0.6 + 0.3) / 6)
+    assert mc_summary(scores).endswith("piqa 60.0, openbookqa 60.0, winogrande 30.0, six-task average 55.0")
     del scores["piqa"]  # an average of five tasks is no six-task average
     assert "mc.commonsense_avg" not in flat_metrics(result)
+    assert mc_summary(scores) == "arc_easy 60.0, arc_challenge 60.0, hellaswag 60.0, openbookqa 60.0, winogrande 30.0"
+
+
+def test_the_log_keeps_the_multiple_choice_scores_before_the_later_stages(suite, caplog):
+    """A run cut off in the needle or inference stage still leaves its multiple-choice figures in the log."""
+    from dataclasses import replace
+
+    tokenizer = tiny_tokenizer()
+    with caplog.at_level(logging.INFO, logger="mha2mla_core.evaluation.suite"):
+        result = evaluate_model(tiny_lm(tokenizer), tokenizer, replace(suite, perplexity=None, needle=None,
+                                                                          inference=None), "tiny")  # fmt: skip
+    score = 100 * result.multiple_choice["arc_easy"].acc_norm
+    assert f"tiny: multiple choice: arc_easy {score:.1f}" in caplog.text

@@ -90,6 +90,20 @@ def _headline(score: MCScore) -> float:
     return score.acc if score.acc_norm is None else score.acc_norm
 
 
+def commonsense_avg(scores: Mapping[str, MCScore]) -> float | None:
+    """The six-task average in percent (each task's headline figure), or None unless all six were scored."""
+    if not all(t in scores for t in COMMONSENSE):
+        return None
+    return 100 * sum(_headline(scores[t]) for t in COMMONSENSE) / len(COMMONSENSE)
+
+
+def mc_summary(scores: Mapping[str, MCScore]) -> str:
+    """One line of each task's headline figure in percent, and the six-task average when all six were scored."""
+    parts = [f"{task} {100 * _headline(s):.1f}" for task, s in scores.items()]
+    average = commonsense_avg(scores)
+    return ", ".join(parts + ([] if average is None else [f"six-task average {average:.1f}"]))
+
+
 def metrics_of(result: EvalResult) -> list[Metric]:
     """Each figure of the result, in table order; accuracies in percent."""
     rows: list[Metric] = []
@@ -101,9 +115,8 @@ def metrics_of(result: EvalResult) -> list[Metric]:
         if s.acc_norm is not None:
             norm = 100 * s.acc_norm
             rows.append(Metric(f"mc.{task}.acc_norm", f"{task} acc_norm", "acc", norm, _pct(s.acc_norm_stderr)))
-    common = [_headline(result.multiple_choice[t]) for t in COMMONSENSE if t in result.multiple_choice]
-    if len(common) == len(COMMONSENSE):
-        average = 100 * sum(common) / len(common)
+    average = commonsense_avg(result.multiple_choice)
+    if average is not None:
         rows.append(Metric("mc.commonsense_avg", "commonsense avg (6 tasks: acc_norm; WinoGrande acc)", "acc", average,
                            None))  # fmt: skip
     if result.needle:

@@ -20,7 +20,7 @@ from mha2mla_core.evaluation.multiple_choice import TASK_FILES, MCConfig, check_
 from mha2mla_core.evaluation.needle import NeedleConfig, check_context, haystack_files, run_needle
 from mha2mla_core.evaluation.paths import read_text
 from mha2mla_core.evaluation.perplexity import PerplexityConfig, PerplexityResult, perplexity, run_perplexity
-from mha2mla_core.evaluation.report import EvalResult
+from mha2mla_core.evaluation.report import EvalResult, mc_summary
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def evaluate_model(
 
     ppl = timed("perplexity", lambda c: _perplexity(model, tokenizer, c, perplexity_text), cfg.perplexity)
     mc = timed("multiple_choice", lambda c: run_multiple_choice(model, tokenizer, c), cfg.multiple_choice)
+    if mc:  # in the log now, so that a run cut off in a later stage keeps them
+        logger.info("%s: multiple choice: %s", name, mc_summary(mc))
     needle = timed("needle", lambda c: run_needle(model, tokenizer, c), cfg.needle)
     inference = timed("inference", lambda c: run_inference(model, c), cfg.inference)
     probe = timed("kv_probe", lambda n: probe_kv_bytes_per_token(model, n), cfg.kv_probe_tokens)
