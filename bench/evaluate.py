@@ -8,11 +8,17 @@
     .venv/bin/python bench/evaluate.py --device cuda --needle-lengths 1024,2048,4096,8000   # full runs on a GPU
     python3 bench/evaluate.py --model model.gguf --device cuda --no-original --candidate mla=ckpt \
         --mc-data-dir mc/ --ppl-text wiki.test.raw        # a machine without ../shared: data given, original skipped
+    ... --candidate mla=ckpt --kv-bits 4                  # also each MLA model with an int4 latent cache
 
 Stages (see mha2mla_core.evaluation): wikitext-2 PPL on the project protocol; lm-eval zero-shot MC on the local
 tasks (`--limit` items per task, per subject for MMLU); needle-in-a-haystack in the Gutenberg books (lengths x
 depths); KV bytes/token from the cache, peak memory and prefill/decode/generate tokens/s. Writes table.md,
 comparison.json, <name>.json per model and PNGs (needle heatmaps, decode speed, KV bytes) to --out.
+
+`--kv-bits N` scores each MLA model (`--candidate`, `--convert`) once more as `<name>-intN`, with its latent cache
+quantized (`--kv-bits` of `mha2mla convert`: `KVCacheQuantConfig` defaults), where the cache is read: PPL through the
+cache, one token at a time, the needle and the speed points. Multiple choice scores each item in one forward, which
+never reads the cache, so it is not run again.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from mha2mla_core.evaluation import (
 )
 from mha2mla_core.evaluation.multiple_choice import TASK_FILES
 from mha2mla_core.evaluation.paths import MC_DATA_DIR
+from mha2mla_core.modeling.latent_cache import KVCacheQuantConfig
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -74,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-original", action="store_true",
                    help="skip the original's evaluation (deltas then read against the first candidate)")
     p.add_argument("--convert", type=named, action="append", default=[], help="NAME=MLAConfig fields, k=v,...")
+    p.add_argument("--kv-bits", type=int, choices=(4, 2),
+                   help="also score each MLA model with its latent cache quantized to this many bits")
     p.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", default="", help="stages to skip: comma list of ppl,mc,needle,inference")
@@ -144,15 +153,28 @@ def main() -> None:
         results["original"] = evaluate(model, tokenizer, configs, "original")
     for name, path in args.candidate:
         candidate, candidate_tokenizer = load_model(path, device=args.device)
-        results[name] = evaluate(candidate, candidate_tokenizer, configs, name)
+        results.update(evaluate_mla(candidate, candidate_tokenizer, configs, name, args.kv_bits))
         del candidate
     if args.convert:
         from bench.zero_shot import calibration_ids
 
         calib, _ = calibration_ids(model, tokenizer, "books")
         for name, spec in args.convert:
-            results[name] = evaluate(convert_to_mla(model, mla_config(spec), calib), tokenizer, configs, name)
+            mla = convert_to_mla(model, mla_config(spec), calib)
+            results.update(evaluate_mla(mla, tokenizer, configs, name, args.kv_bits))
     write(results, args.out)
+
+
+def evaluate_mla(model, tokenizer, configs: list[EvalConfig], name: str, kv_bits: int | None) -> dict[str, EvalResult]:
+    """`name`'s result, and with `kv_bits` also `name-intN`'s: the stages that read the cache, run again with the
+    latent cache quantized (multiple choice scores in one forward, which never reads it)."""
+    results = {name: evaluate(model, tokenizer, configs, name)}
+    through_cache = [replace(c, multiple_choice=None) for c in configs if c.perplexity or c.needle or c.inference]
+    if kv_bits and through_cache and hasattr(model.config, "kv_cache_quant"):
+        model.config.kv_cache_quant = KVCacheQuantConfig(nbits=kv_bits).to_dict()
+        results[f"{name}-int{kv_bits}"] = evaluate(model, tokenizer, through_cache, f"{name}-int{kv_bits}")
+        model.config.kv_cache_quant = None
+    return results
 
 
 def write(results: dict[str, EvalResult], out: Path) -> None:

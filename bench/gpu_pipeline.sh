@@ -10,7 +10,8 @@
 #   VARIANTS="a b" bash bench/gpu_pipeline.sh quality   # bench/finetune.py variants, saved, then the six tasks and
 #                                          # the needle on each (bench/evaluate.py; ORIGINAL=1: the original too;
 #                                          # VARIANTS_GPU1: more variants on GPU 1 at the same time;
-#                                          # FOLLOWUPS_GPU1=1: then issue 17's follow-ups on GPU 1, see part_followups)
+#                                          # FOLLOWUPS_GPU1=1: then issue 17's follow-ups on GPU 1, see part_followups;
+#                                          # KV_BITS=4: each variant also scored with an int4 latent cache)
 #   bash bench/gpu_pipeline.sh 8b+speed    # convert8b on GPU 0 while speed runs on GPU 1 (one 2-GPU call)
 #
 # A device session's calls (kind nvidia-h200-x2; each within ~30 s of the last, so the machine and $GPU_KIT stay):
@@ -219,7 +220,8 @@ part_quality() {  # $1: variant names, $2: a tag (its folder and tarball). Resum
     local six=arc_easy,arc_challenge,hellaswag,piqa,openbookqa,winogrande
     mkdir -p "$ck"
     local evaluate=("$PY" bench/evaluate.py --model "$MODEL_GGUF" --device cuda --tasks "$six" --mc-data-dir "$(kit .carry_mc)"
-                    --mc-batch-size 64 --needle-lengths 1024,2048,4096,8000 --skip inference --ppl-text "$(wikitext)")
+                    --mc-batch-size 64 --needle-lengths 1024,2048,4096,8000 --skip inference --ppl-text "$(wikitext)"
+                    ${KV_BITS:+--kv-bits "$KV_BITS"})
     if [[ ${ORIGINAL:-0} == 1 && $2 == gpu0 && ! -f $res/eval-original/table.md ]]; then
         timeout "$(( PART_TIMEOUT - SECONDS ))" "${evaluate[@]}" --out "$res/eval-original" > "$res/eval-original.log" 2>&1
     fi
