@@ -10,12 +10,11 @@ the RoPE part as a block-diagonal (BLOCK_H, KPC * Dr) query against the KPC rope
 group c * G // HPG on), keeping an online softmax in fp32. A group's heads fit one block (NHB = 1: the tiles are read
 once) unless their fp32 accumulator would not fit the registers (DeepSeek's 128 heads x 512 latent spill): then NHB
 blocks of heads read the same tiles side by side in the grid, so that the repeats can hit L2. Token strides are
-compile-time constants, and T and the split sizes are not specialised on, so a growing cache does not recompile.
-With one split it writes the output;
-otherwise it writes unnormalised partials (acc, running max m, running sum l) that the combine kernel merges. The
-int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and works on even and odd channels
-separately (low and high nibbles), so it never interleaves in registers; the full-precision residual window goes
-through the plain split kernel into the same partial buffers.
+compile-time constants, and T and the split sizes are not specialised on, so a growing cache does not recompile. With
+one split it writes the output; otherwise it writes unnormalised partials (acc, running max m, running sum l) that
+the combine kernel merges. The int4 split kernel reads `GroupQuant` codes, dequantizes each tile in registers and
+works on even and odd channels separately (low and high nibbles), so it never interleaves in registers; the
+full-precision residual window goes through the plain split kernel into the same partial buffers.
 """
 
 from __future__ import annotations
