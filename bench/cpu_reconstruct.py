@@ -1,17 +1,17 @@
-"""What a short block-wise reconstruction buys a CPU worker: SmolLM2-135M's default conversion, then the `cpu`
+"""What a short block-wise reconstruction buys a CPU worker: SmolLM2-135M's conversion, then the `cpu`
 recipe's reconstruction (`flows/recipes/cpu.yaml`) run on for more steps, on the CPU.
 
     .venv/bin/python bench/cpu_reconstruct.py [--steps 50 100 200] [--kv-rank 8]
         [--calib books|model-continued|mixed] [--refit-values] [--lr 3e-4] [--calib-tokens 8192]
         [--fade-from 32] [--out bench/results/FILE.jsonl]
 
-As the pipeline's CPU path does it: the default MLAConfig calibrated on the packaged books (8,192 tokens unless
-`--calib-tokens` says otherwise, in windows of 512; `--calib model-continued`: each window rewritten by the original
-from its first 4 tokens, the pipeline's `calibration.model_samples` and the `cpu` recipe's; `mixed`: the first half
-of them), then `reconstruct_attention` on those windows with the recipe's settings. `--steps 50 100 200` fits 50
-steps, scores, fits 50 more (a schedule of their own), scores, and so on. Scored: PPL on the packaged held-out books
-(4,096 tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2 protocol (bench/zero_shot.py:
-16,384 tokens). One JSON line per point, printed and appended to --out.
+As the pipeline's CPU path does it: the recipe's MLAConfig (`--kv-rank`: another width) calibrated on the packaged
+books (8,192 tokens unless `--calib-tokens` says otherwise, in windows of 512; `--calib model-continued`: each window
+rewritten by the original from its first 4 tokens, the pipeline's `calibration.model_samples` and the `cpu` recipe's;
+`mixed`: the first half of them), then `reconstruct_attention` on those windows with the recipe's settings. `--steps
+50 100 200` fits 50 steps, scores, fits 50 more (a schedule of their own), scores, and so on. Scored: PPL on the
+packaged held-out books (4,096 tokens, windows of 512: the pipeline's default evaluation) and on the wikitext-2
+protocol (bench/zero_shot.py: 16,384 tokens). One JSON line per point, printed and appended to --out.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from mha2mla_core.training.reconstruct import reconstruct_attention
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200], help="cumulative steps scored")
-    parser.add_argument("--kv-rank", type=int, default=MLAConfig().kv_rank, help="per KV head (16: 81.25%% saving)")
+    recipe_rank = read_recipe("cpu").get("mla", {}).get("kv_rank", MLAConfig().kv_rank)
+    parser.add_argument("--kv-rank", type=int, default=recipe_rank,
+                        help="per KV head (default: the cpu recipe's, 32; 16: 81.25%% less cache in values)")
     parser.add_argument("--calib", choices=("books", "model-continued", "mixed"), default="books",
                         help="calibration windows: the packaged books, the books continued by the original, or half "
                              "of each (the first half of the windows continued)")

@@ -3,9 +3,10 @@
     .venv/bin/python bench/kv_quant_quality.py [--recon-steps N] [--kv-rank 32] [--bits 4 2] [--backends quanto hqq]
         [--max-tokens 4096] [--out FILE.jsonl]
 
-The model is what a CPU worker's `cpu` recipe makes (`flows/recipes/cpu.yaml`): the default MLAConfig calibrated on
+The model is what a CPU worker's `cpu` recipe makes (`flows/recipes/cpu.yaml`): the recipe's MLAConfig calibrated on
 the packaged books continued by the original, then the recipe's block-wise reconstruction (`--recon-steps`: another
-number of its steps; 0: zero shot); `--kv-rank` converts at another latent width (32: 120 values a token and layer).
+number of its steps; 0: zero shot); `--kv-rank` converts at another latent width (the recipe's 32: 120 values a
+token and layer; 16: 72).
 Each cache setting (none, then each of `--bits` with each of `--backends`, group 64, the last 128 tokens in full
 precision: `KVCacheQuantConfig`'s defaults, what `--kv-bits` gives) is scored on the first `--max-tokens` of
 wikitext-2 in windows of 512. A quantized setting is scored through the cache, one token at a time
@@ -57,7 +58,7 @@ def recipe_model(recon_steps: int, kv_rank: int | None = None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recon-steps", type=int, help="reconstruction steps (default: the cpu recipe's; 0: none)")
-    parser.add_argument("--kv-rank", type=int, help="latent dims per KV head (default: MLAConfig's, 16)")
+    parser.add_argument("--kv-rank", type=int, help="latent dims per KV head (default: the cpu recipe's)")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2], choices=(4, 2), help="quantized cache widths")
     parser.add_argument("--backends", nargs="+", default=["quanto", "hqq"], choices=("quanto", "hqq"))
     parser.add_argument("--max-tokens", type=int, default=4096, help="wikitext-2 tokens scored (windows of 512)")
