@@ -171,9 +171,9 @@ def evaluate_mla(model, tokenizer, configs: list[EvalConfig], name: str, kv_bits
     results = {name: evaluate(model, tokenizer, configs, name)}
     through_cache = [replace(c, multiple_choice=None) for c in configs if c.perplexity or c.needle or c.inference]
     if kv_bits and through_cache and hasattr(model.config, "kv_cache_quant"):
-        model.config.kv_cache_quant = KVCacheQuantConfig(nbits=kv_bits).to_dict()
+        stored, model.config.kv_cache_quant = model.config.kv_cache_quant, KVCacheQuantConfig(nbits=kv_bits).to_dict()
         results[f"{name}-int{kv_bits}"] = evaluate(model, tokenizer, through_cache, f"{name}-int{kv_bits}")
-        model.config.kv_cache_quant = None
+        model.config.kv_cache_quant = stored  # the model as it came
     return results
 
 
