@@ -12,13 +12,14 @@
 
 Stages (see mha2mla_core.evaluation): wikitext-2 PPL on the project protocol; lm-eval zero-shot MC on the local
 tasks (`--limit` items per task, per subject for MMLU); needle-in-a-haystack in the Gutenberg books (lengths x
-depths); KV bytes/token from the cache, peak memory and prefill/decode/generate tokens/s. Writes table.md,
-comparison.json, <name>.json per model and PNGs (needle heatmaps, decode speed, KV bytes) to --out.
+depths); KV bytes/token from the cache after a forward of `--kv-probe-tokens`; peak memory and prefill/decode/generate
+tokens/s. Writes table.md, comparison.json, <name>.json per model and PNGs (needle heatmaps, decode speed, KV bytes)
+to --out.
 
 `--kv-bits N` scores each MLA model (`--candidate`, `--convert`) once more as `<name>-intN`, with its latent cache
-quantized (`--kv-bits` of `mha2mla convert`: `KVCacheQuantConfig` defaults), where the cache is read: PPL through the
-cache, one token at a time, the needle and the speed points. Multiple choice scores each item in one forward, which
-never reads the cache, so it is not run again.
+quantized as `KVCacheQuantConfig(nbits=N, backend=--kv-backend)` (hqq, as the recipes, unless told), where the
+cache is read: PPL through the cache, one token at a time, the needle and the speed points. Multiple choice scores
+each item in one forward, which never reads the cache, so it is not run again.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--convert", type=named, action="append", default=[], help="NAME=MLAConfig fields, k=v,...")
     p.add_argument("--kv-bits", type=int, choices=(4, 2),
                    help="also score each MLA model with its latent cache quantized to this many bits")
+    p.add_argument("--kv-backend", choices=("hqq", "quanto"), default="hqq",
+                   help="the quantized cache's backend (default hqq, as the recipes; session 15 ran quanto's min-max)")
     p.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", default="", help="stages to skip: comma list of ppl,mc,needle,inference")
@@ -101,6 +104,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=ints, default=(1, 4))
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="measurements per speed point; the best is kept")
+    p.add_argument("--kv-probe-tokens", type=int, default=4096,
+                   help="KV bytes/token are read from the cache after a forward of this many tokens: past a quantized "
+                        "cache's full-precision residual window, so an int4 cache shows its own bytes")
     return p.parse_args()
 
 
@@ -119,6 +125,7 @@ def eval_configs(args: argparse.Namespace) -> list[EvalConfig]:
         inference=None
         if "inference" in skip
         else InferenceConfig(args.contexts, args.batch_sizes, args.decode_steps, args.repeats),
+        kv_probe_tokens=args.kv_probe_tokens,
     )
     if "mc" in skip or args.mmlu_limit is None or "mmlu" not in tasks or tasks == ("mmlu",):
         return [base]
@@ -143,6 +150,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lists every MMLU subtask
     configs = eval_configs(args)
+    quant = KVCacheQuantConfig(nbits=args.kv_bits, backend=args.kv_backend) if args.kv_bits else None
     torch.manual_seed(0)
     if args.no_original and not (args.candidate or args.convert):
         raise SystemExit("--no-original needs a model to evaluate: add --candidate NAME=PATH or --convert NAME=SPEC")
@@ -153,7 +161,7 @@ def main() -> None:
         results["original"] = evaluate(model, tokenizer, configs, "original")
     for name, path in args.candidate:
         candidate, candidate_tokenizer = load_model(path, device=args.device)
-        results.update(evaluate_mla(candidate, candidate_tokenizer, configs, name, args.kv_bits))
+        results.update(evaluate_mla(candidate, candidate_tokenizer, configs, name, quant))
         del candidate
     if args.convert:
         from bench.zero_shot import calibration_ids
@@ -161,18 +169,20 @@ def main() -> None:
         calib, _ = calibration_ids(model, tokenizer, "books")
         for name, spec in args.convert:
             mla = convert_to_mla(model, mla_config(spec), calib)
-            results.update(evaluate_mla(mla, tokenizer, configs, name, args.kv_bits))
+            results.update(evaluate_mla(mla, tokenizer, configs, name, quant))
     write(results, args.out)
 
 
-def evaluate_mla(model, tokenizer, configs: list[EvalConfig], name: str, kv_bits: int | None) -> dict[str, EvalResult]:
-    """`name`'s result, and with `kv_bits` also `name-intN`'s: the stages that read the cache, run again with the
+def evaluate_mla(model, tokenizer, configs: list[EvalConfig], name: str,
+                 quant: KVCacheQuantConfig | None) -> dict[str, EvalResult]:
+    """`name`'s result, and with `quant` also `name-intN`'s: the stages that read the cache, run again with the
     latent cache quantized (multiple choice scores in one forward, which never reads it)."""
     results = {name: evaluate(model, tokenizer, configs, name)}
     through_cache = [replace(c, multiple_choice=None) for c in configs if c.perplexity or c.needle or c.inference]
-    if kv_bits and through_cache and hasattr(model.config, "kv_cache_quant"):
-        stored, model.config.kv_cache_quant = model.config.kv_cache_quant, KVCacheQuantConfig(nbits=kv_bits).to_dict()
-        results[f"{name}-int{kv_bits}"] = evaluate(model, tokenizer, through_cache, f"{name}-int{kv_bits}")
+    if quant and through_cache and hasattr(model.config, "kv_cache_quant"):
+        stored, model.config.kv_cache_quant = model.config.kv_cache_quant, quant.to_dict()
+        label = f"{name}-int{quant.nbits}"
+        results[label] = evaluate(model, tokenizer, through_cache, label)
         model.config.kv_cache_quant = stored  # the model as it came
     return results
 
