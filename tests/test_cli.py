@@ -212,6 +212,7 @@ def test_a_worker_runs_its_device_s_recipe_unless_told_otherwise(cli, tiny_sourc
     assert params.calibration.model_samples and params.finetune.data is None and params.finetune.synthetic_fraction == 1
     train = params.finetune.train
     assert (train.max_tokens, train.lr, train.hidden_weight, train.decay_frac) == (20_000_000, 3e-4, 5.0, 0.5)
+    assert params.mla.kv_rank == 64 and (params.quantize_kv.nbits, params.quantize_kv.backend) == (4, "hqq")
     cli("convert", str(tiny_source), "--recipe", "none")
     assert seen["params"].finetune is None
     cli("convert", str(tiny_source), "--finetune-data", "text.txt")  # the command says how to fine-tune: no recipe
