@@ -1,6 +1,6 @@
 """What an int4 or int2 latent cache costs in quality: SmolLM2-135M's MLA conversion scored through its cache.
 
-    .venv/bin/python bench/kv_quant_quality.py [--recon-steps N] [--kv-rank 32] [--bits 4 2] [--backends quanto hqq]
+    .venv/bin/python bench/kv_quant_quality.py [--recon-steps N] [--kv-rank 64] [--bits 4 2] [--backends quanto hqq]
         [--max-tokens 4096] [--out FILE.jsonl]
 
 The model is what a CPU worker's `cpu` recipe makes (`flows/recipes/cpu.yaml`): the recipe's MLAConfig calibrated on

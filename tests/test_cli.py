@@ -192,7 +192,7 @@ def test_a_worker_runs_its_device_s_recipe_unless_told_otherwise(cli, tiny_sourc
     assert params.finetune is None and not params.reconstruct.bf16
     assert (params.reconstruct.steps, params.reconstruct.micro_batch_size) == (100, 1)
     assert params.calibration.model_samples  # data-free calibration: the original's own continuations
-    assert params.mla.kv_rank == 32 and (params.quantize_kv.nbits, params.quantize_kv.backend) == (4, "hqq")
+    assert params.mla.kv_rank == 64 and (params.quantize_kv.nbits, params.quantize_kv.backend) == (4, "hqq")
     cli("convert", str(tiny_source), "--reconstruct-steps", "20")
     assert seen["params"].reconstruct.steps == 20 and seen["params"].finetune is None
     cli("convert", str(tiny_source), "--recipe", "cpu", "--kv-rank", "16", "--kv-bits", "0")  # the engines' budget
