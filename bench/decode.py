@@ -82,6 +82,8 @@ SHAPES = (
     BenchShape("smollm2-135m", "shared", 30, H=9, Hkv=3, D=64, Hc=1, Rc=48, Dr=8, rope_heads=3),
     BenchShape("smollm2-135m", "shared-rope", 30, H=9, Hkv=3, D=64, Hc=1, Rc=48, Dr=24, rope_heads=1),
     BenchShape("smollm2-135m", "per_head", 30, H=9, Hkv=3, D=64, Hc=3, Rc=16, Dr=8, rope_heads=3),
+    # what both recipes make since session 15: rank 64 per KV head, one shared latent of 192 and one 24-dim RoPE key
+    BenchShape("smollm2-135m-r64", "shared-rope", 30, H=9, Hkv=3, D=64, Hc=1, Rc=192, Dr=24, rope_heads=1),
     BenchShape("llama2-7b", "per_head", 32, H=32, Hkv=32, D=128, Hc=32, Rc=64, Dr=32, rope_heads=32),
     BenchShape("llama2-7b", "shared", 32, H=32, Hkv=32, D=128, Hc=1, Rc=512, Dr=32, rope_heads=32),
     BenchShape("llama2-7b", "shared-rope", 32, H=32, Hkv=32, D=128, Hc=1, Rc=512, Dr=64, rope_heads=1),  # DeepSeek's 512 + 64

@@ -50,7 +50,8 @@ PROGRAMS_PER_SM = (2.0, 4.0, 8.0, 16.0)
 TOP = 2  # configs of stage 1 carried into the programs_per_sm sweep
 COMPILE_T = 4096  # tokens of the inputs the compile workers run on (the kernels' specialisations do not depend on T)
 SMEM_LIMIT = 210 * 1024
-SWEPT = ["smollm2-135m/shared", "smollm2-135m/shared-rope", "llama2-7b/shared", "llama2-7b/shared-rope", "llama2-7b/per_head"]
+SWEPT = ["smollm2-135m/shared", "smollm2-135m/shared-rope", "smollm2-135m-r64/shared-rope", "llama2-7b/shared",
+         "llama2-7b/shared-rope", "llama2-7b/per_head"]
 
 
 def bf16_grid(s: BenchShape) -> list[triton_latent.LaunchConfig]:

@@ -29,6 +29,7 @@ SHAPES = {
     "smollm2-shared-rope": (9, 1, 1, 48, 24),
     "smollm2-per_head": (9, 3, 3, 16, 8),
     "smollm2-per_head-rope": (9, 1, 3, 16, 8),
+    "smollm2-r64-shared-rope": (9, 1, 1, 192, 24),  # the recipes' latent since session 15 (rank 64 per KV head)
     "llama2-7b-per_head": (32, 32, 32, 64, 32),
     "llama2-7b-shared": (32, 32, 1, 512, 32),
     "llama2-7b-shared-rope": (32, 1, 1, 512, 64),
@@ -297,7 +298,7 @@ def test_interpreted_kernel_reads_only_up_to_kv_end_and_in_head_blocks(interpret
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("layout", ["smollm2-shared", "smollm2-shared-rope", "smollm2-per_head"])
+@pytest.mark.parametrize("layout", ["smollm2-shared", "smollm2-shared-rope", "smollm2-per_head", "smollm2-r64-shared-rope"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_interpreted_int4_kernel_matches_dequantized_reference(interpreted, layout, padded):
     kv = _random_quantized_kv(2, 320, 37, SHAPES[layout], torch.float32, "cpu")
