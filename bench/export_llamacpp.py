@@ -1,10 +1,11 @@
 """The DeepSeek-V3 export of the real SmolLM2-135M run by clients no one here wrote: transformers and llama.cpp.
 
     .venv/bin/python bench/export_llamacpp.py [--work /tmp/mha2mla-export-bench] [--out bench/results/export_llamacpp]
+    .venv/bin/python bench/export_llamacpp.py --kv-rank 64     # the recipes' latent; out: export_llamacpp_r64
 
 1. SmolLM2-135M (`load_model("smollm2-135m")`, the packaged GGUF, fp32) converted with the engine-compatible rotated
    config MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=16), no rope_window (Dr = 24, Rc = 48: 72 cached
-   values per token and layer vs 384), calibrated on 8,192 tokens of the packaged texts, exported with
+   values per token and layer vs 384; `--kv-rank 64`, the recipes' rank: Rc = 192, 216 values), calibrated on 8,192 tokens of the packaged texts, exported with
    `export_deepseek_v3(target="llamacpp")`.
 2. transformers: a fresh interpreter that never imports mha2mla_core loads the export with
    `AutoModelForCausalLM.from_pretrained` (no trust_remote_code).
@@ -42,7 +43,7 @@ from mha2mla_core.loading import packaged_model_file
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose sdist (llama.cpp + convert_hf_to_gguf.py) is used
 DISKCACHE = "5.6.3"  # llama-cpp-python's one dependency that the project's environment lacks
-CONFIG = MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=16)  # no rope_window: the fastest 12 pairs
+KV_RANK = 16  # MLAConfig's default: 72 values a token and layer
 PROMPT = "The old house at the end of the lane had been empty for years, until"
 NEW_TOKENS, EVAL_TOKENS, WINDOW, N_CTX = 32, 4096, 512, 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -163,15 +164,19 @@ def report(name: str, found: dict, reference: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mha2mla-export-bench"))
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "export_llamacpp")
+    parser.add_argument("--out", type=Path, help="default: bench/results/export_llamacpp[_r<kv-rank> unless 16]")
+    parser.add_argument("--kv-rank", type=int, default=KV_RANK, help="latent dims per KV head (the recipes: 64)")
     args = parser.parse_args()
+    suffix = "" if args.kv_rank == KV_RANK else f"_r{args.kv_rank}"
+    out = args.out or REPO / "bench" / "results" / f"export_llamacpp{suffix}"
+    config = MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=args.kv_rank)  # no rope_window: fastest pairs
     args.work.mkdir(parents=True, exist_ok=True)
     site, llama_cpp_src = build_llama_cpp(args.work)
 
     source, tokenizer = load_model("smollm2-135m")
     calib = sample_calibration(default_calibration_texts(), tokenizer, 8192)
     start = time.perf_counter()
-    mla = convert_to_mla(source, CONFIG, calib.input_ids)
+    mla = convert_to_mla(source, config, calib.input_ids)
     export_dir = args.work / "smollm2-135m-deepseek_v3"
     if export_dir.exists():
         for f in export_dir.iterdir():
@@ -195,13 +200,13 @@ def main() -> None:
         found["kv_bytes_per_token"], found["kv_log"] = kv_bytes_per_token(log, N_CTX)
         rows.append(report(name, found, reference))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"export": summary, "rows": rows}, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"export": summary, "rows": rows}, indent=2) + "\n")
     table = ["| client | PPL (wikitext-2, 4,096 tokens) | vs ours | greedy steps equal to ours (of 32) | KV bytes / token |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     table += [f"| {r['client']} | {r['ppl']:.4f} | {r['ppl'] / rows[0]['ppl'] - 1:+.4%} | {r['greedy_same_steps']} | "
               f"{r['kv_bytes_per_token']:,.0f} |" for r in rows]  # fmt: skip
-    (args.out / "results.md").write_text("\n".join(table) + "\n")
+    (out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 
