@@ -1,13 +1,14 @@
 """Quantized latent cache: per-element error bound, residual window, bytes per token, config round trip, generate()."""
 
 import copy
+import logging
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mha2mla_core import LatentCache, MLAConfig, convert_to_mla
+from mha2mla_core import LatentCache, MLAConfig, convert_to_mla, generate_static
 from mha2mla_core.evaluation.perplexity import logits_through_cache, perplexity_of_ids
 from mha2mla_core.kernels import (
     dequantize_group,
@@ -121,6 +122,24 @@ def test_saved_model_reloads_with_the_same_quantized_cache(mla, tmp_path):
     assert isinstance(mla.make_cache(), LatentCache) and not isinstance(mla.make_cache(), QuantizedLatentCache)
     cache = AutoModelForCausalLM.from_pretrained(tmp_path).make_cache()
     assert isinstance(cache, QuantizedLatentCache) and cache.quant_config == quant
+
+
+def test_a_static_cache_says_it_keeps_full_precision_where_the_model_has_a_quantized_cache(mla, caplog):
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    with caplog.at_level(logging.WARNING, logger="mha2mla_core.modeling.modeling_mla"):
+        plain = generate_static(mla, ids, 4)
+    assert not caplog.records  # no quantized cache: nothing to say
+    try:
+        mla.config.kv_cache_quant = KVCacheQuantConfig(nbits=4).to_dict()
+        with caplog.at_level(logging.WARNING, logger="mha2mla_core.modeling.modeling_mla"):
+            static = generate_static(mla, ids, 4)
+            generated = mla.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                     cache_implementation="static")
+    finally:
+        mla.config.kv_cache_quant = None
+    assert torch.equal(static, plain) and torch.equal(generated, plain)  # the latent in full precision, as it said
+    assert [r.getMessage().count("4-bit cache (kv_cache_quant) applies to the dynamic cache only") for r in
+            caplog.records] == [1, 1]
 
 
 def test_generate_with_quantized_cache(mla):

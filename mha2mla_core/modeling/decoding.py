@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mha2mla_core.kernels import grouped_query_decode
-from mha2mla_core.modeling.latent_cache import StaticLatentCache, left_padding
+from mha2mla_core.modeling.latent_cache import left_padding
 from mha2mla_core.modeling.modeling_mla import MLAForCausalLM
 
 GROUPED_DECODE = "mha2mla_grouped_decode"
@@ -118,7 +118,7 @@ def _with_config(module: torch.nn.Module, old: PretrainedConfig, new: Pretrained
 def static_cache_for(model: PreTrainedModel, max_cache_len: int) -> Cache:
     """The model's own kind of static cache: latent for MLA models, full K/V for the originals."""
     if isinstance(model, MLAForCausalLM):
-        return StaticLatentCache(model.config.num_hidden_layers, max_cache_len)
+        return model.make_static_cache(max_cache_len)
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 

@@ -17,6 +17,7 @@ attention-weighted sum of latents, so the cache is never expanded. The attention
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from mha2mla_core.modeling.latent_cache import LatentCache, LatentQuery, QuantizedLatentCache, StaticLatentCache
+
+logger = logging.getLogger(__name__)
 
 MLA_MODEL_TYPE = "mla_llama"
 
@@ -392,6 +395,17 @@ class MLAForCausalLM(LlamaForCausalLM):
             return QuantizedLatentCache.from_model_config(self.config)
         return LatentCache()
 
+    def make_static_cache(self, max_cache_len: int) -> StaticLatentCache:
+        """A preallocated latent cache (CUDA-graph decoding). It holds the latent in the model's dtype: a model with a
+        quantized cache (`kv_cache_quant`) keeps its codes only in the dynamic cache, which this logs."""
+        if self.config.kv_cache_quant:
+            logger.warning(
+                "a static cache holds the latent in %s; this model's %s-bit cache (kv_cache_quant) applies to the "
+                "dynamic cache only: decode without cache_implementation='static' / generate_static to keep it",
+                self.dtype, self.config.kv_cache_quant["nbits"],
+            )
+        return StaticLatentCache(self.config.num_hidden_layers, max_cache_len)
+
     def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
@@ -408,7 +422,7 @@ class MLAForCausalLM(LlamaForCausalLM):
         if model_kwargs.get("past_key_values") is None and implementation in (None, "dynamic", "static"):
             if implementation == "static":
                 max_len = generation_config.max_length  # prompt + new tokens, resolved by generate()
-                model_kwargs["past_key_values"] = StaticLatentCache(self.config.num_hidden_layers, max_len)
+                model_kwargs["past_key_values"] = self.make_static_cache(max_len)
             else:
                 model_kwargs["past_key_values"] = self.make_cache()
             return
