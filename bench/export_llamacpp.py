@@ -5,8 +5,8 @@
 
 1. SmolLM2-135M (`load_model("smollm2-135m")`, the packaged GGUF, fp32) converted with the engine-compatible rotated
    config MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=16), no rope_window (Dr = 24, Rc = 48: 72 cached
-   values per token and layer vs 384; `--kv-rank 64`, the recipes' rank: Rc = 192, 216 values), calibrated on 8,192 tokens of the packaged texts, exported with
-   `export_deepseek_v3(target="llamacpp")`.
+   values per token and layer vs 384; `--kv-rank 64`, the recipes' rank: Rc = 192, 216 values), calibrated on 8,192
+   tokens of the packaged texts, exported with `export_deepseek_v3(target="llamacpp")`.
 2. transformers: a fresh interpreter that never imports mha2mla_core loads the export with
    `AutoModelForCausalLM.from_pretrained` (no trust_remote_code).
 3. llama.cpp: the export converted by the `convert_hf_to_gguf.py` that ships in the llama-cpp-python sdist (architecture
