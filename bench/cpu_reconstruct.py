@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200], help="cumulative steps scored")
     recipe_rank = read_recipe("cpu").get("mla", {}).get("kv_rank", MLAConfig().kv_rank)
     parser.add_argument("--kv-rank", type=int, default=recipe_rank,
-                        help="per KV head (default: the cpu recipe's, 32; 16: 81.25%% less cache in values)")
+                        help="per KV head (default: the cpu recipe's; 16: 81.25%% less cache in values)")
     parser.add_argument("--calib", choices=("books", "model-continued", "mixed"), default="books",
                         help="calibration windows: the packaged books, the books continued by the original, or half "
                              "of each (the first half of the windows continued)")

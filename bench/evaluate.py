@@ -85,7 +85,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-bits", type=int, choices=(4, 2),
                    help="also score each MLA model with its latent cache quantized to this many bits")
     p.add_argument("--kv-backend", choices=("hqq", "quanto"), default="hqq",
-                   help="the quantized cache's backend (default hqq, as the recipes; session 15 ran quanto's min-max)")
+                   help="the quantized cache's backend (default hqq, as the recipes)")
     p.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", default="", help="stages to skip: comma list of ppl,mc,needle,inference")

@@ -262,8 +262,8 @@ part_followups() {  # what the kernels and the training step still need measured
     else
         log "followups: no ncu on this machine"
     fi
-    timeout "$(budget 180)" "$PY" -m bench.decode_sweep --shapes smollm2-135m-r64/shared-rope smollm2-135m/shared-rope llama2-7b/shared-rope \
-        --out "$OUT/sweep.jsonl" > "$OUT/sweep.log" 2>&1 || log "followups: sweep exit $?"
+    timeout "$(budget 180)" "$PY" -m bench.decode_sweep \
+        --shapes smollm2-135m-r64/shared-rope smollm2-135m/shared-rope llama2-7b/shared-rope --out "$OUT/sweep.jsonl" > "$OUT/sweep.log" 2>&1 || log "followups: sweep exit $?"
     timeout "$(budget 150)" "$PY" bench/finetune.py profile 2>&1 | grep -v -i warn >> "$log"
 }
 

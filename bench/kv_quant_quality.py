@@ -5,8 +5,8 @@
 
 The model is what a CPU worker's `cpu` recipe makes (`flows/recipes/cpu.yaml`): the recipe's MLAConfig calibrated on
 the packaged books continued by the original, then the recipe's block-wise reconstruction (`--recon-steps`: another
-number of its steps; 0: zero shot); `--kv-rank` converts at another latent width (the recipe's 32: 120 values a
-token and layer; 16: 72).
+number of its steps; 0: zero shot); `--kv-rank` converts at another latent width (16: 72 values a token and layer,
+MLAConfig's default).
 Each cache setting (none, then each of `--bits` with each of `--backends`, group 64, the last 128 tokens in full
 precision: `KVCacheQuantConfig`'s defaults, what `--kv-bits` gives) is scored on the first `--max-tokens` of
 wikitext-2 in windows of 512. A quantized setting is scored through the cache, one token at a time

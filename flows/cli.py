@@ -153,7 +153,7 @@ def convert(
     grad_accum: Optional[int] = typer.Option(None, help="forward passes per optimizer step (default: FinetuneConfig's)"),
     synthetic_fraction: Optional[float] = typer.Option(None, help="share of fine-tuning rows sampled from the original model, in [0, 1]; 1 = data-free, and fine-tunes without --finetune-data (default: FinetuneParams')"),
     reconstruct_steps: Optional[int] = typer.Option(None, help="steps of the reconstruct stage, which fits each converted attention layer to the original's output: before end-to-end fine-tuning, or alone on the calibration windows when there is none; 0 = none (default: FinetuneParams' / the cpu recipe's)"),
-    kv_bits: Optional[int] = typer.Option(None, help="quantize the latent cache to 4 or 2 bits; 0 = a full-precision cache (default: the recipe's: int4 in the cpu recipe, none otherwise)"),
+    kv_bits: Optional[int] = typer.Option(None, help="quantize the latent cache to 4 or 2 bits; 0 = a full-precision cache (default: the recipe's: int4 in the cpu and gpu recipes, none with --recipe none)"),
     export_target: Optional[str] = typer.Option(None, help="also export the final checkpoint in DeepSeek-V3's format for hf | llamacpp | vllm | trtllm (README: Serving); default: no export"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
     mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),

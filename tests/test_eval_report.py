@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -149,8 +150,6 @@ def test_plots_are_png(results):
 
 
 def test_missing_inputs_fail_before_any_model_work(suite, tmp_path):
-    from dataclasses import replace
-
     tokenizer = tiny_tokenizer()
     model = tiny_lm(tokenizer)
     bad = replace(suite, needle=replace(suite.needle, haystack_paths=(tmp_path / "gone.txt",)))
@@ -175,8 +174,6 @@ def test_commonsense_average_reads_acc_norm_and_winogrande_acc():
 
 def test_the_log_keeps_the_multiple_choice_scores_before_the_later_stages(suite, caplog):
     """A run cut off in the needle or inference stage still leaves its multiple-choice figures in the log."""
-    from dataclasses import replace
-
     tokenizer = tiny_tokenizer()
     with caplog.at_level(logging.INFO, logger="mha2mla_core.evaluation.suite"):
         result = evaluate_model(tiny_lm(tokenizer), tokenizer, replace(suite, perplexity=None, needle=None,
