@@ -109,6 +109,33 @@ def test_stage_run_needs_a_parent(settings):
             pass
 
 
+def test_a_dataset_logged_by_two_runs_at_once_links_in_both(settings, monkeypatch):
+    """Two converts in one directory log the same new dataset at once: MLflow looks it up, then inserts it, and the
+    loser's insert fails on the unique constraint (CI, session 15). The loser tries again and links the winner's row."""
+    real, failures = mlflow.log_input, []
+
+    def racing(dataset, **kwargs):
+        if not failures:
+            failures.append(dataset.name)
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.name")
+        return real(dataset, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with parent_run("race") as flow_id:
+        with stage_run("sample-calibration", parent_run_id=flow_id) as run_id:
+            log_dataset("calibration", "d" * 64, "file:///tmp/books.txt", context="calibration")
+    assert failures == ["calibration"]
+    assert [i.dataset.name for i in MlflowClient().get_run(run_id).inputs.dataset_inputs] == ["calibration"]
+
+    def broken(dataset, **kwargs):
+        raise mlflow.exceptions.MlflowException("the tracking server is read-only")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with parent_run("broken") as flow_id, stage_run("svd-init", parent_run_id=flow_id):
+        with pytest.raises(mlflow.exceptions.MlflowException, match="read-only"):  # any other error is not retried
+            log_dataset("calibration", "d" * 64, "file:///tmp/books.txt")
+
+
 def test_lineage_of_a_registered_checkpoint(settings, tmp_path):
     store = LocalStore(settings.artifact_root)
     calib = store.put_bytes(b"calibration tokens", "tiny/calibration.bin")

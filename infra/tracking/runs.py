@@ -26,6 +26,7 @@ from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from infra.artifacts import ArtifactRef
@@ -50,6 +51,8 @@ _SECRET_KEY = re.compile(
     re.I,
 )
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+# a unique-constraint failure, as sqlite, PostgreSQL and MySQL word it through SQLAlchemy
+_DUPLICATE_ROW = re.compile(r"IntegrityError|UniqueViolation|UNIQUE constraint failed|duplicate key|Duplicate entry")
 
 
 def configure(settings: Settings, *, create: bool = True) -> str:
@@ -224,7 +227,17 @@ def log_dataset(name: str, digest: str, source_uri: str, *, context: str = "trai
     `source_uri` may be an artifact URI (file://, s3://), an http(s) URL, or a Hub dataset id.
     """
     dataset = MetaDataset(source=_dataset_source(source_uri), name=name, digest=digest[:36])
-    mlflow.log_input(dataset, context=context, tags={DATASET_SHA256_TAG: digest})
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context, tags={DATASET_SHA256_TAG: digest})
+            return
+        except MlflowException as exc:
+            # MLflow looks the dataset up, then inserts it: two runs logging the same new dataset at once (two
+            # converts in one directory) race, and the loser's transaction rolls back whole. Again, it finds the
+            # winner's row and links to it.
+            if attempt == 2 or not _DUPLICATE_ROW.search(str(exc)):
+                raise
+            log.info("dataset %r was logged by another run at the same moment; linking to it", name)
 
 
 def _dataset_source(source_uri: str) -> DatasetSource:
