@@ -2,17 +2,22 @@
 
     .venv/bin/python bench/export_llamacpp.py [--work /tmp/mha2mla-export-bench] [--out bench/results/export_llamacpp]
     .venv/bin/python bench/export_llamacpp.py --kv-rank 64     # the recipes' latent; out: export_llamacpp_r64
+    .venv/bin/python bench/export_llamacpp.py --kv-rank 64 --kv-block 32 --reconstruct-steps 100 \
+        --cache-types f16 q8_0 q4_0                            # llama.cpp's quantized caches; out: ..._r64_b32_rec100
 
 1. SmolLM2-135M (`load_model("smollm2-135m")`, the packaged GGUF, fp32) converted with the engine-compatible rotated
    config MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=16), no rope_window (Dr = 24, Rc = 48: 72 cached
    values per token and layer vs 384; `--kv-rank 64`, the recipes' rank: Rc = 192, 216 values), calibrated on 8,192
-   tokens of the packaged texts, exported with `export_deepseek_v3(target="llamacpp")`.
+   tokens of the packaged texts; with `--reconstruct-steps N`, then N steps of the cpu recipe's block-wise
+   reconstruction on those windows; exported with `export_deepseek_v3(target="llamacpp", kv_block=--kv-block)`, the
+   latent turned for quantized caches unless `--no-rotate-latent`.
 2. transformers: a fresh interpreter that never imports mha2mla_core loads the export with
    `AutoModelForCausalLM.from_pretrained` (no trust_remote_code).
 3. llama.cpp: the export converted by the `convert_hf_to_gguf.py` that ships in the llama-cpp-python sdist (architecture
    deepseek2, `--outtype f32`), run with llama-cpp-python built on this CPU (pinned LLAMA_CPP_PYTHON; the sdist is
    fetched with `pip download` and built with `pip install --target` into --work unless it is there already); the
-   original SmolLM2 GGUF runs the same protocol for its KV cache size.
+   original SmolLM2 GGUF runs the same protocol for its KV cache size. Each GGUF runs once per `--cache-types` entry
+   (llama.cpp's K and V cache type; quantized ones with flash attention, which llama.cpp requires for them).
 Protocol: wikitext-2 raw test as stored, tokenized whole by the HF tokenizer, the first 4,096 tokens in non-overlapping
 windows of 512 predicted tokens (`mha2mla_core.evaluation.perplexity`'s spans; every client gets the same token ids);
 greedy continuation of PROMPT for 32 tokens (argmax of each client's own logits). KV bytes per token: llama.cpp's own
@@ -22,6 +27,8 @@ greedy continuation of PROMPT for 32 tokens (argmax of each client's own logits)
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import math
 import os
@@ -35,11 +42,14 @@ from pathlib import Path
 
 import torch
 
+from flows.publish import read_recipe
 from mha2mla_core import MLAConfig, convert_to_mla, default_calibration_texts, load_model, sample_calibration
 from mha2mla_core.evaluation.paths import WIKITEXT2_TEST, read_text
 from mha2mla_core.evaluation.perplexity import perplexity_of_ids, window_spans
 from mha2mla_core.conversion.export import export_deepseek_v3
 from mha2mla_core.loading import packaged_model_file
+from mha2mla_core.training.config import ReconstructConfig
+from mha2mla_core.training.reconstruct import reconstruct_attention
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose sdist (llama.cpp + convert_hf_to_gguf.py) is used
 DISKCACHE = "5.6.3"  # llama-cpp-python's one dependency that the project's environment lacks
@@ -73,9 +83,11 @@ HF_CLIENT = textwrap.dedent("""
 LLAMA_CPP_CLIENT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from llama_cpp import Llama
-    job = json.load(sys.stdin)
-    llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), logits_all=True, n_threads=2, verbose=True, seed=0)
+    import llama_cpp
+    job, cache = json.load(sys.stdin), sys.argv[3]
+    ggml_type = getattr(llama_cpp, f"GGML_TYPE_{cache.upper()}")  # the cache's K and V type; quantized V needs flash attention
+    llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), logits_all=True, n_threads=2, verbose=True,
+                          seed=0, type_k=ggml_type, type_v=ggml_type, flash_attn=cache != "f16")
     nll, predicted = 0.0, 0
     for ids, first in job["spans"]:
         llm.reset()
@@ -166,8 +178,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/mha2mla-export-bench"))
     parser.add_argument("--out", type=Path, help="default: bench/results/export_llamacpp[_r<kv-rank> unless 16]")
     parser.add_argument("--kv-rank", type=int, default=KV_RANK, help="latent dims per KV head (the recipes: 64)")
+    parser.add_argument("--kv-block", type=int, default=1, help="export_deepseek_v3's kv_block: 32 pads the RoPE key "
+                        "so that llama.cpp's quantized cache types take the export (needs --kv-rank 32 or 64)")
+    parser.add_argument("--reconstruct-steps", type=int, default=0, help="block-wise reconstruction steps after the "
+                        "conversion, with the cpu recipe's settings (100: the cpu recipe's model)")
+    parser.add_argument("--rotate-latent", action=argparse.BooleanOptionalAction, default=True,
+                        help="export_deepseek_v3's rotate_latent (default on)")
+    parser.add_argument("--cache-types", nargs="+", default=["f16"], help="llama.cpp KV cache types to run each GGUF "
+                        "with (f16, q8_0, q4_0, ...; quantized ones with flash attention)")
     args = parser.parse_args()
-    suffix = "" if args.kv_rank == KV_RANK else f"_r{args.kv_rank}"
+    suffix = ("" if args.kv_rank == KV_RANK else f"_r{args.kv_rank}") + ("" if args.kv_block == 1 else f"_b{args.kv_block}") + (
+        "" if args.rotate_latent else "_plain") + (f"_rec{args.reconstruct_steps}" if args.reconstruct_steps else "")
     out = args.out or REPO / "bench" / "results" / f"export_llamacpp{suffix}"
     config = MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=args.kv_rank)  # no rope_window: fastest pairs
     args.work.mkdir(parents=True, exist_ok=True)
@@ -176,12 +197,16 @@ def main() -> None:
     source, tokenizer = load_model("smollm2-135m")
     calib = sample_calibration(default_calibration_texts(), tokenizer, 8192)
     start = time.perf_counter()
-    mla = convert_to_mla(source, config, calib.input_ids)
+    mla = convert_to_mla(copy.deepcopy(source), config, calib.input_ids)
+    if args.reconstruct_steps:
+        recipe = ReconstructConfig(**{**read_recipe("cpu")["reconstruct"], "steps": args.reconstruct_steps})
+        reconstruct_attention(mla, source, calib.input_ids.view(-1, config.calib_seq_len), recipe)
     export_dir = args.work / "smollm2-135m-deepseek_v3"
     if export_dir.exists():
         for f in export_dir.iterdir():
             f.unlink()
-    summary = export_deepseek_v3(mla, export_dir, tokenizer, calib.input_ids, target="llamacpp")
+    summary = export_deepseek_v3(mla, export_dir, tokenizer, calib.input_ids, target="llamacpp", kv_block=args.kv_block,
+                                 rotate_latent=args.rotate_latent)
     print(json.dumps({"export": summary, "seconds": time.perf_counter() - start}), flush=True)
 
     ids = torch.tensor(tokenizer(read_text(WIKITEXT2_TEST, "wikitext-2", "see ../shared/data/README.md"))["input_ids"][:EVAL_TOKENS])
@@ -195,10 +220,12 @@ def main() -> None:
     gguf = args.work / "smollm2-135m-deepseek_v3-f32.gguf"
     subprocess.run([sys.executable, str(llama_cpp_src / "convert_hf_to_gguf.py"), str(export_dir), "--outtype", "f32",
                     "--outfile", str(gguf)], check=True, env={**os.environ, "PYTHONPATH": str(llama_cpp_src / "gguf-py")})  # fmt: skip
-    for name, path in [("llama.cpp deepseek2 export (f32 GGUF)", gguf), ("llama.cpp original SmolLM2 (Q4_1 GGUF)", packaged_model_file("smollm2-135m"))]:
-        found, log = run_client(LLAMA_CPP_CLIENT, [str(path), str(N_CTX)], job, pythonpath=str(site))
+    ggufs = [("llama.cpp deepseek2 export (f32 GGUF)", gguf), ("llama.cpp original SmolLM2 (Q4_1 GGUF)", packaged_model_file("smollm2-135m"))]
+    for (name, path), cache in itertools.product(ggufs, args.cache_types):
+        found, log = run_client(LLAMA_CPP_CLIENT, [str(path), str(N_CTX), cache], job, pythonpath=str(site))
         found["kv_bytes_per_token"], found["kv_log"] = kv_bytes_per_token(log, N_CTX)
-        rows.append(report(name, found, reference))
+        rows.append(report(f"{name}, {cache} cache", found, reference))
+        print(json.dumps(rows[-1]), flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"export": summary, "rows": rows}, indent=2) + "\n")

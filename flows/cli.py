@@ -342,6 +342,8 @@ def export(
     export_format: str = typer.Option("deepseek_v3", "--format", help="deepseek_v3: the format vLLM, SGLang, llama.cpp and TensorRT-LLM run MLA in"),
     target: Optional[str] = typer.Option(None, help="hf | llamacpp | vllm | trtllm: refuse a layout the engine's MLA kernels do not run (default: ExportParams')"),
     check_tokens: Optional[int] = typer.Option(None, help="packaged calibration tokens on which the export's logits are compared with the checkpoint's; 0 = no check (default: ExportParams')"),
+    kv_block: Optional[int] = typer.Option(None, help="pad the RoPE key so that each cached row is whole blocks of this many values: 32 lets llama.cpp quantize the cache (-ctk q8_0); the latent must already be whole blocks (default: ExportParams', 1)"),
+    rotate_latent: Optional[bool] = typer.Option(None, "--rotate-latent/--no-rotate-latent", help="turn the latent (exactly) so that its channels are alike in scale, for engines' quantized caches (default: ExportParams', on)"),
     json_output: bool = typer.Option(False, "--json", help="print what was written and measured as one JSON object on stdout"),
 ) -> None:
     """Write a converted checkpoint in a serving engine's format (README: Serving)."""
@@ -350,7 +352,7 @@ def export(
     if export_format != "deepseek_v3":
         raise typer.BadParameter(f"--format {export_format!r}: the one export format is deepseek_v3")
     with user_errors():
-        params = ExportParams(**given(target=target, check_tokens=check_tokens))
+        params = ExportParams(**given(target=target, check_tokens=check_tokens, kv_block=kv_block, rotate_latent=rotate_latent))
         summary = export_checkpoint(checkpoint, out, params, state(ctx).settings)
     if json_output:
         print(json.dumps(summary))

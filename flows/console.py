@@ -213,6 +213,8 @@ def report_export(title: str, summary: dict) -> None:
     table.add_column("what")
     table.add_column("value", **ID_COLUMN)
     table.add_row("KV values per token and layer", f"{summary['kv_values_per_layer']} (original {summary['original_kv_values_per_layer']}, saves {summary['kv_saving']:.1%})")
+    blocks = f", whole {summary['kv_block']}-value blocks" if summary["kv_block"] > 1 else ""
+    table.add_row("cached row", f"latent {summary['kv_lora_rank']} + RoPE key {summary['qk_rope_head_dim']}{blocks}")
     for key, value in summary.get("measured", {}).items():
         table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
     table.add_row("files", ", ".join(summary["files"]))

@@ -21,12 +21,15 @@ STAGE = "export"
 
 
 class ExportParams(BaseModel):
-    """Which engine the export must run on, and how many calibration tokens check it."""
+    """Which engine the export must run on, how many calibration tokens check it, the block size its cached rows are
+    padded to (32: llama.cpp's quantized cache types, `-ctk q8_0`) and whether its latent is turned for them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: Literal["hf", "llamacpp", "vllm", "trtllm"] = "hf"  # vllm/trtllm: only layouts their MLA kernels run
     check_tokens: int = Field(512, ge=0)  # 0: no logits check
+    kv_block: int = Field(1, ge=1)  # 1: no padding; 32: the RoPE key padded so that each cached row is whole blocks
+    rotate_latent: bool = True  # the latent turned (exactly) so that its channels are alike in scale: quantized caches
 
 
 def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> None:
@@ -40,8 +43,8 @@ def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> 
             f"this conversion has rope_strategy={mla.rope_strategy!r}, rope_window={mla.rope_window}"
         )
     config = mla_config_from(source_config, mla, check_convertible(source_config, mla))
-    deepseek_config(config, params.target)
-    check_engine_layout(config, params.target)
+    deepseek_config(config, params.target, params.kv_block)
+    check_engine_layout(config, params.target, params.kv_block)
 
 
 @stage_task(STAGE, code=("mha2mla_core.conversion.export", "mha2mla_core.modeling.modeling_mla"), params=lambda params, **_: params.model_dump())
@@ -55,7 +58,7 @@ def export(
         mla = copy.deepcopy(mla).float()
     calib_ids = load_tensors(calibration)["input_ids"][: params.check_tokens] if params.check_tokens else None
     with scratch_dir() as tmp:
-        summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target)
+        summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target, params.kv_block, params.rotate_latent)
         source = {"name": model.name, "sha256": model.digest}
         write_model_card(tmp / "model", summary, mla.config, source=source, quality=quality)
         output = context().store.put_dir(tmp / "model", artifact_key(model.slug, STAGE, "model"), move=True)
@@ -75,7 +78,7 @@ def export_checkpoint(checkpoint: str, out: Path, params: ExportParams, settings
     if params.check_tokens:
         sample = sample_calibration(default_calibration_texts(), tokenizer, params.check_tokens)
         calib_ids = sample.input_ids
-    return export_deepseek_v3(model, out, tokenizer, calib_ids, params.target)
+    return export_deepseek_v3(model, out, tokenizer, calib_ids, params.target, params.kv_block, params.rotate_latent)
 
 
 def local_checkpoint(checkpoint: str, tmp: Path, settings: Settings) -> Path:

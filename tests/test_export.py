@@ -14,7 +14,7 @@ import torch
 
 from mha2mla_core import MLAConfig, MLALlamaConfig, convert_to_mla
 from mha2mla_core.conversion.export import (
-    LATENT_ERROR, check_engine_layout, deepseek_config, export_deepseek_v3, interleave,
+    LATENT_ERROR, check_engine_layout, deepseek_config, export_deepseek_v3, interleave, latent_rotation,
 )  # fmt: skip
 from tests.tiny_models import calib_ids, tiny_model
 
@@ -47,12 +47,14 @@ LOADER = textwrap.dedent("""
     print(json.dumps(results))
 """)
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
-# name -> (source, overrides, target): the GQA source's norm eps differs from DeepSeek's latent norm's and its lm_head
-# is tied; target llamacpp adds a q LoRA (llama.cpp's loader needs one)
+# name -> (source, overrides, export options): the GQA source's norm eps differs from DeepSeek's latent norm's and its
+# lm_head is tied; target llamacpp adds a q LoRA (llama.cpp's loader needs one); kv_block 12 pads the GQA model's
+# 12 + 8 cached values to 24 (two zero RoPE pairs), as kv_block 32 pads SmolLM2's 192 + 24 to 224
 SOURCES = {
-    "mha": ("llama-mha", {}, "hf"),
-    "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True), "hf"),
-    "gqa-llamacpp": ("llama-gqa", dict(rms_norm_eps=1e-5), "llamacpp"),
+    "mha": ("llama-mha", {}, dict(target="hf")),
+    "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True), dict(target="hf")),
+    "gqa-llamacpp": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp")),
+    "gqa-llamacpp-block12-rotated": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp", kv_block=12, rotate_latent=True)),
 }
 
 
@@ -64,9 +66,9 @@ def engine_model(source: str, **overrides):
 def exports(tmp_path_factory) -> dict:
     """name -> (our model, export dir, export summary)."""
     found = {}
-    for name, (source, overrides, target) in SOURCES.items():
+    for name, (source, overrides, options) in SOURCES.items():
         mla, out = engine_model(source, **overrides), tmp_path_factory.mktemp(name)
-        found[name] = (mla, out, export_deepseek_v3(mla, out, calib_ids=calib_ids(), target=target))
+        found[name] = (mla, out, export_deepseek_v3(mla, out, calib_ids=calib_ids(), **options))
     return found
 
 
@@ -104,13 +106,15 @@ def test_config_is_deepseek_v3_with_dense_layers_and_one_kv_head_per_query_head(
     assert raw["model_type"] == "deepseek_v3" and raw["architectures"] == ["DeepseekV3ForCausalLM"]
     assert raw["first_k_dense_replace"] == c.num_hidden_layers
     assert raw["q_lora_rank"] == (c.hidden_size if summary["target"] == "llamacpp" else None)
-    assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (c.kv_lora_rank, c.qk_rope_head_dim)
+    block, dr = summary["kv_block"], raw["qk_rope_head_dim"]
+    assert raw["kv_lora_rank"] == c.kv_lora_rank and (raw["kv_lora_rank"] + dr) % block == 0
+    assert dr == (c.qk_rope_head_dim if block == 1 else 12) == summary["qk_rope_head_dim"]
+    assert summary["kv_values_per_layer"] == c.kv_lora_rank + dr
     assert raw["qk_nope_head_dim"] == raw["v_head_dim"] == c.head_dim
     assert raw["num_key_value_heads"] == c.num_attention_heads and raw["rope_interleave"] is True
     assert raw["attention_bias"] is False and raw["rms_norm_eps"] == 1e-6
     assert raw["tie_word_embeddings"] == c.tie_word_embeddings
-    d, dr = c.head_dim, c.qk_rope_head_dim
-    assert raw["rope_theta"] == pytest.approx(c.rope_parameters["rope_theta"] ** (dr / d))
+    assert raw["rope_theta"] == pytest.approx(c.rope_parameters["rope_theta"] ** (dr / c.head_dim))
     assert summary["measured"]["logits_max_abs_diff"] < 1e-4
     assert 0 < summary["measured"]["latent_rel_error_max"] <= LATENT_ERROR
     assert summary["measured"].get("q_latent_rel_error_max", 0) <= LATENT_ERROR
@@ -133,6 +137,18 @@ def test_latent_norms_run_in_their_linear_regime_for_the_worst_input(exported):
     for c, s in ((weight @ kv_u, summary["latent_scales"][0][0]), (g * q_u, summary["latent_scales"][0][1])):
         assert math.log2(s).is_integer()
         assert error(c / s) <= LATENT_ERROR < error(c / (s / 2))  # s is the smallest power of two that holds
+
+
+def test_latent_rotation_is_a_fixed_orthogonal_matrix_that_evens_out_channel_scales():
+    """An SVD latent's channel variances fall by orders of magnitude (here 1 to 1e-4 over 192 channels, SmolLM2's
+    rank-64 width); after the rotation each channel's variance, diag(Q diag(v) Q^T), is near their mean."""
+    q = latent_rotation(192)
+    torch.testing.assert_close(q @ q.T, torch.eye(192, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(q, latent_rotation(192)) and not torch.equal(q, latent_rotation(192, seed=1))
+    variances = torch.logspace(0, -4, 192, dtype=torch.float64)
+    turned = (q * variances) @ q.T  # (192, 192) covariance of Q c
+    assert variances.max() / variances.min() == pytest.approx(1e4)
+    assert turned.diagonal().max() / turned.diagonal().min() < 4
 
 
 def test_interleave_moves_rotate_half_pairs_next_to_each_other():
@@ -211,6 +227,23 @@ def test_smollm2_shape_has_no_vllm_layout_and_llamacpp_takes_any():
     assert check_engine_layout(config, "llamacpp")["kv_saving"] == pytest.approx(1 - 72 / 384)
     with pytest.raises(ValueError, match="target='sglang' is unknown"):
         check_engine_layout(config, "sglang")
+
+
+def test_kv_block_pads_the_rope_key_to_whole_blocks_or_names_the_rank_that_aligns_the_latent():
+    """llama.cpp's quantized cache types (q8_0, q4_0) store the row [latent | RoPE key] and its latent part (the V
+    rows) in blocks of 32: SmolLM2 at rank 64 (192 + 24) exports 192 + 32, at rank 32 (96 + 24) 96 + 32; at rank 16
+    the latent (48) cannot be aligned by padding the RoPE key."""
+    for kv_rank, values in ((64, 224), (32, 128)):
+        config = shape_config(SMOLLM2, rope_dims=8, kv_rank=kv_rank)
+        figures = check_engine_layout(config, "llamacpp", kv_block=32)
+        assert figures["kv_values_per_layer"] == values and figures["kv_saving"] == pytest.approx(1 - values / 384)
+        ds = deepseek_config(config, "llamacpp", kv_block=32)
+        assert ds.qk_rope_head_dim == 32 and ds.rope_parameters["rope_theta"] == pytest.approx(100000.0**0.5)
+    with pytest.raises(ValueError, match=r"kv_lora_rank 48\) is not whole blocks of 32.*kv_rank that is a multiple of 32"):
+        deepseek_config(shape_config(SMOLLM2, rope_dims=8, kv_rank=16), "llamacpp", kv_block=32)
+    with pytest.raises(ValueError, match="kv_block=3 must be 1 .* or an even block size"):
+        deepseek_config(shape_config(SMOLLM2, rope_dims=8, kv_rank=64), "llamacpp", kv_block=3)
+    assert deepseek_config(shape_config(LLAMA3_8B, 8, 64), "vllm", kv_block=32).qk_rope_head_dim == 64  # 576: aligned
 
 
 @pytest.mark.slow

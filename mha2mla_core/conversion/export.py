@@ -30,6 +30,16 @@ stored in fp16) round them to zero; block-scaled fp8 (128x128, DeepSeek's own) k
 llama.cpp reads q_lora_rank for every DeepSeek model but V2-Lite, so `target="llamacpp"` adds a q LoRA of rank E in the
 same regime: q_a_proj = I / s, q_a_layernorm = w, q_b_proj = the q rows * s * sqrt(eps) / w (same bound).
 
+Quantized caches. llama.cpp caches one row a token and layer, [normed latent | k_pe], and reads the latent part as V;
+its quantized cache types (q8_0, q4_0, ...) store rows in blocks of 32 values, so both the row and the latent must be
+whole blocks. `kv_block=32` pads the RoPE key with zero pairs (zero rows in kv_a_proj_with_mqa and in every head's q
+rows; their frequencies, DeepSeek's next ones, turn zeros), which changes no score, so that Rc + Dr is whole blocks.
+A block shares one scale, but the SVD latent's channels differ in size by orders of magnitude, so the small ones
+round to zero: the export turns the latent by a fixed random orthogonal matrix Q (kv_a_proj's latent rows Q A,
+kv_b_proj's columns B Q^T; the norm in its linear regime scales all channels alike, so this is exact), after which
+every channel is about as large as their mean. On SmolLM2 at rank 64, llama.cpp's q4_0 cache then costs 1.5% of PPL
+instead of 7.9% (bench/export_llamacpp.py).
+
 The eps. transformers builds kv_a_layernorm with its default eps 1e-6 whatever the config says; vLLM, SGLang and
 llama.cpp use config.rms_norm_eps. One checkpoint serves all of them when rms_norm_eps = 1e-6: for a source whose
 norms use another eps, the residual stream is scaled by alpha = sqrt(1e-6 / eps) (embeddings, o_proj, down_proj; the
@@ -67,15 +77,20 @@ def export_deepseek_v3(
     tokenizer: PreTrainedTokenizerBase | None = None,
     calib_ids: torch.Tensor | None = None,
     target: str = "hf",
+    kv_block: int = 1,
+    rotate_latent: bool = True,
 ) -> dict:
     """Write `model` as a DeepseekV3ForCausalLM checkpoint (config, safetensors, tokenizer, README.md) to `out_dir`.
 
     Raises ValueError before writing anything if the model cannot be expressed exactly (attention biases, RoPE
     frequencies other than the fastest P, fp16 weights) or `target`'s kernels refuse its layout. With `calib_ids`
     (1-D token ids) the latent norm's error and the logits of the written checkpoint are measured against `model`.
-    Returns what was written and measured (JSON-able)."""
-    config = deepseek_config(model.config, target)
-    layout = check_engine_layout(model.config, target)
+    `kv_block` > 1 pads the RoPE key so that the cached row is whole blocks of that many values (32: llama.cpp's
+    quantized cache types). `rotate_latent` (exact, on by default) turns the latent by a fixed orthogonal matrix
+    (`latent_rotation`) so that its channels are alike in scale, as the values of one block of a quantized cache
+    share one scale. Returns what was written and measured (JSON-able)."""
+    config = deepseek_config(model.config, target, kv_block)
+    layout = check_engine_layout(model.config, target, kv_block)
     if model.dtype == torch.float16:
         raise ValueError(
             "the model is fp16: the exported latent rows are a millionth of their size or less (the latent norm's "
@@ -84,7 +99,8 @@ def export_deepseek_v3(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder: export into a new or empty folder")
-    state, scales = deepseek_state_dict(model, config)
+    rotation = latent_rotation(config.kv_lora_rank) if rotate_latent else None
+    state, scales = deepseek_state_dict(model, config, rotation)
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         exported = DeepseekV3ForCausalLM(config)
@@ -100,6 +116,10 @@ def export_deepseek_v3(
         "target": target,
         "format": "deepseek_v3",
         **layout,
+        "kv_block": kv_block,
+        "rotate_latent": rotate_latent,
+        "kv_lora_rank": config.kv_lora_rank,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
         "rope_theta": config.rope_parameters["rope_theta"],
         "residual_scale": residual_scale(model.config),
         "latent_norm_eps": LATENT_NORM_EPS,
@@ -143,20 +163,22 @@ def check_exportable(config: MLALlamaConfig) -> None:
         )
 
 
-def deepseek_rope(config: MLALlamaConfig) -> dict:
-    """rope_parameters that make DeepSeek's RoPE of dim Dr turn the source's fastest P frequencies: default RoPE with
-    theta' = theta**(Dr/D) if that matches (also the unscaled fast pairs of llama3 RoPE), else the source's own RoPE
-    type with theta'; each checked by computing DeepSeek's frequencies with transformers' own rotary embedding."""
+def deepseek_rope(config: MLALlamaConfig, dr: int | None = None) -> dict:
+    """rope_parameters that make DeepSeek's RoPE of dim dr (default: the model's Dr; more with zero pairs padded
+    after them) turn the source's fastest P frequencies: default RoPE with theta' = theta**(dr/D) if that matches
+    (also the unscaled fast pairs of llama3 RoPE), else the source's own RoPE type with theta'; each checked by
+    computing DeepSeek's frequencies with transformers' own rotary embedding."""
     source = LlamaRotaryEmbedding(config)
-    dr, d = config.qk_rope_head_dim, config.head_dim
+    pairs, d = config.qk_rope_head_dim // 2, config.head_dim
+    dr = dr or config.qk_rope_head_dim
     theta = config.rope_parameters["rope_theta"] ** (dr / d)
-    want = source.inv_freq[: dr // 2].double()
+    want = source.inv_freq[:pairs].double()
     found = []
     for params in ({"rope_type": "default", "rope_theta": theta}, {**config.rope_parameters, "rope_theta": theta}):
         probe = DeepseekV3Config(qk_rope_head_dim=dr, rope_parameters=dict(params),
                                  max_position_embeddings=config.max_position_embeddings)  # fmt: skip
         engine = DeepseekV3RotaryEmbedding(probe)
-        error = ((engine.inv_freq.double() - want).abs() / want).max().item()
+        error = ((engine.inv_freq[:pairs].double() - want).abs() / want).max().item()
         if error <= ROPE_RTOL and engine.attention_scaling == source.attention_scaling:
             return params
         found.append(f"{params['rope_type']}: {error:.2e}")
@@ -172,12 +194,31 @@ def residual_scale(config: MLALlamaConfig) -> float:
     return math.sqrt(LATENT_NORM_EPS / config.rms_norm_eps)
 
 
-def deepseek_config(config: MLALlamaConfig, target: str = "hf") -> DeepseekV3Config:
-    """The DeepseekV3Config of the export: dense MLP in every layer, no q LoRA, one KV head per query head."""
+def padded_rope_dim(config: MLALlamaConfig, kv_block: int = 1) -> int:
+    """The export's qk_rope_head_dim: the model's Dr, plus the zero dims that make kv_lora_rank + Dr whole blocks of
+    `kv_block` values. The latent must already be whole blocks (llama.cpp reads it as the V rows)."""
+    rc, dr = config.kv_lora_rank, config.qk_rope_head_dim
+    if kv_block < 1 or (kv_block > 1 and kv_block % 2):
+        raise ValueError(f"kv_block={kv_block} must be 1 (no padding) or an even block size, e.g. 32 (llama.cpp)")
+    if rc % kv_block:
+        multiple = kv_block // math.gcd(kv_block, config.num_key_value_heads)
+        raise ValueError(
+            f"kv_block={kv_block}: the latent (kv_lora_rank {rc}) is not whole blocks of {kv_block}, and llama.cpp "
+            f"reads it as the V rows, so no RoPE padding can align it. Convert with a kv_rank that is a multiple of "
+            f"{multiple} ({config.num_key_value_heads} KV heads x kv_rank must divide by {kv_block}), or export "
+            "with kv_block=1 and an f16/bf16 cache"
+        )
+    return -(-(rc + dr) // kv_block) * kv_block - rc
+
+
+def deepseek_config(config: MLALlamaConfig, target: str = "hf", kv_block: int = 1) -> DeepseekV3Config:
+    """The DeepseekV3Config of the export: dense MLP in every layer, no q LoRA, one KV head per query head; the RoPE
+    key padded to `padded_rope_dim`."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is unknown; use one of {TARGETS}")
     check_exportable(config)
-    rope = deepseek_rope(config)
+    rope_dim = padded_rope_dim(config, kv_block)
+    rope = deepseek_rope(config, rope_dim)
     if target != "hf" and rope.get("rope_type", "default") != "default":
         raise ValueError(
             f"target={target!r}: the source's RoPE is rope_type={rope['rope_type']!r}; vLLM, SGLang and llama.cpp run "
@@ -198,7 +239,7 @@ def deepseek_config(config: MLALlamaConfig, target: str = "hf") -> DeepseekV3Con
         # llama.cpp requires q_lora_rank unless the model has DeepSeek-V2-Lite's 26/27 layers: a q LoRA of rank E
         q_lora_rank=config.hidden_size if target == "llamacpp" else None,
         kv_lora_rank=config.kv_lora_rank,
-        qk_rope_head_dim=config.qk_rope_head_dim,
+        qk_rope_head_dim=rope_dim,
         qk_nope_head_dim=config.head_dim,
         v_head_dim=config.head_dim,
         hidden_act=config.hidden_act,
@@ -225,9 +266,11 @@ def add_legacy_rope_theta(path: Path) -> None:
     path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
-def kv_values(config: MLALlamaConfig) -> dict:
-    """Cached values per token and layer: the export's Rc + Dr vs the source's 2 * Hkv * D, and the saving."""
-    export, original = config.kv_lora_rank + config.qk_rope_head_dim, 2 * config.num_key_value_heads * config.head_dim
+def kv_values(config: MLALlamaConfig, kv_block: int = 1) -> dict:
+    """Cached values per token and layer: the export's Rc + Dr (padded to `kv_block`) vs the source's 2 * Hkv * D,
+    and the saving."""
+    export = config.kv_lora_rank + padded_rope_dim(config, kv_block)
+    original = 2 * config.num_key_value_heads * config.head_dim
     return {"kv_values_per_layer": export, "original_kv_values_per_layer": original, "kv_saving": 1 - export / original}
 
 
@@ -245,13 +288,13 @@ def engine_configs(config: MLALlamaConfig, target: str) -> list[dict]:
     return found
 
 
-def check_engine_layout(config: MLALlamaConfig, target: str) -> dict:
+def check_engine_layout(config: MLALlamaConfig, target: str, kv_block: int = 1) -> dict:
     """Raise if `target`'s MLA kernels refuse this model's exported layout (naming the MLAConfig that would pass and
     its KV saving vs the original 2 * Hkv * D values per layer), or if that layout saves less than MIN_SAVING.
     Returns the KV figures (`kv_values`) and the layouts the target accepts."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is unknown; use one of {TARGETS}")
-    figures = kv_values(config)
+    figures = kv_values(config, kv_block)
     accepted = ENGINE_LAYOUTS.get(target)
     if accepted is None:
         return {**figures, "engine_layouts": "any"}
@@ -267,7 +310,7 @@ def check_engine_layout(config: MLALlamaConfig, target: str) -> dict:
         f"(reachable: {[(o['kv_lora_rank'], o['qk_rope_head_dim'], round(o['kv_saving'], 3)) for o in options]}); "
         "serve with target='hf' or 'llamacpp'"
     )
-    here = (config.kv_lora_rank, config.qk_rope_head_dim)
+    here = (config.kv_lora_rank, padded_rope_dim(config, kv_block))
     if here not in accepted:
         raise ValueError(
             f"target={target!r} runs MLA only with (kv_lora_rank, qk_rope_head_dim) in {list(accepted)}; this model "
@@ -316,19 +359,35 @@ def norm_and_up_scales(s: float) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def attention_weights(attn: torch.nn.Module, scales: tuple[float, float], alpha: float, ds: DeepseekV3Config) -> dict:
-    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype)."""
-    h, d, dr, rc = ds.num_attention_heads, ds.v_head_dim, ds.qk_rope_head_dim, ds.kv_lora_rank
-    hkv, dtype = attn.num_kv_heads, attn.q_proj.weight.dtype
+def latent_rotation(rc: int, seed: int = 0) -> torch.Tensor:
+    """A fixed (Rc, Rc) float64 orthogonal matrix, Haar-random from `seed` (QR of a Gaussian, signs fixed): the
+    latent Q c has every channel at about the mean of the SVD latent's channel variances, which differ by orders of
+    magnitude. Exact: the norm in its linear regime scales every channel alike, and kv_b_proj takes Q^T."""
+    gauss = torch.randn(rc, rc, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    q, r = torch.linalg.qr(gauss)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def attention_weights(
+    attn: torch.nn.Module, scales: tuple[float, float], alpha: float, ds: DeepseekV3Config, rotation: torch.Tensor | None = None
+) -> dict:
+    """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype); the latent turned
+    by `rotation` (Rc, Rc) where given."""
+    h, d, rc, dr_out = ds.num_attention_heads, ds.v_head_dim, ds.kv_lora_rank, ds.qk_rope_head_dim
+    hkv, dtype, dr = attn.num_kv_heads, attn.q_proj.weight.dtype, attn.k_rope_proj.weight.shape[0]
     q = attn.q_proj.weight.double().view(h, dr + d, -1)  # (H, Dr + D, E)
     q_pe = interleave(q[:, :dr].reshape(h * dr, -1), h).view(h, dr, -1)  # (H, Dr, E)
-    q = torch.cat([q[:, dr:], q_pe], dim=1).reshape(h * (d + dr), -1) * math.sqrt((d + dr) / d)  # (H * (D + Dr), E)
-    k_pe = interleave(attn.k_rope_proj.weight.double(), 1)  # (Dr, E)
+    q_pe = torch.nn.functional.pad(q_pe, (0, 0, 0, dr_out - dr))  # (H, Dr', E): zero pairs after the kept ones
+    q = torch.cat([q[:, dr:], q_pe], dim=1).reshape(h * (d + dr_out), -1) * math.sqrt((d + dr_out) / d)
+    k_pe = torch.nn.functional.pad(interleave(attn.k_rope_proj.weight.double(), 1), (0, 0, 0, dr_out - dr))  # (Dr', E)
     kv_b = attn.kv_b_proj.weight.double().view(hkv, 2 * d, rc)  # (Hkv, D + D, Rc)
     kv_b = kv_b.repeat_interleave(h // hkv, dim=0).reshape(h * 2 * d, rc)  # (H * (D + D), Rc)
+    kv_a = attn.kv_a_proj.weight.double()  # (Rc, E)
+    if rotation is not None:
+        kv_a, kv_b = rotation @ kv_a, kv_b @ rotation.T
     w, up = norm_and_up_scales(scales[0])
     weights = {
-        "kv_a_proj_with_mqa.weight": torch.cat([attn.kv_a_proj.weight.double() / scales[0], k_pe]),  # (Rc + Dr, E)
+        "kv_a_proj_with_mqa.weight": torch.cat([kv_a / scales[0], k_pe]),  # (Rc + Dr, E)
         "kv_a_layernorm.weight": torch.full((rc,), w, dtype=torch.float64),
         "kv_b_proj.weight": kv_b * up,
         "o_proj.weight": attn.o_proj.weight.double() * alpha,
@@ -344,14 +403,17 @@ def attention_weights(attn: torch.nn.Module, scales: tuple[float, float], alpha:
 
 
 @torch.no_grad()
-def deepseek_state_dict(model: MLAForCausalLM, config: DeepseekV3Config) -> tuple[dict, list[tuple[float, float]]]:
-    """DeepseekV3ForCausalLM's state dict for `model` and each layer's (kv, q) latent scales."""
+def deepseek_state_dict(
+    model: MLAForCausalLM, config: DeepseekV3Config, rotation: torch.Tensor | None = None
+) -> tuple[dict, list[tuple[float, float]]]:
+    """DeepseekV3ForCausalLM's state dict for `model` and each layer's (kv, q) latent scales; every layer's latent
+    turned by `rotation` where given."""
     alpha, src = residual_scale(model.config), model.model
     state, scales = {"model.embed_tokens.weight": scaled(src.embed_tokens.weight, alpha)}, []
     for i, layer in enumerate(src.layers):
         prefix = f"model.layers.{i}."
         scales.append(latent_scales(layer.self_attn, layer.input_layernorm))
-        for name, t in attention_weights(layer.self_attn, scales[-1], alpha, config).items():
+        for name, t in attention_weights(layer.self_attn, scales[-1], alpha, config, rotation).items():
             state[prefix + "self_attn." + name] = t
         state[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight.detach()
         state[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.detach()
@@ -427,6 +489,8 @@ def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: d
     per_token = summary["kv_values_per_layer"] * layers
     original = summary["original_kv_values_per_layer"] * layers
     source = source or {"name": getattr(config, "_name_or_path", "") or config.source_model_type}
+    pad = summary["qk_rope_head_dim"] - config.qk_rope_head_dim
+    padding = f", {pad} of them zero: rows of whole {summary['kv_block']}-value blocks for quantized caches" if pad else ""
     lines = [
         "---", "library_name: transformers", "tags: [mla, deepseek_v3, mha2mla]", "---", "",
         f"# {source['name']} as multi-head latent attention (DeepSeek-V3 format)", "",
@@ -440,10 +504,11 @@ def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: d
         f"| conversion | `{json.dumps(config.mla_conversion, sort_keys=True)}` |",
         f"| export target | {summary['target']} |",
         f"| KV cache per token | {per_token} values = {per_token * dtype_bytes:,} bytes in {summary['dtype']} "
-        f"({layers} layers x (kv_lora_rank {config.kv_lora_rank} + qk_rope_head_dim {config.qk_rope_head_dim})) |",
+        f"({layers} layers x (kv_lora_rank {summary['kv_lora_rank']} + qk_rope_head_dim {summary['qk_rope_head_dim']}"
+        f"{padding})) |",
         f"| original KV cache per token | {original} values = {original * dtype_bytes:,} bytes |",
         f"| KV saving | {summary['kv_saving']:.1%} |",
-        f"| RoPE | default, rope_theta {summary['rope_theta']:.6g} on {config.qk_rope_head_dim} dims, interleaved |",
+        f"| RoPE | default, rope_theta {summary['rope_theta']:.6g} on {summary['qk_rope_head_dim']} dims, interleaved |",
         "", "## The latent norm", "",
         "`kv_a_layernorm` (and `q_a_layernorm`, when present) runs in its linear regime (latent rows of "
         "`kv_a_proj_with_mqa` divided by a power of two s, norm weight a power of two w near s * sqrt(1e-6), "
