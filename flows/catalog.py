@@ -21,6 +21,9 @@ names it before anything runs.
             quantize_kv: {nbits: 4}
           - name: r8-k16-kd
             finetune: {data: ./train.jsonl, train: {max_tokens: 20000000}}
+          - name: r8-k64-llamacpp
+            mla: {kv_rank: 64}
+            export: {target: llamacpp, kv_block: 32}
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ logger = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.json"
 
 
-SECTIONS = ("mla", "calibration", "evaluation", "finetune", "quantize_kv", "gate")
+SECTIONS = ("mla", "calibration", "evaluation", "finetune", "quantize_kv", "export", "gate")
 
 
 class Defaults(BaseModel):
-    """Sections of `convert` parameters (see ConvertParams); an absent finetune / quantize_kv skips the stage."""
+    """Sections of `convert` parameters (see ConvertParams); an absent finetune / quantize_kv / export skips the
+    stage."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +63,7 @@ class Defaults(BaseModel):
     evaluation: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
     quantize_kv: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None  # ExportParams: the final checkpoint also in DeepSeek-V3's format
     gate: dict[str, Any] | None = None  # QualityGate: the bounds that make a checkpoint its model's `champion`
 
 
@@ -149,6 +154,8 @@ def summary_row(params: ConvertParams, state) -> dict:
         suites = {line[0]: line[header.index(last)] for r, line in zip(table.rows, cells) if r.key not in SUMMARY_KEYS}
         row.update(status="ok", ppl_original=ppl.values[table.baseline], ppl_mla=ppl.values[last],
                    kv_saving_pct=-kv.deltas[last], suites=suites, checkpoint=outcome["checkpoint"]["uri"])  # fmt: skip
+        if outcome.get("export"):
+            row["export"] = outcome["export"]["uri"]
     else:
         error = state.result(raise_on_failure=False)
         row["error"] = f"{type(error).__name__}: {describe_error(error)}".splitlines()[0][:300]  # URI passwords masked

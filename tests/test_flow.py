@@ -501,6 +501,20 @@ def test_catalog_runs_every_entry_and_survives_a_failure(local_env, tiny_source,
     assert {"catalog_summary.md", "catalog.json"} <= artifacts
 
 
+def test_catalog_export_section_reaches_the_convert_params(tmp_path):
+    from flows.catalog import load_catalog
+    from tasks.export import ExportParams
+
+    file = tmp_path / "export.yaml"
+    entry = "        mla: {kv_rank: 64}\n        export: {target: llamacpp, kv_block: 32}\n"
+    file.write_text(f"models:\n  - model: smollm2-135m\n    configs:\n      - name: a\n{entry}      - name: b\n")
+    a, b = load_catalog(file)[1]
+    assert a.export == ExportParams(target="llamacpp", kv_block=32) and b.export is None
+    file.write_text("models:\n  - model: smollm2-135m\n    configs:\n      - name: a\n        export: {kv_blok: 32}\n")
+    with pytest.raises(ValueError, match=r"(?s)models\.0\.configs\.0 \('a'\).*kv_blok"):
+        load_catalog(file)
+
+
 def test_catalog_typo_is_a_clear_error(tmp_path):
     from flows.catalog import load_catalog
 
