@@ -155,6 +155,7 @@ def convert(
     reconstruct_steps: Optional[int] = typer.Option(None, help="steps of the reconstruct stage, which fits each converted attention layer to the original's output: before end-to-end fine-tuning, or alone on the calibration windows when there is none; 0 = none (default: FinetuneParams' / the cpu recipe's)"),
     kv_bits: Optional[int] = typer.Option(None, help="quantize the latent cache to 4 or 2 bits; 0 = a full-precision cache (default: the recipe's: int4 in the cpu and gpu recipes, none with --recipe none)"),
     export_target: Optional[str] = typer.Option(None, help="also export the final checkpoint in DeepSeek-V3's format for hf | llamacpp | vllm | trtllm (README: Serving); default: no export"),
+    export_kv_block: Optional[int] = typer.Option(None, help="with --export-target: pad the export's cached rows to whole blocks of this many values (32: llama.cpp's quantized cache types; as `mha2mla export --kv-block`)"),
     mc_tasks: Optional[str] = typer.Option(None, help="zero-shot multiple choice (lm-eval, local files): comma list of arc_easy, arc_challenge, hellaswag, piqa, openbookqa, winogrande, mmlu, or all; default: none"),
     mc_limit: Optional[int] = typer.Option(None, help="MC items per task (per subject for MMLU); default: all"),
     mc_data_dir: Optional[str] = typer.Option(None, help="directory of the normalized MC JSONL files (default: MCConfig's)"),
@@ -195,6 +196,8 @@ def convert(
                 packaged = overlay(packaged, {"finetune": {"synthetic_fraction": 0.0}})
             base = overlay(packaged, base)
         fine_tuned = tunes or bool(base.get("finetune"))
+        if export_kv_block is not None and not export_target:
+            raise typer.BadParameter("--export-kv-block set, but nothing is exported: give --export-target llamacpp")
         if tuning and not fine_tuned:
             flags = ", ".join("--" + name.replace("_", "-") for name in tuning)
             raise typer.BadParameter(f"{flags} set, but fine-tuning is off: give --finetune-data TEXT, "
@@ -216,7 +219,7 @@ def convert(
             if fine_tuned else None,
             reconstruct=dict(steps=reconstruct_steps) if reconstruct_steps and not fine_tuned else None,
             quantize_kv=dict(nbits=kv_bits) if kv_bits else None,
-            export=dict(target=export_target) if export_target else None,
+            export=dict(target=export_target, **given(kv_block=export_kv_block)) if export_target else None,
             gate=given(max_ppl=champion_max_ppl, max_ppl_change_pct=champion_max_ppl_change),
         )))  # fmt: skip
         if reconstruct_steps == 0:  # the overlay reads None as "not given": drop the reconstruction here

@@ -153,6 +153,7 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
          "--finetune-tokens, --kd-weight set, but fine-tuning is off: give --finetune-data"),
         (("convert", "{tiny}", "--finetune-data", "{tiny}", "--trainable", "mlp"),
          "finetune.train.trainable: Input should be 'all', 'attention' or 'attention+norms' (got 'mlp')"),
+        (("convert", "{tiny}", "--export-kv-block", "32"), "--export-kv-block set, but nothing is exported"),
         (("lineage", "file:///no/such/checkpoint"), "no run logged output"),
         (("resume", "0123456789abcdef0123456789abcdef"), "no MLflow run"),
     ],
@@ -172,6 +173,15 @@ def test_calibration_and_finetune_options_reach_the_stage_configs(cli, tiny_sour
     train = finetune.train
     assert (train.max_tokens, train.lr, train.kd_weight, train.trainable) == (4096, 3e-4, 0.5, "attention")
     assert (train.seq_len, train.micro_batch_size, train.grad_accum_steps) == (256, 4, 2)
+
+
+def test_export_options_reach_the_export_params(cli, tiny_source, seen):
+    from tasks.export import ExportParams
+
+    cli("convert", str(tiny_source), "--export-target", "llamacpp", "--export-kv-block", "32")
+    assert seen["params"].export == ExportParams(target="llamacpp", kv_block=32)
+    cli("convert", str(tiny_source), "--export-target", "hf")
+    assert seen["params"].export == ExportParams(target="hf")
 
 
 def test_synthetic_fraction_one_fine_tunes_data_free_without_finetune_data(cli, tiny_source, seen):

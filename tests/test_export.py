@@ -264,9 +264,11 @@ def test_cli_exports_a_saved_checkpoint_and_refuses_an_engine_in_one_line(tmp_pa
     assert summary["measured"]["logits_max_abs_diff"] < 1e-4 and "tokenizer.json" in summary["files"]
     refused = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "vllm"), "--target", "vllm"])
     assert refused.exit_code == 2 and "target='vllm' runs MLA only with" in refused.output
+    odd = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "odd"), "--kv-block", "7"])
+    assert odd.exit_code == 2 and "kv_block=7 must be 1 (no padding) or an even block size" in odd.output
     again = CliRunner().invoke(app, ["export", str(tmp_path / "mla"), str(tmp_path / "out")])
     assert again.exit_code == 2 and "is not an empty folder" in again.output
-    assert not (tmp_path / "vllm").exists()
+    assert not (tmp_path / "vllm").exists() and not (tmp_path / "odd").exists()
 
 
 @pytest.mark.services
