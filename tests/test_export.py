@@ -53,7 +53,7 @@ IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
 SOURCES = {
     "mha": ("llama-mha", {}, dict(target="hf")),
     "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True), dict(target="hf")),
-    "gqa-llamacpp": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp")),
+    "gqa-llamacpp": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp", rotate_latent=False)),
     "gqa-llamacpp-block12-rotated": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp", kv_block=12, rotate_latent=True)),
 }
 
@@ -118,7 +118,9 @@ def test_config_is_deepseek_v3_with_dense_layers_and_one_kv_head_per_query_head(
     assert summary["measured"]["logits_max_abs_diff"] < 1e-4
     assert 0 < summary["measured"]["latent_rel_error_max"] <= LATENT_ERROR
     assert summary["measured"].get("q_latent_rel_error_max", 0) <= LATENT_ERROR
-    assert "README.md" in summary["files"] and "KV saving" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "README.md" in summary["files"] and "KV saving" in card
+    assert ("turned by a fixed orthogonal matrix" in card) == summary["rotate_latent"]
 
 
 def test_latent_norms_run_in_their_linear_regime_for_the_worst_input(exported):

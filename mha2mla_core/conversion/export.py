@@ -481,6 +481,11 @@ def measure_export(model: MLAForCausalLM, out: Path, calib_ids: torch.Tensor, sc
     }
 
 
+ROTATED_CARD = ("turned by a fixed orthogonal matrix (mha2mla's `latent_rotation`, seed 0; exact) so that its channels "
+                "are alike in scale, as the blocks of a quantized KV cache need")
+SVD_CARD = "the conversion's SVD basis (channels fall in scale; export with rotate_latent for a block-quantized cache)"
+
+
 def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: dict | None = None, quality: dict | None = None) -> None:
     """README.md of the export: source, conversion config, KV cache per token, the latent norm's bound, measured
     figures (`summary['measured']`, `quality`)."""
@@ -509,6 +514,7 @@ def write_model_card(out: Path, summary: dict, config: MLALlamaConfig, source: d
         f"| original KV cache per token | {original} values = {original * dtype_bytes:,} bytes |",
         f"| KV saving | {summary['kv_saving']:.1%} |",
         f"| RoPE | default, rope_theta {summary['rope_theta']:.6g} on {summary['qk_rope_head_dim']} dims, interleaved |",
+        f"| latent basis | {ROTATED_CARD if summary['rotate_latent'] else SVD_CARD} |",
         "", "## The latent norm", "",
         "`kv_a_layernorm` (and `q_a_layernorm`, when present) runs in its linear regime (latent rows of "
         "`kv_a_proj_with_mqa` divided by a power of two s, norm weight a power of two w near s * sqrt(1e-6), "
