@@ -195,7 +195,7 @@ def report_catalog(outcome) -> None:
     suites = any(row.get("suites") for row in outcome.rows)
     for column in ("entry", "status", "PPL original", "PPL mla", "KV saving", *(["other suites (vs original)"] if suites else []),
                    "checkpoint / error"):  # fmt: skip
-        table.add_column(column)
+        table.add_column(column, **ID_COLUMN if column == "checkpoint / error" else {})  # URIs folded, never cut short
     for row in outcome.rows:
         ok = row["status"] == "ok"
         other = "\n".join(f"{label}: {cell}" for label, cell in row.get("suites", {}).items())
@@ -203,7 +203,7 @@ def report_catalog(outcome) -> None:
             row["entry"], "[green]ok" if ok else "[red]failed",
             f"{row['ppl_original']:.2f}" if ok else "", f"{row['ppl_mla']:.2f}" if ok else "",
             f"{row['kv_saving_pct']:.2f}%" if ok else "", *([escape(other)] if suites else []),
-            escape(row["checkpoint"] if ok else row["error"]),
+            escape(row["checkpoint"] + (f"\nexport {row['export']}" if row.get("export") else "") if ok else row["error"]),
         )  # fmt: skip
     console.print(table)
 

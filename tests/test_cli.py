@@ -122,16 +122,18 @@ def test_catalog_run_reports_each_entry_and_fails_when_one_does(cli, tiny_source
         "max_concurrency: 1\n"
         "defaults: {mla: {rope_dims: 4, calib_seq_len: 64}, calibration: {num_tokens: 512}, evaluation: {max_tokens: 256, window: 64},"
         " gate: {max_ppl: 1.0e9}}\n"
-        f"models:\n  - model: {tiny_source}\n    configs:\n      - {{name: ok, mla: {{kv_rank: 4}}}}\n"
+        f"models:\n  - model: {tiny_source}\n    configs:\n      - {{name: ok, mla: {{kv_rank: 4}}, export: {{check_tokens: 64}}}}\n"
         "      - {name: too-big, mla: {kv_rank: 60, svd: joint}}\n"
     )
     out = cli("catalog", "run", str(file), code=1)
     assert "catalog summary" in out and "ok" in out and "kv_rank=60" in out
+    assert "exportfile://" in re.sub(r"[\s│]", "", out)  # the export's URI under the checkpoint's, folded, never cut
 
     summary = json.loads(cli("catalog", "run", str(file), "--json", code=1))  # a rerun: the ok entry is cached
     assert re.fullmatch(r"[0-9a-f]{32}", summary["run_id"]) and summary["failed"] == 1
     ok, failed = summary["rows"]
     assert (ok["status"], failed["status"]) == ("ok", "failed") and "kv_rank=60" in failed["error"]
+    assert ok["export"].startswith("file://") and "export" not in failed
     version = MlflowClient().get_model_version_by_alias(ok["entry"], "champion")  # the catalog's gate passed
     assert version.tags["mha2mla.checkpoint_uri"] == ok["checkpoint"]
 
