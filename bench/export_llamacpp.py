@@ -176,7 +176,8 @@ def report(name: str, found: dict, reference: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mha2mla-export-bench"))
-    parser.add_argument("--out", type=Path, help="default: bench/results/export_llamacpp[_r<kv-rank> unless 16]")
+    parser.add_argument("--out", type=Path, help="default: bench/results/export_llamacpp + _r<kv-rank> unless 16, "
+                        "_b<kv-block> unless 1, _plain without the rotation, _rec<steps> with a reconstruction")
     parser.add_argument("--kv-rank", type=int, default=KV_RANK, help="latent dims per KV head (the recipes: 64)")
     parser.add_argument("--kv-block", type=int, default=1, help="export_deepseek_v3's kv_block: 32 pads the RoPE key "
                         "so that llama.cpp's quantized cache types take the export (needs --kv-rank 32 or 64)")
@@ -187,8 +188,8 @@ def main() -> None:
     parser.add_argument("--cache-types", nargs="+", default=["f16"], help="llama.cpp KV cache types to run each GGUF "
                         "with (f16, q8_0, q4_0, ...; quantized ones with flash attention)")
     args = parser.parse_args()
-    suffix = ("" if args.kv_rank == KV_RANK else f"_r{args.kv_rank}") + ("" if args.kv_block == 1 else f"_b{args.kv_block}") + (
-        "" if args.rotate_latent else "_plain") + (f"_rec{args.reconstruct_steps}" if args.reconstruct_steps else "")
+    suffix = "".join(part for part, on in [(f"_r{args.kv_rank}", args.kv_rank != KV_RANK), (f"_b{args.kv_block}", args.kv_block != 1),
+                                           ("_plain", not args.rotate_latent), (f"_rec{args.reconstruct_steps}", args.reconstruct_steps)] if on)
     out = args.out or REPO / "bench" / "results" / f"export_llamacpp{suffix}"
     config = MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=args.kv_rank)  # no rope_window: fastest pairs
     args.work.mkdir(parents=True, exist_ok=True)
