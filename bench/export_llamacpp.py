@@ -188,8 +188,9 @@ def main() -> None:
     parser.add_argument("--cache-types", nargs="+", default=["f16"], help="llama.cpp KV cache types to run each GGUF "
                         "with (f16, q8_0, q4_0, ...; quantized ones with flash attention)")
     args = parser.parse_args()
-    suffix = "".join(part for part, on in [(f"_r{args.kv_rank}", args.kv_rank != KV_RANK), (f"_b{args.kv_block}", args.kv_block != 1),
-                                           ("_plain", not args.rotate_latent), (f"_rec{args.reconstruct_steps}", args.reconstruct_steps)] if on)
+    parts = [(f"_r{args.kv_rank}", args.kv_rank != KV_RANK), (f"_b{args.kv_block}", args.kv_block != 1),
+             ("_plain", not args.rotate_latent), (f"_rec{args.reconstruct_steps}", args.reconstruct_steps)]
+    suffix = "".join(part for part, on in parts if on)
     out = args.out or REPO / "bench" / "results" / f"export_llamacpp{suffix}"
     config = MLAConfig(rope_strategy="rotated", rope_dims=8, kv_rank=args.kv_rank)  # no rope_window: fastest pairs
     args.work.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ SOURCES = {
     "mha": ("llama-mha", {}, dict(target="hf")),
     "gqa-eps1e-5-tied": ("llama-gqa", dict(rms_norm_eps=1e-5, tie_word_embeddings=True), dict(target="hf")),
     "gqa-llamacpp": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp", rotate_latent=False)),
-    "gqa-llamacpp-block12-rotated": ("llama-gqa", dict(rms_norm_eps=1e-5), dict(target="llamacpp", kv_block=12, rotate_latent=True)),
+    "gqa-llamacpp-block12-rotated": ("llama-gqa", dict(rms_norm_eps=1e-5),
+                                     dict(target="llamacpp", kv_block=12, rotate_latent=True)),
 }
 
 

@@ -369,7 +369,11 @@ def latent_rotation(rc: int, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_weights(
-    attn: torch.nn.Module, scales: tuple[float, float], alpha: float, ds: DeepseekV3Config, rotation: torch.Tensor | None = None
+    attn: torch.nn.Module,
+    scales: tuple[float, float],
+    alpha: float,
+    ds: DeepseekV3Config,
+    rotation: torch.Tensor | None = None,
 ) -> dict:
     """One layer's DeepSeek attention tensors (computed in float64, returned in the model's dtype); the latent turned
     by `rotation` (Rc, Rc) where given."""
