@@ -32,6 +32,11 @@ class ExportParams(BaseModel):
     rotate_latent: bool = True  # the latent turned (exactly) so that its channels are alike in scale: quantized caches
 
 
+def engine_options(params: ExportParams) -> dict:
+    """`export_deepseek_v3`'s keyword arguments from the export params (all but check_tokens)."""
+    return params.model_dump(exclude={"check_tokens"})
+
+
 def check_export_inputs(source_config, mla: MLAConfig, params: ExportParams) -> None:
     """Before any stage: the conversion `mla` of a model with `source_config` has an exact DeepSeek-V3 form that
     `params.target` runs (the export's own checks, on the config the conversion will produce)."""
@@ -58,7 +63,7 @@ def export(
         mla = copy.deepcopy(mla).float()
     calib_ids = load_tensors(calibration)["input_ids"][: params.check_tokens] if params.check_tokens else None
     with scratch_dir() as tmp:
-        summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, params.target, params.kv_block, params.rotate_latent)
+        summary = export_deepseek_v3(mla, tmp / "model", tokenizer, calib_ids, **engine_options(params))
         source = {"name": model.name, "sha256": model.digest}
         write_model_card(tmp / "model", summary, mla.config, source=source, quality=quality)
         output = context().store.put_dir(tmp / "model", artifact_key(model.slug, STAGE, "model"), move=True)
@@ -78,7 +83,7 @@ def export_checkpoint(checkpoint: str, out: Path, params: ExportParams, settings
     if params.check_tokens:
         sample = sample_calibration(default_calibration_texts(), tokenizer, params.check_tokens)
         calib_ids = sample.input_ids
-    return export_deepseek_v3(model, out, tokenizer, calib_ids, params.target, params.kv_block, params.rotate_latent)
+    return export_deepseek_v3(model, out, tokenizer, calib_ids, **engine_options(params))
 
 
 def local_checkpoint(checkpoint: str, tmp: Path, settings: Settings) -> Path:
